@@ -1,0 +1,375 @@
+"""LoRA adapters in memory: PEFT adapter directories in and out, dense deltas on demand.
+
+A :class:`LoraAdapter` holds the factors ``A`` (r x n) and ``B`` (m x r) of every adapted Linear
+module plus its scaling (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA, honouring
+``rank_pattern`` / ``alpha_pattern``). Module keys are the module paths of the PEFT state dict with
+the ``base_model.model.`` prefix and the ``.lora_A.weight`` suffix removed, e.g.
+``bert.encoder.layer.0.attention.self.query``.
+
+Non-LoRA tensors found in the file (``modules_to_save`` copies, ``lora_B.bias`` of ``lora_bias``,
+DoRA ``lora_magnitude_vector``, embedding LoRA factors) are kept verbatim in ``LoraAdapter.extra``
+(keys without the ``base_model.model.`` prefix) and written back by :func:`save_adapter`.
+
+Orientation: ``LoraModule.delta()`` is always ``scaling * B @ A`` of shape (out, in). For
+``fan_in_fan_out`` modules (GPT-2 ``Conv1D``) the stored weight is (in, out): use
+:meth:`LoraModule.weight_delta` to get the delta in the weight's own layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osrm_lora.errors import AdapterError
+from osrm_lora.fsutil import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+_LORA_PEFT_TYPES = {"LORA"}
+
+
+@dataclass
+class LoraModule:
+    """One adapted Linear module: ``delta = scaling * B @ A``."""
+
+    A: torch.Tensor  # (r, n) = PEFT lora_A.weight
+    B: torch.Tensor  # (m, r) = PEFT lora_B.weight
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """Dense update ``scaling * B @ A`` of shape (out_features, in_features), float32."""
+        return float(self.scaling) * (self.B.float() @ self.A.float())
+
+    def weight_delta(self) -> torch.Tensor:
+        """The delta in the layout of the adapted module's ``weight`` (transposed for fan_in_fan_out)."""
+        d = self.delta()
+        return d.T.contiguous() if self.fan_in_fan_out else d
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraModule:
+        return LoraModule(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype),
+                          self.scaling, self.fan_in_fan_out)
+
+
+@dataclass
+class LoraAdapter:
+    """All LoRA modules of one adapter, its PEFT config and any non-LoRA tensors."""
+
+    modules: dict[str, LoraModule]
+    config: dict[str, Any]
+    name: str = ""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def uses_dora(self) -> bool:
+        return bool(self.config.get("use_dora")) or any(k.endswith("lora_magnitude_vector") for k in self.extra)
+
+    @property
+    def uses_lora_bias(self) -> bool:
+        return bool(self.config.get("lora_bias")) or any(k.endswith(".lora_B.bias") for k in self.extra)
+
+    @property
+    def has_modules_to_save(self) -> bool:
+        return bool(self.config.get("modules_to_save")) or any(_is_saved_module_key(k) for k in self.extra)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Dense deltas of every module (built one by one; memory m x n per module)."""
+        return {k: m.delta() for k, m in self.modules.items()}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
+        return LoraAdapter({k: m.to(device, dtype) for k, m in self.modules.items()}, copy.deepcopy(self.config),
+                           self.name, {k: v.to(device=device) for k, v in self.extra.items()})
+
+
+def _is_saved_module_key(key: str) -> bool:
+    return not any(tok in key for tok in ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector"))
+
+
+# ----------------------------------------------------------------------------------------------
+# scaling from config
+
+
+def _pattern_value(pattern: dict[str, Any] | None, key: str) -> Any | None:
+    """PEFT's pattern lookup: a pattern key matches when the module path ends with it."""
+    if not pattern:
+        return None
+    if key in pattern:
+        return pattern[key]
+    for pat, value in pattern.items():
+        try:
+            if re.match(rf"(.*\.)?({pat})$", key):
+                return value
+        except re.error:
+            continue
+    return None
+
+
+def module_scaling(config: dict[str, Any], key: str, rank: int) -> float:
+    """Scaling of module ``key`` from a PEFT LoRA config (rank_pattern/alpha_pattern/use_rslora)."""
+    alpha = _pattern_value(config.get("alpha_pattern"), key)
+    if alpha is None:
+        alpha = config.get("lora_alpha", 8)
+    if config.get("use_rslora"):
+        return float(alpha) / math.sqrt(rank)
+    return float(alpha) / rank
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    st = path / SAFETENSORS_NAME
+    if st.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st), device="cpu")
+        except Exception as exc:  # safetensors raises several exception types for corrupt files
+            raise AdapterError(
+                f"{st} is corrupt or unreadable ({type(exc).__name__}: {exc}); re-export the adapter"
+            ) from exc
+    binf = path / BIN_NAME
+    if binf.exists():
+        try:
+            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(
+                f"{binf} cannot be loaded safely (weights_only=True failed: {type(exc).__name__}); "
+                f"convert it to {SAFETENSORS_NAME}"
+            ) from exc
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise AdapterError(f"{binf} is not a flat tensor state dict; convert it to {SAFETENSORS_NAME}")
+        return sd
+    raise AdapterError(f"no {SAFETENSORS_NAME} in {path}; point to a PEFT adapter directory saved with save_pretrained")
+
+
+def _strip(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def adapter_from_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any], name: str = "",
+                            source: str = "adapter") -> LoraAdapter:
+    """Build a :class:`LoraAdapter` from a PEFT adapter state dict and config; validates shapes and values."""
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in _LORA_PEFT_TYPES:
+        raise AdapterError(f"{source} has peft_type={peft_type}, not LORA; only LoRA adapters can be loaded")
+    tensors = {_strip(k): v for k, v in state.items()}
+    a_keys = {k[: -len(_A_SUFFIX)] for k in tensors if k.endswith(_A_SUFFIX)}
+    b_keys = {k[: -len(_B_SUFFIX)] for k in tensors if k.endswith(_B_SUFFIX)}
+    if a_keys != b_keys:
+        odd = sorted(a_keys ^ b_keys)[0]
+        raise AdapterError(f"{source}: module {odd} has only one of lora_A/lora_B; re-export the adapter")
+    fifo = bool(config.get("fan_in_fan_out", False))
+    modules: dict[str, LoraModule] = {}
+    for key in sorted(a_keys):
+        A, B = tensors[key + _A_SUFFIX], tensors[key + _B_SUFFIX]
+        if A.dim() != 2 or B.dim() != 2:
+            raise AdapterError(
+                f"{source}: module {key} is not a Linear LoRA (lora_A has shape {tuple(A.shape)}); "
+                "only Linear/Conv1D LoRA modules are supported"
+            )
+        if A.shape[0] != B.shape[1]:
+            raise AdapterError(
+                f"{source}: module {key} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} with different "
+                "ranks; re-export the adapter"
+            )
+        for t, part in ((A, "lora_A"), (B, "lora_B")):
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{source}: {key}.{part} contains NaN/Inf; retrain or pick an earlier checkpoint")
+        r_cfg = _pattern_value(config.get("rank_pattern"), key)
+        if r_cfg is None:
+            r_cfg = config.get("r", A.shape[0])
+        if int(r_cfg) != A.shape[0]:
+            logger.warning("%s: %s has rank %d but the config says %s; using the weight shape", source, key,
+                           A.shape[0], r_cfg)
+        modules[key] = LoraModule(A, B, module_scaling(config, key, int(A.shape[0])), fifo)
+    extra = {k: v for k, v in tensors.items()
+             if not (k.endswith(_A_SUFFIX) or k.endswith(_B_SUFFIX))}
+    for k, v in extra.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise AdapterError(f"{source}: {k} contains NaN/Inf; retrain or pick an earlier checkpoint")
+    if not modules:
+        raise AdapterError(f"{source} contains no lora_A/lora_B weights; point to a LoRA adapter")
+    return LoraAdapter(modules=modules, config=dict(config), name=name, extra=extra)
+
+
+def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``adapter_model.bin`` is accepted only if ``torch.load(weights_only=True)`` can read it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"adapter directory {path} does not exist; check the path")
+    if not path.is_dir():
+        raise AdapterError(f"{path} is a file; pass the PEFT adapter directory that contains {CONFIG_NAME}")
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        raise AdapterError(f"no {CONFIG_NAME} in {path}; point to a PEFT adapter directory saved with save_pretrained")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{cfg_path} is not valid JSON ({exc}); re-export the adapter") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{cfg_path} is not a JSON object; re-export the adapter")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in _LORA_PEFT_TYPES:
+        raise AdapterError(f"{path} has peft_type={peft_type}, not LORA; only LoRA adapters can be loaded")
+    state = _read_tensors(path)
+    return adapter_from_state_dict(state, config, name=name if name is not None else path.name, source=str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+
+_DROP_CONFIG_KEYS = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")
+
+
+def adapter_config_for(adapter: LoraAdapter) -> dict[str, Any]:
+    """The PEFT config that reproduces ``adapter``'s ranks and scalings exactly.
+
+    The most common (rank, scaling) pair sets ``r``/``lora_alpha``; other modules get entries in
+    ``rank_pattern``/``alpha_pattern`` keyed by their full module path. ``target_modules`` lists the
+    full paths of the adapted modules, so exactly those modules are adapted on load.
+    """
+    cfg = copy.deepcopy(adapter.config)
+    cfg.setdefault("peft_type", "LORA")
+    cfg["peft_type"] = "LORA"
+    rslora = bool(cfg.get("use_rslora", False))
+
+    def alpha_of(mod: LoraModule) -> float:
+        a = mod.scaling * (math.sqrt(mod.rank) if rslora else mod.rank)
+        return float(round(a)) if abs(a - round(a)) < 1e-9 * max(1.0, abs(a)) else float(a)
+
+    pairs = Counter((m.rank, alpha_of(m)) for m in adapter.modules.values())
+    (r0, a0), _ = pairs.most_common(1)[0]
+    cfg["r"] = int(r0)
+    cfg["lora_alpha"] = int(a0) if float(a0).is_integer() else a0
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for key, mod in adapter.modules.items():
+        a = alpha_of(mod)
+        if mod.rank != r0:
+            rank_pattern[key] = mod.rank
+        if a != a0:
+            alpha_pattern[key] = int(a) if float(a).is_integer() else a
+    cfg["rank_pattern"] = rank_pattern
+    cfg["alpha_pattern"] = alpha_pattern
+    cfg["target_modules"] = sorted(adapter.modules)
+    for k in _DROP_CONFIG_KEYS:
+        if k in cfg:
+            cfg[k] = None
+    cfg.setdefault("lora_dropout", 0.0)
+    cfg.setdefault("bias", "none")
+    cfg["inference_mode"] = True
+    return cfg
+
+
+def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The PEFT state dict (keys with the ``base_model.model.`` prefix) of ``adapter``."""
+    sd: dict[str, torch.Tensor] = {}
+    for key, mod in adapter.modules.items():
+        sd[PREFIX + key + _A_SUFFIX] = mod.A.detach().cpu().contiguous()
+        sd[PREFIX + key + _B_SUFFIX] = mod.B.detach().cpu().contiguous()
+    for key, t in adapter.extra.items():
+        sd[PREFIX + key] = t.detach().cpu().contiguous()
+    return sd
+
+
+def write_adapter_files(adapter: LoraAdapter, directory: str | Path) -> None:
+    """Write the PEFT files of ``adapter`` into an existing ``directory`` (not atomic; see :func:`save_adapter`)."""
+    from safetensors.torch import save_file
+
+    if not adapter.modules:
+        raise AdapterError("cannot save an adapter without LoRA modules; merge or load one first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = adapter_config_for(adapter)
+    save_file(adapter_state_dict(adapter), str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_adapter(adapter: LoraAdapter, path: str | Path) -> None:
+    """Atomically write ``adapter`` as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
+    if not adapter.modules:
+        raise AdapterError("cannot save an adapter without LoRA modules; merge or load one first")
+    with atomic_dir(path) as tmp:
+        write_adapter_files(adapter, tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# compatibility
+
+
+def check_compatible(adapters: list[LoraAdapter]) -> None:
+    """Check adapters can be merged: same base model, same module set, same shapes, finite weights.
+
+    Ranks may differ. Raises :class:`AdapterError` with a one-line message otherwise.
+    """
+    if not adapters:
+        raise AdapterError("no adapters given; pass at least one adapter directory")
+    ref = adapters[0]
+    ref_name = ref.name or "adapter 0"
+    for i, ad in enumerate(adapters):
+        nm = ad.name or f"adapter {i}"
+        if not ad.modules:
+            raise AdapterError(f"{nm} has no LoRA modules; pass a LoRA adapter")
+        for key, mod in ad.modules.items():
+            if mod.A.shape[0] != mod.B.shape[1]:
+                raise AdapterError(f"{nm}: module {key} has mismatched lora_A/lora_B ranks; re-export the adapter")
+            if not (torch.isfinite(mod.A).all() and torch.isfinite(mod.B).all()):
+                raise AdapterError(f"{nm}: module {key} contains NaN/Inf; retrain or pick an earlier checkpoint")
+        if i == 0:
+            continue
+        if (ad.base_model or None) != (ref.base_model or None) and ad.base_model and ref.base_model:
+            raise AdapterError(
+                f"{nm} was trained on base model {ad.base_model!r} but {ref_name} on {ref.base_model!r}; "
+                "merge only adapters of the same base model"
+            )
+        if set(ad.modules) != set(ref.modules):
+            diff = sorted(set(ad.modules) ^ set(ref.modules))
+            raise AdapterError(
+                f"{nm} and {ref_name} adapt different modules (e.g. {diff[0]}, {len(diff)} differ); "
+                "train all adapters with the same target_modules"
+            )
+        for key, mod in ad.modules.items():
+            r = ref.modules[key]
+            if (mod.out_features, mod.in_features) != (r.out_features, r.in_features):
+                raise AdapterError(
+                    f"{nm}: module {key} has shape {(mod.out_features, mod.in_features)} but {ref_name} has "
+                    f"{(r.out_features, r.in_features)}; merge only adapters of the same base model"
+                )
+            if mod.fan_in_fan_out != r.fan_in_fan_out:
+                raise AdapterError(f"{nm}: module {key} differs in fan_in_fan_out from {ref_name}; re-export one of them")

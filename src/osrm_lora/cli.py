@@ -1,0 +1,384 @@
+"""The ``osrm-lora`` command line: one subcommand per stage plus ``run``, ``demo`` and ``report``.
+
+User errors (:class:`OsrmError`) print one line, ``error: ...``, and exit with status 2; nothing else
+is printed as a traceback unless ``-v`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from osrm_lora.errors import OsrmError
+from osrm_lora.logutil import setup_logging
+
+logger = logging.getLogger("osrm_lora.cli")
+
+app = typer.Typer(
+    name="osrm-lora",
+    help="Fine-tune one LoRA per task (OSRM or standard init), merge them, evaluate every task, diagnose interference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+tasks_app = typer.Typer(help="List, inspect and fetch tasks and suites.", no_args_is_help=True)
+app.add_typer(tasks_app, name="tasks")
+
+_STATE = {"verbosity": 0}
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-v debug).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")] = False,
+) -> None:
+    _STATE["verbosity"] = -1 if quiet else verbose
+    setup_logging(_STATE["verbosity"])
+
+
+def _csv(value: Optional[str]) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+# --------------------------------------------------------------------------- pipeline
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable): data, profile, init, train, diagnose, merge, report, all.")] = None,
+) -> None:
+    """Run the embedded demo: MiniLM-L6 on mr/hedge/bbc/spam (subsampled), standard LoRA vs OSRM, merged.
+
+    Example: osrm-lora demo --out runs/demo
+    """
+    from osrm_lora.demo import run_demo
+    from osrm_lora.report import print_results
+
+    results = run_demo(out, force=tuple(force or ()))
+    print_results(results)
+    logger.info("results: %s/results.json, report: %s/report.html", out, out)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML config (see configs/).")],
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<config name>).")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable) or 'all'.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Data cache directory (default $OSRM_LORA_CACHE or ~/.cache/osrm-lora).")] = None,
+) -> None:
+    """Run the whole pipeline from a YAML config; rerunning into the same directory resumes it.
+
+    Example: osrm-lora run configs/offline6.yaml --out runs/offline6
+    """
+    from osrm_lora.config import load_config
+    from osrm_lora.pipeline import run_pipeline
+    from osrm_lora.report import print_results
+
+    cfg = load_config(config)
+    results = run_pipeline(cfg, out or Path("runs") / cfg.name, force=tuple(force or ()), cache=str(cache) if cache else None)
+    print_results(results)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json.")]) -> None:
+    """(Re)write the report of a run directory.
+
+    Example: osrm-lora report runs/demo
+    """
+    from osrm_lora.fsutil import read_json
+    from osrm_lora.report import print_results, write_report
+
+    path = write_report(run_dir)
+    print_results(read_json(run_dir / "results.json"))
+    logger.info("report written: %s", path)
+
+
+# --------------------------------------------------------------------------- tasks
+@tasks_app.command("list")
+def tasks_list() -> None:
+    """List built-in tasks and suites.
+
+    Example: osrm-lora tasks list
+    """
+    from osrm_lora.data import BUILTIN_TASKS, SUITES
+
+    typer.echo("built-in tasks: " + ", ".join(sorted(BUILTIN_TASKS)))
+    typer.echo("GLUE (online): glue/cola, glue/sst2, glue/mrpc, glue/qqp, glue/stsb, glue/mnli, glue/qnli, glue/rte")
+    for name, specs in SUITES.items():
+        typer.echo(f"suite {name}: " + ", ".join(s.name for s in specs))
+
+
+@tasks_app.command("show")
+def tasks_show(
+    names: Annotated[list[str], typer.Argument(help="Task names (built-in or glue/<task>).")],
+    cache: Annotated[Optional[Path], typer.Option(help="Data cache directory.")] = None,
+) -> None:
+    """Fetch (first time only) and summarise tasks: sizes, labels, metric, an example.
+
+    Example: osrm-lora tasks show mr bbc
+    """
+    from osrm_lora.data import load_task
+
+    for name in names:
+        t = load_task(name, cache=str(cache) if cache else None)
+        typer.echo(f"{t.name}: {t.problem_type}, metric {t.metric}, labels {list(t.label_names)}; "
+                   f"train {len(t.train)}, validation {len(t.validation)}, test {len(t.test)}")
+        typer.echo(f"  example: {t.train.texts[0][:120]!r} -> {t.train.labels[0]}")
+
+
+# --------------------------------------------------------------------------- stages
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="Task name (built-in, glue/<task>) or a local file path.")],
+    out: Annotated[Path, typer.Option(help="Output adapter directory.")],
+    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
+    init: Annotated[Optional[Path], typer.Option(help="Initial adapter from `osrm-lora init` (its A is used).")] = None,
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0)] = 16.0,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names (default per architecture).")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    max_length: Annotated[int, typer.Option(min=2)] = 128,
+    freeze_a: Annotated[bool, typer.Option("--freeze-a", help="Keep A fixed (OSRM subspace).")] = False,
+    freeze_b: Annotated[bool, typer.Option("--freeze-b", help="Keep B fixed.")] = False,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+) -> None:
+    """Fine-tune one LoRA adapter + head on a task; keeps the best epoch on validation.
+
+    Example: osrm-lora train --task mr --out runs/mr-lora --epochs 3
+    """
+    from osrm_lora.config import LoraSettings, TrainSettings
+    from osrm_lora.data import load_task
+    from osrm_lora.train import load_init_A, train_task
+
+    lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=_csv(target_modules))
+    tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length)
+    A = load_init_A(init) if init else None
+    res = train_task(load_task(task), out, model=model, lora=lora, train=tcfg, seed=seed, device=device, init_A=A,
+                     freeze_A=freeze_a, freeze_B=freeze_b, init_name="osrm" if init else "standard")
+    typer.echo(f"{res.task}: validation {res.validation:.2f} (epoch {res.best_epoch}), test {res.test:.2f}; saved to {out}")
+
+
+@app.command()
+def profile(
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names, or a suite name.")],
+    out: Annotated[Path, typer.Option(help="Statistics store directory.")],
+    model: str = "default",
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
+    n_samples: Annotated[int, typer.Option(min=1)] = 100,
+    max_length: Annotated[int, typer.Option(min=2)] = 128,
+    include_padding: Annotated[bool, typer.Option(help="Count padding tokens (as the reference code).")] = False,
+    float64: Annotated[bool, typer.Option(help="Accumulate in float64.")] = False,
+    seed: int = 42,
+    device: str = "auto",
+) -> None:
+    """Collect activation statistics (count, sum, Gram per task per module input) under the pre-trained model.
+
+    Example: osrm-lora profile --tasks mr,hedge,bbc,spam --out runs/stats
+    """
+    import torch
+
+    from osrm_lora.backbone import default_target_modules, load_classifier, load_tokenizer, resolve_model_path, select_device
+    from osrm_lora.stats import collect_statistics
+
+    task_objs = _load_tasks(tasks)
+    path = resolve_model_path(model)
+    tok = load_tokenizer(path)
+    m = load_classifier(path, 2, device=select_device(device), pad_token_id=tok.pad_token_id)
+    targets = _csv(target_modules) or default_target_modules(m.config.model_type)
+    texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in task_objs}
+    store = collect_statistics(m, tok, texts, targets, n_samples=n_samples, max_length=max_length,
+                               include_padding=include_padding, dtype=torch.float64 if float64 else torch.float32, seed=seed)
+    store.save(out)
+    typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")
+
+
+def _load_tasks(spec: str) -> list:
+    from osrm_lora.data import SUITES, load_suite, load_task
+
+    if spec in SUITES:
+        return [load_task(s) for s in load_suite(spec)]
+    return [load_task(name) for name in _csv(spec) or []]
+
+
+@app.command()
+def init(
+    stats: Annotated[Path, typer.Option(help="Statistics store from `osrm-lora profile`.")],
+    out: Annotated[Path, typer.Option(help="Directory for one initial adapter per task.")],
+    mode: Annotated[str, typer.Option(help="standard, code, paper or own.")] = "paper",
+    model: str = "default",
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0)] = 16.0,
+    ridge: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
+    seed: int = 0,
+) -> None:
+    """Write one initial PEFT adapter per task with OSRM A (B = 0); `train --init` starts from it.
+
+    Example: osrm-lora init --stats runs/stats --mode paper --out runs/init
+    """
+    from osrm_lora.config import LoraSettings
+    from osrm_lora.train import write_initial_adapters
+
+    paths = write_initial_adapters(stats, out, mode=mode, model=model,
+                                   lora=LoraSettings(rank=rank, alpha=alpha, target_modules=_csv(target_modules)),
+                                   ridge=ridge, seed=seed)
+    typer.echo(f"{len(paths)} initial adapters ({mode}) written under {out}")
+
+
+@app.command()
+def project(
+    adapters: Annotated[list[Path], typer.Argument(help="Trained adapter directories, named by task.")],
+    stats: Annotated[Path, typer.Option(help="Statistics store covering the same tasks.")],
+    out: Annotated[Path, typer.Option(help="Output directory (one projected adapter per input).")],
+    rank: Annotated[int, typer.Option(min=1, help="Dimension of the OSRM subspace.")] = 8,
+    mode: str = "paper",
+) -> None:
+    """Post-hoc OSRM: project each adapter's input side onto its OSRM subspace (heads preserved).
+
+    Example: osrm-lora project runs/demo/adapters/standard/* --stats runs/demo/stats --out runs/projected
+    """
+    from osrm_lora.osrm import run_project
+
+    rep = run_project([str(a) for a in adapters], str(stats), str(out), rank=rank, mode=mode)
+    for name, info in rep.items():
+        kept = info.get("energy_kept_mean") if isinstance(info, dict) else None
+        typer.echo(f"{name}: update energy kept {kept:.3f}" if isinstance(kept, float) else f"{name}: {info}")
+
+
+@app.command()
+def diagnose(
+    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories, named by task.")],
+    stats: Annotated[Path, typer.Option(help="Statistics store covering the same tasks.")],
+    out: Annotated[Path, typer.Option(help="Output directory for interference.json/png.")],
+) -> None:
+    """Interference of every adapter on every task's inputs, from stored Gram matrices (no forward pass).
+
+    Example: osrm-lora diagnose runs/demo/adapters/standard/* --stats runs/demo/stats --out runs/diag
+    """
+    from osrm_lora.diagnose import run_diagnose
+
+    run_diagnose([str(a) for a in adapters], str(stats), str(out))
+    typer.echo(f"interference written to {out}/interference.json and interference.png")
+
+
+@app.command()
+def merge(
+    adapters: Annotated[Optional[list[Path]], typer.Argument(help="PEFT adapter directories to merge.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Merge method (see --list).")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="key=value (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="peft (adapter) or full (merged model).")] = "peft",
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated per-adapter weights.")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List merge methods and exit.")] = False,
+) -> None:
+    """Merge LoRA adapters with a registered method; writes a PEFT adapter or a full model.
+
+    Example: osrm-lora merge --method ties -p density=0.2 -p scaling=0.7 a/ b/ c/ --out merged/
+    """
+    from osrm_lora.merge import format_method_list, run_merge
+
+    if list_:
+        typer.echo(format_method_list())
+        return
+    if not method or out is None:
+        raise OsrmError("merge needs --method and --out (or --list); see `osrm-lora merge --help`")
+    w = [float(x) for x in _csv(weights)] if weights else None
+    run_merge([str(a) for a in adapters or []], method, list(param or []), str(out), format=fmt, weights=w)
+    typer.echo(f"merged {len(adapters or [])} adapters with {method} into {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories (each with its task head).")],
+    merged: Annotated[Optional[Path], typer.Option(help="A merged adapter to evaluate with each task's head.")] = None,
+    split: Annotated[str, typer.Option(help="validation or test.")] = "test",
+    model: str = "default",
+    max_length: Annotated[int, typer.Option(min=2)] = 128,
+    device: str = "auto",
+) -> None:
+    """Score adapters (or one merged adapter with each task's head) on each task's split.
+
+    Example: osrm-lora evaluate runs/demo/adapters/standard/* --merged runs/demo/merges/standard/task_arithmetic
+    """
+    from osrm_lora.inference import evaluate_adapters
+
+    scores = evaluate_adapters([str(a) for a in adapters], merged=str(merged) if merged else None, split=split,
+                               model=model, max_length=max_length, device=device)
+    for name, value in scores.items():
+        typer.echo(f"{name}\t{value:.2f}")
+
+
+@app.command()
+def predict(
+    adapter: Annotated[Path, typer.Option(help="Adapter directory with the task's head.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to label ('-' reads lines from stdin).")],
+    merged: Annotated[Optional[Path], typer.Option(help="Use this merged adapter instead of the task's own.")] = None,
+    model: str = "default",
+    max_length: int = 128,
+) -> None:
+    """Label new texts for a task.
+
+    Example: osrm-lora predict --adapter runs/demo/adapters/standard/mr "a gripping, funny film"
+    """
+    from osrm_lora.inference import predict_texts
+
+    items = [line.rstrip("\n") for line in sys.stdin] if texts == ["-"] else texts
+    for text, label in zip(items, predict_texts(str(adapter), items, merged=str(merged) if merged else None,
+                                                model=model, max_length=max_length)):
+        typer.echo(f"{label}\t{text}")
+
+
+@app.command()
+def export(
+    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories (each with its head).")],
+    out: Annotated[Path, typer.Option(help="Output directory: one HF model per task.")],
+    merged: Annotated[Optional[Path], typer.Option(help="Merged adapter to fold in (default: each task's own).")] = None,
+    model: str = "default",
+) -> None:
+    """Write per task a standalone HF sequence classifier (base + update folded in + the task's head).
+
+    Example: osrm-lora export runs/demo/adapters/standard/* --merged runs/demo/merges/standard/task_arithmetic --out exported/
+    """
+    from osrm_lora.inference import export_models
+
+    paths = export_models([str(a) for a in adapters], str(out), merged=str(merged) if merged else None, model=model)
+    for p in paths:
+        typer.echo(str(p))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors -> one line on stderr, exit status 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except OsrmError as exc:
+        if _STATE["verbosity"] > 0:
+            logger.exception("error")
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

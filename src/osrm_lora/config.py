@@ -1,0 +1,179 @@
+"""Validated configuration (pydantic): stage settings and the pipeline config read from YAML.
+
+Unknown keys and out-of-range values are errors (``extra="forbid"`` everywhere).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from osrm_lora.data.spec import TaskSpec
+from osrm_lora.errors import ConfigError
+
+InitMode = Literal["standard", "code", "paper", "own"]
+DEFAULT_LAMBDAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    """LoRA shape. ``target_modules=None`` resolves per architecture (query/value)."""
+
+    rank: int = Field(8, gt=0, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+
+class TrainSettings(_Strict):
+    """Fine-tuning hyperparameters (AdamW, linear schedule with warmup, grad clipping)."""
+
+    epochs: int = Field(3, gt=0, le=1000)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(5e-4, gt=0, lt=1)
+    head_lr: float | None = Field(None, gt=0, lt=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    max_length: int = Field(128, gt=1, le=65536)
+
+
+class InitSettings(_Strict):
+    """One initialisation to compare: a named OSRM mode (or ``standard``) plus freezing options."""
+
+    name: str
+    mode: InitMode = "standard"
+    freeze_A: bool = False
+    freeze_B: bool = False
+    ridge: float = Field(1e-3, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("init names may contain letters, digits, '_', '.', '-' only")
+        return value
+
+    @model_validator(mode="after")
+    def _not_both_frozen(self) -> "InitSettings":
+        if self.freeze_A and self.freeze_B:
+            raise ValueError("freeze_A and freeze_B together leave nothing to train")
+        return self
+
+
+class ProfileSettings(_Strict):
+    """Activation statistics: samples per task, padding rule, precision."""
+
+    n_samples: int = Field(100, gt=0)
+    batch_size: int = Field(16, gt=0)
+    include_padding: bool = False
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+class MergeSettings(_Strict):
+    """Merging: methods, lambda grid (chosen on validation), fixed per-method parameters."""
+
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
+    lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("the lambda grid is empty")
+        if any(v < 0 for v in value):
+            raise ValueError("lambdas must be >= 0")
+        return sorted(set(value))
+
+
+class PipelineConfig(_Strict):
+    """Everything ``osrm-lora run`` needs. ``suite`` or ``tasks`` (or both: tasks are appended)."""
+
+    name: str = "run"
+    model: str = "default"
+    suite: str | None = None
+    tasks: list[str | TaskSpec] = Field(default_factory=list)
+    seed: int = 0
+    device: str = "auto"
+    lora: LoraSettings = LoraSettings()
+    train: TrainSettings = TrainSettings()
+    inits: list[InitSettings] = Field(
+        default_factory=lambda: [InitSettings(name="standard"), InitSettings(name="osrm-paper", mode="paper")]
+    )
+    profile: ProfileSettings = ProfileSettings()
+    merge: MergeSettings = MergeSettings()
+    diagnose: bool = True
+
+    @field_validator("inits", mode="before")
+    @classmethod
+    def _inits_from_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            out = []
+            for item in value:
+                if isinstance(item, str):
+                    out.append({"name": item if item == "standard" else f"osrm-{item}", "mode": item})
+                else:
+                    out.append(item)
+            return out
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        if not self.suite and not self.tasks:
+            raise ValueError("name a suite or list tasks")
+        names = [i.name for i in self.inits]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate init names {names}")
+        if not self.inits:
+            raise ValueError("list at least one init")
+        return self
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{extra}; fix the config (see configs/*.yaml for examples)"
+
+
+def parse_config(data: Any, source: str = "config") -> PipelineConfig:
+    """Validate a mapping as a :class:`PipelineConfig` (ConfigError with a one-line message)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values; fix the config")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML pipeline config."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    return parse_config(data, source=str(path))
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
+    """JSON/YAML-ready dict of a config (for manifests and hashing)."""
+    return cfg.model_dump(mode="json")

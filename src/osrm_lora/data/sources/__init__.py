@@ -1,0 +1,1 @@
+"""Data sources: built-in registry packages, local files, Hugging Face datasets."""

@@ -1,0 +1,81 @@
+"""Evaluation: logits, predictions, per-task metrics, averages and normalised scores."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from osrm_lora.data.metrics import compute_metric
+from osrm_lora.data.task import Task
+from osrm_lora.encoding import Encoded, collate, sorted_batches
+
+logger = logging.getLogger(__name__)
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
+    """Logits for every example of ``encoded`` in the original order (float32, CPU)."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out: torch.Tensor | None = None
+    try:
+        for idx in sorted_batches(encoded, batch_size):
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [encoded.features[i] for i in idx]).items()}
+            with autocast_context(device):
+                logits = model(**batch).logits.float().cpu()
+            if out is None:
+                out = torch.empty((len(encoded), logits.shape[-1]), dtype=torch.float32)
+            out[idx] = logits
+    finally:
+        model.train(was_training)
+    if out is None:
+        return torch.empty((0, 1))
+    return out
+
+
+def logits_to_predictions(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    if problem_type == "regression":
+        return logits[:, 0]
+    return logits.argmax(dim=-1)
+
+
+def score(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The task's metric (0..100 scale) of ``logits`` against ``labels``."""
+    preds = logits_to_predictions(logits, task.problem_type)
+    return float(compute_metric(task.metric, preds.numpy(), labels.numpy()))
+
+
+def evaluate(model: nn.Module, tokenizer: Any, task: Task, encoded: Encoded, batch_size: int = 64) -> float:
+    """Score ``model`` (with ``task``'s head installed) on an encoded split of ``task``."""
+    return score(task, predict_logits(model, tokenizer, encoded, batch_size), encoded.labels)
+
+
+def normalised(merged: Mapping[str, float], single: Mapping[str, float]) -> dict[str, float]:
+    """Per task: merged score / single-task score (as a percentage). Undefined (<= 0 single) -> nan."""
+    out: dict[str, float] = {}
+    for name, value in merged.items():
+        ref = single.get(name)
+        out[name] = float("nan") if ref is None or ref <= 0 else 100.0 * value / ref
+    return out
+
+
+def mean(values: Sequence[float] | Iterator[float]) -> float:
+    vals = [float(v) for v in values]
+    return sum(vals) / len(vals) if vals else float("nan")

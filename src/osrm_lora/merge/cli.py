@@ -1,0 +1,83 @@
+"""CLI-facing merge functions (the lead wires them into the typer app)."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+
+from osrm_lora.adapters import load_adapter
+from osrm_lora.errors import OsrmError
+from osrm_lora.merge.io import save_merge_result
+from osrm_lora.merge.registry import MergeResult, get_method, list_methods, merge
+
+logger = logging.getLogger(__name__)
+
+
+def parse_params(method: str, params: list[str] | None) -> dict[str, object]:
+    """Parse ``["key=value", ...]`` against ``method``'s parameter schema (types and ranges checked later)."""
+    info = get_method(method)
+    out: dict[str, object] = {}
+    for item in params or []:
+        if "=" not in item:
+            raise OsrmError(f"parameter {item!r} is not key=value; pass e.g. {info.params[0].name}="
+                            f"{info.params[0].default}" if info.params else f"method {method} takes no parameters")
+        key, value = item.split("=", 1)
+        out[key.strip()] = info.param(key.strip()).parse(value)
+    return out
+
+
+def run_merge(adapter_dirs: list[str], method: str, params: list[str] | None, out: str, format: str = "peft",
+              weights: list[float] | None = None, *, base_model_path: str | None = None,
+              svd_rank: int | None = None, ignore_extra: bool = True) -> MergeResult:
+    """Load PEFT adapters, merge them with ``method`` and ``params`` ("key=value"), write ``out``.
+
+    ``weights`` (one per adapter) is passed as the method's ``weights`` parameter. Non-LoRA tensors
+    such as ``modules_to_save`` heads are dropped (heads stay per task) unless ``ignore_extra=False``.
+    Data-aware methods (regmean, fisher, adamerging) need statistics and are run from Python/pipeline.
+    """
+    info = get_method(method)
+    if info.needs:
+        raise OsrmError(f"method {method} needs {', '.join(sorted(info.needs))} computed from task data; "
+                        "run it through the pipeline (osrm_lora.merge.merge with a MergeContext)")
+    parsed = parse_params(method, params)
+    if weights is not None:
+        info.param("weights")  # raises if the method has no weights
+        parsed["weights"] = list(weights)
+    if not adapter_dirs:
+        raise OsrmError("no adapter directories given; pass at least one PEFT adapter directory")
+    adapters = [load_adapter(d) for d in adapter_dirs]
+    result = merge(adapters, method, parsed, ignore_extra=ignore_extra)
+    if result.info.get("dropped_extra"):
+        logger.warning("dropped non-LoRA tensors (per-task heads / modules_to_save): %s",
+                       ", ".join(result.info["dropped_extra"][:5]))
+    save_merge_result(result, out, base_model_path=base_model_path, format=format, svd_rank=svd_rank)
+    return result
+
+
+def format_method_list(width: int = 120) -> str:
+    """Plain-text table of the merge methods: name, parameters with defaults, description, paper."""
+    rows = []
+    for m in list_methods():
+        ps = ", ".join(f"{p.name}={p.default}" + (p.range_text() and f" {p.range_text()}") for p in m.params) or "-"
+        flags = []
+        if m.exact_in_factor_space:
+            flags.append("exact-lora")
+        if m.per_task:
+            flags.append("per-task")
+        if m.needs:
+            flags.append("needs:" + "+".join(sorted(m.needs)))
+        rows.append((m.name, ps, m.description + (f" [{', '.join(flags)}]" if flags else ""), m.paper))
+    name_w = max(len("method"), *(len(r[0]) for r in rows))
+    par_w = 44
+    desc_w = max(30, width - name_w - par_w - 6)
+    lines = [f"{'method':<{name_w}}  {'parameters (default [range])':<{par_w}}  description / paper"]
+    lines.append("-" * min(width, name_w + par_w + desc_w + 4))
+    for name, ps, desc, paper in rows:
+        pl = textwrap.wrap(ps, par_w) or [""]
+        dl = textwrap.wrap(desc, desc_w) + [paper]
+        for i in range(max(len(pl), len(dl))):
+            a = name if i == 0 else ""
+            b = pl[i] if i < len(pl) else ""
+            c = dl[i] if i < len(dl) else ""
+            lines.append(f"{a:<{name_w}}  {b:<{par_w}}  {c}".rstrip())
+    return "\n".join(lines)

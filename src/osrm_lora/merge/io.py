@@ -1,0 +1,178 @@
+"""Writing merge results: PEFT adapters (exact factors or truncated SVD) or full HF models.
+
+Layout written by :func:`save_merge_result` (atomically):
+
+- shared result, ``format="peft"``: ``out_dir`` is a PEFT adapter dir (+ ``merge_info.json``);
+- shared result, ``format="full"``: ``out_dir`` is an HF model dir (``save_pretrained``,
+  safetensors, tokenizer if the base has one) with the deltas folded in (+ ``merge_info.json``);
+- per-task result (emr): ``out_dir/merge_info.json`` and one sub-directory per task
+  ``out_dir/<index>_<task name>/`` in the chosen format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osrm_lora.adapters import LoraAdapter, LoraModule, write_adapter_files
+from osrm_lora.errors import OsrmError
+from osrm_lora.fsutil import atomic_dir
+from osrm_lora.merge import ops
+from osrm_lora.merge.registry import MergeResult
+
+logger = logging.getLogger(__name__)
+
+MERGE_INFO = "merge_info.json"
+
+
+def deltas_to_adapter(deltas: dict[str, torch.Tensor], config: dict[str, Any], ranks: dict[str, int],
+                      name: str = "merged") -> tuple[LoraAdapter, dict[str, float]]:
+    """Truncated SVD of each dense delta into a LoRA (``B = U S``, ``A = V^T``, scaling 1).
+
+    ``ranks[key]`` is the rank kept (capped by ``min(m, n)``; at least 1). Returns the adapter and the
+    relative Frobenius reconstruction error per module.
+    """
+    mods, errors = {}, {}
+    fifo = bool(config.get("fan_in_fan_out", False))
+    for key, d in deltas.items():
+        d = d.detach().float()
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+        k = max(1, min(int(ranks.get(key, S.numel())), S.numel()))
+        B, A = U[:, :k] * S[:k].unsqueeze(0), Vh[:k]
+        mods[key] = LoraModule(A.contiguous().cpu(), B.contiguous().cpu(), 1.0, fifo)
+        errors[key] = ops.relative_error(d, B @ A)
+    return LoraAdapter(mods, copy.deepcopy(config), name=name), errors
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
+
+
+def _write_peft(result: MergeResult, deltas: dict[str, torch.Tensor] | None, target: Path,
+                svd_rank: int | None, info: dict[str, Any]) -> None:
+    config = result.config or {"peft_type": "LORA"}
+    if result.adapter is not None and deltas is None and svd_rank is None:
+        write_adapter_files(result.adapter, target)
+        info["output"] = "exact factors"
+        return
+    if deltas is None:
+        deltas = result.deltas_for()
+    ranks = {k: svd_rank if svd_rank is not None else result.source_ranks.get(k, min(d.shape))
+             for k, d in deltas.items()}
+    adapter, errors = deltas_to_adapter(deltas, config, ranks, name=result.method)
+    write_adapter_files(adapter, target)
+    info["output"] = "truncated svd"
+    info["svd_rank"] = {k: m.rank for k, m in adapter.modules.items()}
+    info["svd_relative_error"] = errors
+    info["svd_relative_error_max"] = max(errors.values()) if errors else 0.0
+    result.info.setdefault("svd_relative_error", {}).update(errors)
+
+
+def _load_base(base_model_path: str) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    import transformers
+
+    try:
+        cfg = AutoConfig.from_pretrained(base_model_path)
+    except (OSError, ValueError) as exc:
+        raise OsrmError(f"cannot load the base model config from {base_model_path!r} ({exc}); "
+                        "pass base_model_path pointing to an HF model directory") from exc
+    archs = getattr(cfg, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel
+    model = cls.from_pretrained(base_model_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(base_model_path)
+    except Exception:  # no tokenizer shipped with the base: write the model only
+        tok = None
+    return model, tok
+
+
+def fold_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], fan_in_fan_out: bool = False) -> None:
+    """Add each (out, in) delta to ``model.get_submodule(key).weight`` in place."""
+    with torch.no_grad():
+        for key, d in deltas.items():
+            try:
+                w = model.get_submodule(key).weight
+            except AttributeError as exc:
+                raise OsrmError(f"base model has no module {key}; use the base model the adapters were trained on") from exc
+            d = d.T if fan_in_fan_out else d
+            if tuple(w.shape) != tuple(d.shape):
+                raise OsrmError(f"module {key} has weight shape {tuple(w.shape)} but the delta is {tuple(d.shape)}; "
+                                "use the base model the adapters were trained on")
+            w += d.to(device=w.device, dtype=w.dtype)
+
+
+def _write_full(result: MergeResult, deltas: dict[str, torch.Tensor], target: Path, base_model_path: str,
+                info: dict[str, Any]) -> None:
+    model, tok = _load_base(base_model_path)
+    fold_deltas(model, deltas, bool((result.config or {}).get("fan_in_fan_out", False)))
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(target))
+    if tok is not None:
+        tok.save_pretrained(str(target))
+    info["output"] = "full model"
+    info["base_model_path"] = str(base_model_path)
+
+
+def save_merge_result(result: MergeResult, out_dir: str | Path, *, base_model_path: str | None = None,
+                      format: str = "peft", svd_rank: int | None = None) -> Path:
+    """Write ``result`` to ``out_dir`` atomically (see module docstring for the layout).
+
+    ``format="peft"``: factor-form results are written exactly (or re-truncated to ``svd_rank`` if
+    given); dense results are factorised by truncated SVD with rank ``svd_rank`` (default: the sum of
+    the input ranks of the module), and the relative reconstruction error goes to
+    ``result.info["svd_relative_error"]`` and ``merge_info.json``. ``format="full"``: the base model
+    (``base_model_path``, default the adapters' ``base_model_name_or_path``) with the deltas folded in.
+    """
+    if format not in ("peft", "full"):
+        raise OsrmError(f"unknown output format {format!r}; use peft or full")
+    if svd_rank is not None and svd_rank < 1:
+        raise OsrmError(f"svd_rank must be >= 1, got {svd_rank}")
+    if format == "full":
+        base_model_path = base_model_path or (result.config or {}).get("base_model_name_or_path")
+        if not base_model_path:
+            raise OsrmError("format=full needs the base model; pass base_model_path")
+    out_dir = Path(out_dir)
+    meta: dict[str, Any] = {"method": result.method, "params": result.params, "format": format,
+                            "tasks": result.task_names}
+    with atomic_dir(out_dir) as tmp:
+        if result.per_task_deltas is not None:
+            meta["per_task"] = []
+            for t, deltas in enumerate(result.per_task_deltas):
+                name = result.task_names[t] if t < len(result.task_names) else f"task{t}"
+                sub = tmp / f"{t}_{_safe_name(name)}"
+                tinfo: dict[str, Any] = {"task": name, "dir": sub.name}
+                if format == "peft":
+                    _write_peft(result, deltas, sub, svd_rank, tinfo)
+                else:
+                    _write_full(result, deltas, sub, str(base_model_path), tinfo)
+                meta["per_task"].append(tinfo)
+        elif format == "peft":
+            _write_peft(result, None, tmp, svd_rank, meta)
+        else:
+            _write_full(result, result.deltas_for(), tmp, str(base_model_path), meta)
+        meta["info"] = result.info
+        (tmp / MERGE_INFO).write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote %s result to %s", result.method, out_dir)
+    return out_dir

@@ -1,0 +1,102 @@
+"""Helpers shared by the method modules: common parameters, weights, the sparsify-then-combine driver."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from osrm_lora.adapters import LoraAdapter, LoraModule
+from osrm_lora.merge import ops
+from osrm_lora.merge.registry import MergeContext, Param
+
+# --- common parameters -------------------------------------------------------------------------
+SCALING = Param("scaling", "float", 1.0, "lambda: global coefficient of the merged update", low=0.0)
+WEIGHTS = Param("weights", "floats", None, "per-adapter weights (default all 1)")
+DENSITY = Param("density", "float", 0.2, "fraction of entries kept per task", low=0.0, high=1.0, low_open=True)
+DROP_P = Param("p", "float", 0.5, "DARE drop probability", low=0.0, high=1.0, high_open=True)
+THRESHOLD = Param("threshold", "str", "task", "top-k over all of a task's modules (task, paper) or per matrix (PEFT)",
+                  choices=("task", "matrix"))
+SIGN = Param("sign_method", "str", "total", "sign election: sum of values (total) or majority count (frequency)",
+             choices=("total", "frequency"))
+SEED = Param("seed", "int", None, "random seed (default: MergeContext.seed)", low=0)
+
+TensorGetter = Callable[[int, str], torch.Tensor]
+
+
+def task_weights(params: dict[str, Any], n: int, device: torch.device | None = None) -> torch.Tensor:
+    w = params.get("weights")
+    return torch.tensor([1.0] * n if w is None else list(w), dtype=torch.float32, device=device)
+
+
+def module_keys(adapters: Sequence[LoraAdapter]) -> list[str]:
+    return sorted(adapters[0].modules)
+
+
+def device_of(adapters: Sequence[LoraAdapter]) -> torch.device:
+    mod = next(iter(adapters[0].modules.values()))
+    return mod.A.device
+
+
+def seed_of(params: dict[str, Any], ctx: MergeContext) -> int:
+    return int(params["seed"]) if params.get("seed") is not None else int(ctx.seed)
+
+
+def merged_config(adapters: Sequence[LoraAdapter]) -> dict[str, Any]:
+    """Config of a merged adapter: the first adapter's, with plain LoRA scaling and no extras."""
+    cfg = copy.deepcopy(adapters[0].config)
+    cfg.update({"use_rslora": False, "use_dora": False, "lora_bias": False, "modules_to_save": None,
+                "rank_pattern": {}, "alpha_pattern": {}, "peft_type": "LORA"})
+    return cfg
+
+
+def factor_adapter(adapters: Sequence[LoraAdapter], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   name: str) -> LoraAdapter:
+    """A merged :class:`LoraAdapter` from ``key -> (B, A)`` with scaling 1 (delta = B @ A)."""
+    fifo = {k: m.fan_in_fan_out for k, m in adapters[0].modules.items()}
+    mods = {k: LoraModule(A.contiguous(), B.contiguous(), 1.0, fifo.get(k, False)) for k, (B, A) in factors.items()}
+    return LoraAdapter(mods, merged_config(adapters), name=name)
+
+
+def dense_getter(adapters: Sequence[LoraAdapter]) -> TensorGetter:
+    return lambda t, key: adapters[t].modules[key].delta()
+
+
+def sparse_combine(keys: Sequence[str], get: TensorGetter, n_tasks: int, *, sparsify: str | None,
+                   consensus: str, weights: torch.Tensor, density: float = 1.0, p: float = 0.0,
+                   threshold: str = "task", sign_method: str = "total",
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Sparsify each task's tensors, then combine them per key (one key at a time).
+
+    ``sparsify``: None, "magnitude" (top-``density`` by ``|x|``; threshold per task over all keys
+    together or per matrix) or "dare" (random drop with probability ``p``, rescaled).
+    ``consensus``: "sum" (weighted sum) or "ties" (sign election + disjoint mean of weighted values).
+    DARE masks are drawn key by key (sorted order as given), task by task, from ``generator``.
+    """
+    thresholds: list[float | None] = [None] * n_tasks
+    if sparsify == "magnitude" and threshold == "task" and density < 1:
+        for t in range(n_tasks):
+            total = sum(get(t, k).numel() for k in keys)
+            thresholds[t] = ops.kth_largest_abs(lambda t=t: (get(t, k) for k in keys), int(density * total))
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        tensors = []
+        for t in range(n_tasks):
+            x = get(t, key)
+            if sparsify == "magnitude":
+                x = ops.magnitude_keep(x, density, thresholds[t])
+            elif sparsify == "dare":
+                x = ops.dare_drop(x, p, generator)
+            elif sparsify is not None:
+                raise ValueError(sparsify)
+            tensors.append(x)
+        stack = torch.stack(tensors)
+        if consensus == "sum":
+            out[key] = ops.weighted_sum(stack, weights)
+        elif consensus == "ties":
+            out[key] = ops.ties_consensus(stack, weights, sign_method)
+        else:
+            raise ValueError(consensus)
+    return out

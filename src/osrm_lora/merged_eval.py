@@ -1,0 +1,173 @@
+"""Evaluate merged adapters: fold the merged update into one base model, swap each task's head in.
+
+A lambda sweep re-merges for every lambda (cheap for LoRA) and scores every task on validation
+(selection) and on test (reported once for the selected lambda; the whole test curve is kept only as
+the robustness report, never for selection).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from osrm_lora.backbone import (
+    HeadInfo,
+    load_classifier,
+    load_head,
+    load_tokenizer,
+    resolve_module_key,
+    select_device,
+    set_head,
+)
+from osrm_lora.data.task import Task
+from osrm_lora.encoding import Encoded, encode_split
+from osrm_lora.errors import OsrmError
+from osrm_lora.evaluate import evaluate, mean
+
+logger = logging.getLogger(__name__)
+
+DeltasFn = Callable[[int], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class TaskSlot:
+    """One task prepared for repeated evaluation: encoded splits and its head."""
+
+    task: Task
+    head: dict[str, torch.Tensor]
+    info: HeadInfo
+    encoded: dict[str, Encoded] = field(default_factory=dict)
+
+
+class MergedEvaluator:
+    """One base model in memory; evaluates any set of per-task dense updates on any split."""
+
+    def __init__(
+        self,
+        model_path: str,
+        tasks: Sequence[Task],
+        head_dirs: Sequence[str | Path],
+        *,
+        max_length: int = 128,
+        batch_size: int = 128,
+        device: str | None = None,
+        splits: Sequence[str] = ("validation", "test"),
+    ) -> None:
+        if len(tasks) != len(head_dirs):
+            raise OsrmError("need one head directory per task")
+        self.device = select_device(device)
+        self.tokenizer = load_tokenizer(model_path)
+        first_state, first_info = load_head(head_dirs[0])
+        self.model: nn.Module = load_classifier(
+            model_path, first_info.num_labels, first_info.problem_type, device=self.device, pad_token_id=self.tokenizer.pad_token_id
+        )
+        self.model.eval()
+        self.batch_size = batch_size
+        self.slots: list[TaskSlot] = []
+        for task, hdir in zip(tasks, head_dirs):
+            state, info = load_head(hdir)
+            if info.task != task.name:
+                raise OsrmError(f"head in {hdir} belongs to task {info.task!r}, not {task.name!r}; pass the matching adapter")
+            if info.num_labels != task.num_labels:
+                raise OsrmError(f"head of {task.name} has {info.num_labels} outputs but the task has {task.num_labels} labels")
+            slot = TaskSlot(task, state, info)
+            for split in splits:
+                slot.encoded[split] = encode_split(
+                    self.tokenizer, task.split(split), max_length, task.problem_type == "regression"
+                )
+            self.slots.append(slot)
+        self._originals: dict[str, torch.Tensor] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.task.name for s in self.slots]
+
+    def _apply(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        self._restore()
+        with torch.no_grad():
+            for key, delta in deltas.items():
+                path = resolve_module_key(self.model, key)
+                weight = self.model.get_submodule(path).weight
+                if tuple(weight.shape) != tuple(delta.shape):
+                    raise OsrmError(
+                        f"merged update for {key} has shape {tuple(delta.shape)}, the model weight {tuple(weight.shape)}; "
+                        "the adapters were made for another base model"
+                    )
+                if not torch.isfinite(delta).all():
+                    raise OsrmError(f"merged update for {key} contains NaN or Inf; check the input adapters")
+                self._originals[path] = weight.detach().clone()
+                weight.add_(delta.to(weight.device, weight.dtype))
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for path, original in self._originals.items():
+                self.model.get_submodule(path).weight.copy_(original)
+        self._originals = {}
+
+    def evaluate(self, deltas_for: DeltasFn | None, split: str, per_task: bool = False) -> dict[str, float]:
+        """Scores per task on ``split`` with ``deltas_for(task_index)`` folded in (None = base model)."""
+        scores: dict[str, float] = {}
+        applied_shared = False
+        try:
+            for i, slot in enumerate(self.slots):
+                if deltas_for is not None and (per_task or not applied_shared):
+                    self._apply(deltas_for(i))
+                    applied_shared = True
+                set_head(self.model, slot.head, slot.info.num_labels, slot.info.problem_type)
+                scores[slot.task.name] = evaluate(self.model, self.tokenizer, slot.task, slot.encoded[split], self.batch_size)
+        finally:
+            self._restore()
+        return scores
+
+
+@dataclass
+class SweepPoint:
+    lam: float
+    validation: dict[str, float]
+    test: dict[str, float]
+    merge_seconds: float
+
+    @property
+    def avg_validation(self) -> float:
+        return mean(self.validation.values())
+
+
+def sweep(
+    evaluator: MergedEvaluator,
+    merge_fn: Callable[[float], Any],
+    lambdas: Sequence[float],
+    *,
+    with_test_curve: bool = True,
+) -> tuple[list[SweepPoint], Any, SweepPoint]:
+    """Merge at each lambda, score on validation (and test, for the robustness curve only).
+
+    Returns the curve, the merge result at the selected lambda and the selected point. Selection
+    uses the average VALIDATION score only; ties go to the smaller lambda.
+    """
+    curve: list[SweepPoint] = []
+    best: tuple[float, float, Any, SweepPoint] | None = None
+    for lam in lambdas:
+        t0 = time.perf_counter()
+        result = merge_fn(lam)
+        seconds = time.perf_counter() - t0
+        per_task = bool(getattr(result, "per_task_deltas", None))
+        val = evaluator.evaluate(result.deltas_for, "validation", per_task=per_task)
+        test = evaluator.evaluate(result.deltas_for, "test", per_task=per_task) if with_test_curve else {}
+        point = SweepPoint(lam, val, test, seconds)
+        curve.append(point)
+        logger.debug("lambda %.2f: validation avg %.2f", lam, point.avg_validation)
+        if best is None or point.avg_validation > best[0]:
+            best = (point.avg_validation, lam, result, point)
+    assert best is not None
+    selected = best[3]
+    if not with_test_curve:
+        per_task = bool(getattr(best[2], "per_task_deltas", None))
+        selected.test = evaluator.evaluate(best[2].deltas_for, "test", per_task=per_task)
+    return curve, best[2], selected

@@ -1,0 +1,428 @@
+"""The pipeline: tasks -> profile -> init -> train -> diagnose -> merge+evaluate -> results/report.
+
+Run directory layout (stable; documented in the README)::
+
+    RUN_DIR/
+      config.yaml                      resolved config
+      manifest.json                    seeds, versions, device, stage timings, hashes
+      stats/                           activation statistics store (OSRM inits only)
+      adapters/<init>/<task>/          PEFT adapter + head.safetensors/head.json + metrics.json
+      diagnostics/<init>/              interference.json + interference.png
+      merges/<init>/<method>/          merged adapter (selected lambda) + sweep.json + README.md card
+      results.json                     every number, named by init, method, lambda, seed and split
+      report.md, report.html           human-readable summary
+      .stages/<stage>.json             input hash of each finished stage (resume / skip)
+
+Each stage writes its artifact atomically and then records a hash of its inputs; rerunning the same
+config into the same directory skips finished stages and redoes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from osrm_lora.backbone import (
+    default_target_modules,
+    load_classifier,
+    load_tokenizer,
+    resolve_model_path,
+    select_device,
+    target_module_keys,
+)
+from osrm_lora.config import InitSettings, PipelineConfig, config_to_dict
+from osrm_lora.data import load_suite, load_task
+from osrm_lora.data.task import Task
+from osrm_lora.errors import ConfigError, OsrmError
+from osrm_lora.evaluate import mean, normalised
+from osrm_lora.fsutil import atomic_file, read_json, sha256_json, write_json
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("data", "profile", "init", "train", "diagnose", "merge", "report")
+
+
+# --------------------------------------------------------------------------- stage bookkeeping
+@dataclass
+class StageLedger:
+    """Records finished stages (by input hash) so reruns skip them; ``force`` names stages to redo."""
+
+    run_dir: Path
+    force: frozenset[str] = frozenset()
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def _marker(self, stage_id: str) -> Path:
+        return self.run_dir / ".stages" / f"{stage_id.replace('/', '__')}.json"
+
+    def done(self, stage: str, stage_id: str, payload: Any, outputs: Sequence[Path]) -> bool:
+        if stage in self.force or "all" in self.force:
+            return False
+        marker = self._marker(stage_id)
+        if not marker.exists() or not all(p.exists() for p in outputs):
+            return False
+        try:
+            return read_json(marker).get("inputs") == sha256_json(payload)
+        except OsrmError:
+            return False
+
+    def finish(self, stage: str, stage_id: str, payload: Any, seconds: float) -> None:
+        self.timings[stage_id] = round(seconds, 3)
+        write_json(self._marker(stage_id), {"stage": stage, "id": stage_id, "inputs": sha256_json(payload), "seconds": seconds})
+
+    def run(self, stage: str, stage_id: str, payload: Any, outputs: Sequence[Path], fn: Callable[[], Any]) -> bool:
+        """Run ``fn`` unless the stage is done with the same inputs. Returns True if it ran."""
+        if self.done(stage, stage_id, payload, outputs):
+            logger.info("skipping %s (finished, inputs unchanged)", stage_id)
+            return False
+        t0 = time.perf_counter()
+        fn()
+        self.finish(stage, stage_id, payload, time.perf_counter() - t0)
+        return True
+
+
+def task_fingerprint(task: Task) -> str:
+    """Content hash of a task's splits (texts, pairs, labels) and metric."""
+    payload = {
+        "name": task.name,
+        "metric": task.metric,
+        "problem_type": task.problem_type,
+        "labels": list(task.label_names),
+    }
+    for split in ("train", "validation", "test"):
+        s = task.split(split)
+        payload[split] = sha256_json([list(s.texts), list(s.labels), list(s.text_pairs or [])])
+    return sha256_json(payload)
+
+
+# --------------------------------------------------------------------------- stages
+def resolve_tasks(cfg: PipelineConfig, cache: str | None = None) -> list[Task]:
+    """Load the suite's and the listed tasks (duplicate names are an error)."""
+    specs: list[Any] = []
+    if cfg.suite:
+        specs.extend(load_suite(cfg.suite))
+    specs.extend(cfg.tasks)
+    tasks = [load_task(s, cache=cache) for s in specs]
+    names = [t.name for t in tasks]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ConfigError(f"duplicate task names {dups}; give each task a unique name")
+    if len(tasks) < 2:
+        logger.warning("only one task: merging needs two or more to be meaningful")
+    return tasks
+
+
+def _target_modules(cfg: PipelineConfig, model_path: str) -> list[str]:
+    if cfg.lora.target_modules:
+        return list(cfg.lora.target_modules)
+    from transformers import AutoConfig
+
+    return default_target_modules(AutoConfig.from_pretrained(model_path).model_type)
+
+
+def profile_stage(cfg: PipelineConfig, tasks: Sequence[Task], model_path: str, out: Path) -> None:
+    """Collect the activation statistics of every task (train split) under the pre-trained model."""
+    from osrm_lora.stats import collect_statistics
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_classifier(model_path, 2, device=select_device(cfg.device), pad_token_id=tokenizer.pad_token_id)
+    texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in tasks}
+    store = collect_statistics(
+        model,
+        tokenizer,
+        texts,
+        _target_modules(cfg, model_path),
+        n_samples=cfg.profile.n_samples,
+        max_length=cfg.train.max_length,
+        batch_size=cfg.profile.batch_size,
+        include_padding=cfg.profile.include_padding,
+        dtype=torch.float64 if cfg.profile.dtype == "float64" else torch.float32,
+        seed=cfg.seed,
+    )
+    store.save(out)
+
+
+def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task], stats_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """OSRM A matrices per task per module for one init (empty dict for ``standard``)."""
+    if init.mode == "standard":
+        return {}
+    from osrm_lora.osrm import compute_osrm_A
+    from osrm_lora.stats import StatsStore
+
+    store = StatsStore.load(stats_dir)
+    return compute_osrm_A(store, [t.name for t in tasks], cfg.lora.rank, init.mode, ridge=init.ridge)
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class RunContext:
+    cfg: PipelineConfig
+    run_dir: Path
+    ledger: StageLedger
+    model_path: str
+    tasks: list[Task]
+    fingerprints: dict[str, str]
+
+
+def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
+    with atomic_file(run_dir / "config.yaml") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+
+
+def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    dev = select_device(ctx.cfg.device)
+    return {
+        "name": ctx.cfg.name,
+        "seed": ctx.cfg.seed,
+        "model": ctx.model_path,
+        "tasks": {t.name: {"fingerprint": ctx.fingerprints[t.name], "source": t.source, "n_train": len(t.train),
+                           "n_validation": len(t.validation), "n_test": len(t.test)} for t in ctx.tasks},
+        "config_hash": sha256_json(config_to_dict(ctx.cfg)),
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "osrm_lora": __import__("osrm_lora").__version__,
+        },
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "stage_seconds": ctx.ledger.timings,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    *,
+    force: Sequence[str] = (),
+    cache: str | None = None,
+) -> dict[str, Any]:
+    """Run every stage of ``cfg`` into ``run_dir`` (resuming finished stages) and return the results."""
+    bad = sorted(set(force) - set(STAGES) - {"all"})
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad} for --force; choose from {', '.join(STAGES)} or all")
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OsrmError(f"{run_dir} is a file; choose a directory for the run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OsrmError(f"cannot create run directory {run_dir}: {exc.strerror}; choose a writable path") from None
+    torch.manual_seed(cfg.seed)
+    model_path = resolve_model_path(cfg.model)
+    tasks = resolve_tasks(cfg, cache)
+    ctx = RunContext(cfg, run_dir, StageLedger(run_dir, frozenset(force)), model_path, tasks,
+                     {t.name: task_fingerprint(t) for t in tasks})
+    _write_config(cfg, run_dir)
+    for t in tasks:
+        logger.info("task %-12s %-14s train %5d  validation %4d  test %4d  (%s)", t.name, t.metric, len(t.train),
+                    len(t.validation), len(t.test), t.source or "local")
+
+    needs_stats = any(i.mode != "standard" for i in cfg.inits) or cfg.diagnose
+    stats_dir = run_dir / "stats"
+    base_payload = {"model": model_path, "tasks": ctx.fingerprints, "seed": cfg.seed, "max_length": cfg.train.max_length,
+                    "targets": cfg.lora.target_modules}
+    if needs_stats:
+        payload = {**base_payload, "profile": cfg.profile.model_dump(mode="json")}
+        ctx.ledger.run("profile", "profile", payload, [stats_dir], lambda: profile_stage(cfg, tasks, model_path, stats_dir))
+
+    train_results: dict[str, dict[str, dict[str, Any]]] = {}
+    for init in cfg.inits:
+        train_results[init.name] = _train_init(ctx, init, stats_dir, base_payload)
+
+    diagnostics: dict[str, Any] = {}
+    if cfg.diagnose:
+        for init in cfg.inits:
+            diagnostics[init.name] = _diagnose_init(ctx, init, stats_dir)
+
+    merged: list[dict[str, Any]] = []
+    for init in cfg.inits:
+        for method in cfg.merge.methods:
+            merged.append(_merge_init(ctx, init, method, train_results[init.name], stats_dir))
+
+    results = _assemble(ctx, train_results, merged, diagnostics)
+    results["manifest"] = _manifest(ctx, started)
+    write_json(run_dir / "results.json", results)
+    write_json(run_dir / "manifest.json", results["manifest"])
+    try:
+        from osrm_lora.report import write_report
+
+        write_report(run_dir)
+    except ImportError:
+        logger.debug("report module not available")
+    return results
+
+
+def _train_init(ctx: RunContext, init: InitSettings, stats_dir: Path, base_payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from osrm_lora.train import train_task
+
+    cfg = ctx.cfg
+    subspaces: dict[str, dict[str, torch.Tensor]] | None = None
+    out: dict[str, dict[str, Any]] = {}
+    stats_hash = _dir_hash(stats_dir) if init.mode != "standard" else None
+    for task in ctx.tasks:
+        adir = ctx.run_dir / "adapters" / init.name / task.name
+        payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
+                   "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                   "stats": stats_hash}
+
+        def _do(task: Task = task, adir: Path = adir) -> None:
+            nonlocal subspaces
+            if init.mode != "standard" and subspaces is None:
+                subspaces = init_subspaces(cfg, init, ctx.tasks, stats_dir)
+            train_task(task, adir, model=ctx.model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed,
+                       device=cfg.device, init_A=(subspaces or {}).get(task.name), freeze_A=init.freeze_A,
+                       freeze_B=init.freeze_B, init_name=init.name)
+
+        ctx.ledger.run("train", f"train/{init.name}/{task.name}", payload, [adir / "metrics.json"], _do)
+        out[task.name] = read_json(adir / "metrics.json")
+    return out
+
+
+def _dir_hash(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    from osrm_lora.fsutil import sha256_file
+
+    return sha256_json({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
+
+
+def adapter_dirs(run_dir: Path, init: str, tasks: Sequence[Task]) -> list[Path]:
+    return [run_dir / "adapters" / init / t.name for t in tasks]
+
+
+def _diagnose_init(ctx: RunContext, init: InitSettings, stats_dir: Path) -> dict[str, Any]:
+    from osrm_lora.diagnose import run_diagnose
+
+    out = ctx.run_dir / "diagnostics" / init.name
+    dirs = adapter_dirs(ctx.run_dir, init.name, ctx.tasks)
+    payload = {"adapters": [_dir_hash(d) for d in dirs], "stats": _dir_hash(stats_dir)}
+    ctx.ledger.run("diagnose", f"diagnose/{init.name}", payload, [out / "interference.json"],
+                   lambda: run_diagnose([str(d) for d in dirs], str(stats_dir), str(out)))
+    return read_json(out / "interference.json")
+
+
+def _merge_init(ctx: RunContext, init: InitSettings, method: str, single: dict[str, dict[str, Any]], stats_dir: Path) -> dict[str, Any]:
+    cfg = ctx.cfg
+    out = ctx.run_dir / "merges" / init.name / method
+    dirs = adapter_dirs(ctx.run_dir, init.name, ctx.tasks)
+    params = dict(cfg.merge.params.get(method, {}))
+    payload = {"adapters": [_dir_hash(d) for d in dirs], "method": method, "params": params,
+               "lambdas": cfg.merge.lambdas, "seed": cfg.seed, "tasks": ctx.fingerprints}
+    ctx.ledger.run("merge", f"merge/{init.name}/{method}", payload, [out / "sweep.json"],
+                   lambda: merge_and_sweep(ctx.model_path, ctx.tasks, dirs, method, params, cfg.merge.lambdas, out,
+                                           max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
+                                           device=cfg.device, seed=cfg.seed, init_name=init.name,
+                                           stats_dir=stats_dir if stats_dir.exists() else None))
+    return read_json(out / "sweep.json")
+
+
+def merge_and_sweep(
+    model_path: str,
+    tasks: Sequence[Task],
+    dirs: Sequence[Path],
+    method: str,
+    params: dict[str, Any],
+    lambdas: Sequence[float],
+    out: Path,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: str | None,
+    seed: int,
+    init_name: str = "",
+    stats_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Merge ``dirs`` with ``method`` at every lambda, select on validation, save the selected merge."""
+    from osrm_lora.adapters import load_adapter
+    from osrm_lora.merge import MergeContext, get_method, merge, save_merge_result
+    from osrm_lora.merged_eval import MergedEvaluator, sweep
+
+    info = get_method(method)
+    adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
+    context = MergeContext(seed=seed)
+    if "grams" in getattr(info, "needs", set()):
+        if stats_dir is None:
+            raise OsrmError(f"merge method {method} needs activation statistics; run the profile stage first")
+        from osrm_lora.stats import StatsStore
+
+        context.grams = StatsStore.load(stats_dir).grams_for_adapters([a.modules.keys() for a in adapters], [t.name for t in tasks])
+    evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device)
+    takes_scaling = "scaling" in {p.name for p in getattr(info, "params", [])}
+    grid = list(lambdas) if takes_scaling else [1.0]
+
+    def merge_fn(lam: float) -> Any:
+        p = dict(params)
+        if takes_scaling:
+            p["scaling"] = lam
+        return merge(adapters, method, p, context=context)
+
+    curve, best_result, selected = sweep(evaluator, merge_fn, grid)
+    single_test = {t.name: read_json(d / "metrics.json")["test"] for d, t in zip(dirs, tasks)}
+    norm = normalised(selected.test, single_test)
+    record = {
+        "init": init_name,
+        "method": method,
+        "params": params,
+        "seed": seed,
+        "selected_on": "validation",
+        "lambda": selected.lam if takes_scaling else None,
+        "validation": selected.validation,
+        "test": selected.test,
+        "avg_validation": mean(selected.validation.values()),
+        "avg_test": mean(selected.test.values()),
+        "normalised_test": norm,
+        "avg_normalised_test": mean(norm.values()),
+        "merge_seconds": selected.merge_seconds,
+        "curve": [
+            {"lambda": p.lam, "validation": p.validation, "test": p.test, "avg_validation": p.avg_validation,
+             "avg_test": mean(p.test.values()), "avg_normalised_test": mean(normalised(p.test, single_test).values())}
+            for p in curve
+        ],
+        "inputs": [str(d) for d in dirs],
+    }
+    save_merge_result(best_result, out, base_model_path=model_path)
+    write_json(out / "sweep.json", record)
+    return record
+
+
+def _assemble(ctx: RunContext, train_results: dict[str, dict[str, dict[str, Any]]], merged: list[dict[str, Any]],
+              diagnostics: dict[str, Any]) -> dict[str, Any]:
+    single = {
+        init: {task: {"validation": m["validation"], "test": m["test"], "best_epoch": m["best_epoch"],
+                      "a_drift_mean": m.get("a_drift_mean", 0.0), "seconds": m.get("seconds")}
+               for task, m in per_task.items()}
+        for init, per_task in train_results.items()
+    }
+    return {
+        "name": ctx.cfg.name,
+        "model": ctx.model_path,
+        "seed": ctx.cfg.seed,
+        "tasks": [t.name for t in ctx.tasks],
+        "metrics": {t.name: t.metric for t in ctx.tasks},
+        "inits": [i.model_dump(mode="json") for i in ctx.cfg.inits],
+        "single_task": single,
+        "merged": merged,
+        "interference": diagnostics,
+        "notes": [
+            "lambda and every hyperparameter selected on the validation split; test scores reported once for the selection",
+            "the per-lambda test curve is a robustness report, never used for selection",
+            "normalised = merged test score / single-task test score of the same init, in %",
+        ],
+    }

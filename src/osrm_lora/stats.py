@@ -1,0 +1,608 @@
+"""Activation statistics of a pre-trained model: per task, per module-input group, token count, sum,
+uncentred Gram matrix ``X^T X`` and per-sample token means.
+
+The statistics are what OSRM (all modes), RegMean and the interference diagnostics need. They are
+collected once with forward pre-hooks on the target linear modules; modules that read the SAME input
+tensor (q/k/v of one attention block, gate/up of a gated MLP) form one *group* whose statistic is
+computed once. Groups are detected at hook time: two modules belong to one group when they have the
+same parent module and receive the identical input tensor object in consecutive target calls of one
+forward pass (q, k, v of an attention block); the grouping must be the same in every batch.
+
+Conventions
+-----------
+* A token's input vector ``x`` has the module's input dimension ``n``; ``Gram = sum_t x_t x_t^T``
+  (``n x n``), ``sum = sum_t x_t``, ``count`` = number of tokens.
+* Padding is excluded by default (attention mask); ``include_padding=True`` reproduces the reference
+  code, which averages over all positions. With ``pad_to_max_length=True`` every sample is padded to
+  ``max_length`` (reference: "padded to 128 tokens").
+* ``sample_means[task, group]`` is ``(num_samples, n)``: one token mean per sample, under the same
+  padding rule. The ``code`` OSRM mode uses their average over samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from osrm_lora.errors import ConfigError, OsrmError
+from osrm_lora.fsutil import atomic_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+STATS_FILE = "stats.safetensors"
+META_FILE = "stats.json"
+_SEP = "::"
+_HEAD_TOKENS = ("classifier", "score", "pooler", "pre_classifier", "lm_head", "qa_outputs", "lora_")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+TextsByTask = Mapping[str, Sequence[str] | tuple[Sequence[str], Sequence[str] | None]]
+
+# Settings compared by :meth:`StatsStore.check_matches`.
+SETTING_KEYS = (
+    "max_length",
+    "n_samples",
+    "seed",
+    "include_padding",
+    "pad_to_max_length",
+    "dtype",
+    "tokenizer",
+    "vocab_size",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# model fingerprint and target modules
+# --------------------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Stable fingerprint of a backbone: hash of its config (task-head fields removed) plus checksums
+    of a few non-head weights. Independent of the task head, so all tasks' classifiers built on one
+    backbone share it; PEFT-wrapped models are unwrapped and LoRA weights ignored."""
+    base = _unwrap(model)
+    config = getattr(base, "config", None)
+    cfg: dict[str, Any] = {}
+    if config is not None:
+        cfg = dict(config.to_dict())
+        for key in (
+            "_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+            "id2label", "label2id", "num_labels", "problem_type", "finetuning_task",
+            "_attn_implementation", "_attn_implementation_autoset", "use_cache", "pad_token_id",
+            "output_hidden_states", "output_attentions", "return_dict",
+        ):
+            cfg.pop(key, None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    params = []
+    for name, p in base.named_parameters():
+        clean = name.replace(".base_layer", "")
+        if any(tok in clean for tok in _HEAD_TOKENS):
+            continue
+        params.append((clean, p))
+    if params:
+        picks = sorted({0, len(params) // 3, (2 * len(params)) // 3, len(params) - 1})
+        for i in picks:
+            name, p = params[i]
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step][:4096].to("cpu", torch.float64).numpy()
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(str(p.dtype).encode())
+            h.update(np.ascontiguousarray(sample).tobytes())
+    return h.hexdigest()[:32]
+
+
+def target_linear_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
+    """``{full module path: module}`` of the ``nn.Linear`` modules matched by name suffixes, like
+    PEFT (``name == t`` or ``name.endswith('.' + t)``)."""
+    targets = [str(t) for t in target_modules]
+    if not targets:
+        raise ConfigError("no target modules given; pass LoRA target modules such as ['query', 'value']")
+    found = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    }
+    if not found:
+        raise ConfigError(
+            f"no linear module named {sorted(targets)} in {type(model).__name__}; "
+            "choose target modules that exist (see model.named_modules())"
+        )
+    return found
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# the store
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class StatsStore:
+    """Statistics per (task, group) plus metadata.
+
+    ``tensors`` keys are ``f"{task}::{group}::{kind}"`` with kind in ``count`` (0-d int64), ``sum``
+    (n), ``gram`` (n x n) and ``sample_means`` (num_samples x n). ``meta`` records the model
+    fingerprint, tokenizer, settings, task names, group members and ``module_to_group``.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    _module_cache: dict[str, str] = field(default_factory=dict, repr=False)
+
+    # ---- metadata --------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.meta["tasks"])
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.meta["groups"])
+
+    @property
+    def module_to_group(self) -> dict[str, str]:
+        return dict(self.meta["module_to_group"])
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.meta["module_to_group"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["model_fingerprint"])
+
+    def settings(self) -> dict[str, Any]:
+        """The collection settings (see :data:`SETTING_KEYS`)."""
+        return {k: self.meta.get(k) for k in SETTING_KEYS}
+
+    def resolve_module(self, key: str) -> str:
+        """Map a module key (possibly without or with an extra base-model prefix such as ``bert.``)
+        onto a module key of this store."""
+        if key in self._module_cache:
+            return self._module_cache[key]
+        mods = self.meta["module_to_group"]
+        if key in mods:
+            hit = key
+        else:
+            cands = [m for m in mods if m.endswith("." + key) or key.endswith("." + m)]
+            if len(cands) != 1:
+                why = "matches several modules" if cands else "is not in the statistics store"
+                raise OsrmError(
+                    f"module {key!r} {why}; recompute statistics with the adapter's base model and target modules"
+                )
+            hit = cands[0]
+        self._module_cache[key] = hit
+        return hit
+
+    def group_of(self, module: str) -> str:
+        """The input group of a module key."""
+        return str(self.meta["module_to_group"][self.resolve_module(module)])
+
+    def _get(self, task: str, group: str, kind: str) -> torch.Tensor:
+        if task not in self.meta["tasks"]:
+            raise OsrmError(
+                f"task {task!r} is not in the statistics store (has {', '.join(self.meta['tasks'])}); "
+                "recompute statistics including it"
+            )
+        if group not in self.meta["groups"]:
+            group = self.group_of(group)
+        return self.tensors[f"{task}{_SEP}{group}{_SEP}{kind}"]
+
+    # ---- statistics ------------------------------------------------------------------------------
+    def count(self, task: str, group: str) -> int:
+        """Number of tokens of ``task`` seen by ``group`` (a group name or a module key)."""
+        return int(self._get(task, group, "count").item())
+
+    def sum(self, task: str, group: str) -> torch.Tensor:
+        return self._get(task, group, "sum")
+
+    def gram(self, task: str, group: str) -> torch.Tensor:
+        return self._get(task, group, "gram")
+
+    def sample_means(self, task: str, group: str) -> torch.Tensor:
+        """``(num_samples, n)``: each sample's token mean (padding rule of the store)."""
+        return self._get(task, group, "sample_means")
+
+    def token_mean(self, task: str, group: str) -> torch.Tensor:
+        """Mean over all tokens of the task (sum / count)."""
+        return self.sum(task, group).double() / max(self.count(task, group), 1)
+
+    def task_mean(self, task: str, group: str) -> torch.Tensor:
+        """Mean of the per-sample means (what the reference code's task vector is proportional to)."""
+        return self.sample_means(task, group).double().mean(dim=0)
+
+    def second_moment(self, task: str, group: str) -> torch.Tensor:
+        """Uncentred token second moment ``Gram / count`` (float64, ``n x n``)."""
+        count = self.count(task, group)
+        if count == 0:
+            raise OsrmError(f"task {task!r} has no tokens in the statistics; recompute with non-empty texts")
+        return self.gram(task, group).double() / count
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def check_matches(self, model_fingerprint: str | None = None, settings: Mapping[str, Any] | None = None) -> None:
+        """Raise a one-line :class:`OsrmError` if the store was made for another model or with other
+        settings (only the settings given are compared)."""
+        if model_fingerprint is not None and model_fingerprint != self.fingerprint:
+            raise OsrmError(
+                f"statistics store was computed for another model (fingerprint {self.fingerprint} != "
+                f"{model_fingerprint}); recompute statistics with this model"
+            )
+        for key, want in (settings or {}).items():
+            have = self.meta.get(key)
+            if key == "dtype" and isinstance(want, torch.dtype):
+                want = str(want).replace("torch.", "")
+            if key == "tasks":
+                missing = [t for t in want if t not in self.meta["tasks"]]
+                if missing:
+                    raise OsrmError(
+                        f"statistics store lacks tasks {missing}; recompute statistics including them"
+                    )
+                continue
+            if have != want:
+                raise OsrmError(
+                    f"statistics store was computed with {key}={have!r}, not {want!r}; "
+                    "recompute statistics with the current settings"
+                )
+
+    # ---- I/O -------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Atomically write ``path/`` with ``stats.safetensors`` and ``stats.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, str(tmp / STATS_FILE))
+            write_json(tmp / META_FILE, self.meta)
+        logger.info("saved statistics for %d tasks, %d groups to %s", len(self.tasks), len(self.groups), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "StatsStore":
+        """Read a store written by :meth:`save`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / STATS_FILE).exists() or not (path / META_FILE).exists():
+            raise OsrmError(f"{path} is not a statistics store ({STATS_FILE} + {META_FILE}); run `osrm-lora stats` first")
+        meta = read_json(path / META_FILE)
+        if not isinstance(meta, dict) or meta.get("version") != STORE_VERSION:
+            raise OsrmError(f"{path / META_FILE} has an unknown format; recompute the statistics")
+        try:
+            tensors = load_file(str(path / STATS_FILE))
+        except (SafetensorError, OSError) as exc:
+            raise OsrmError(f"{path / STATS_FILE} is corrupt ({exc}); recompute the statistics") from exc
+        for task in meta["tasks"]:
+            for group in meta["groups"]:
+                for kind in ("count", "sum", "gram", "sample_means"):
+                    if f"{task}{_SEP}{group}{_SEP}{kind}" not in tensors:
+                        raise OsrmError(f"{path / STATS_FILE} lacks {kind} of {task}/{group}; recompute the statistics")
+        return cls(tensors=tensors, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# collection
+# --------------------------------------------------------------------------------------------------
+class _Collector:
+    """Hook state: accumulates statistics of the current task per group."""
+
+    def __init__(self, names: dict[nn.Module, str], parents: dict[str, str], include_padding: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.names = names
+        self.parents = parents
+        self.include_padding = include_padding
+        self.dtype = dtype
+        self.device = device
+        self.mask: torch.Tensor | None = None
+        # grouping: module -> leader, fixed by the first forward pass
+        self.leader_of: dict[str, str] | None = None
+        self._pass_leader: dict[str, str] = {}
+        self._last: tuple[str, Any, str] | None = None
+        self.acc: dict[str, dict[str, Any]] = {}
+        self.batch_sum: dict[str, torch.Tensor] = {}
+        self.batch_cnt: dict[str, torch.Tensor] = {}
+        self.warned_unmasked: set[str] = set()
+
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask.to(self.device).bool()
+        self._pass_leader = {}
+        self._last = None
+        self.batch_sum = {}
+        self.batch_cnt = {}
+
+    def end_batch(self) -> None:
+        if self.leader_of is None:
+            self.leader_of = dict(self._pass_leader)
+        else:
+            if self._pass_leader != self.leader_of:
+                raise OsrmError(
+                    "the modules reading the same input changed between batches; "
+                    "this architecture is not supported by activation statistics"
+                )
+        for leader, psum in self.batch_sum.items():
+            means = psum / self.batch_cnt[leader].clamp_min(1).unsqueeze(1).to(psum.dtype)
+            self.acc[leader]["sample_means"].append(means.cpu())
+        self._last = None
+
+    def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        name = self.names[module]
+        x = args[0] if args else next(iter(kwargs.values()))
+        parent = self.parents[name]
+        last = self._last
+        if last is not None and last[0] == parent and last[1] is x:
+            # same parent, identical input object as the previous target call: reuse its statistic
+            self._pass_leader.setdefault(name, last[2])
+            return
+        leader = self._pass_leader.setdefault(name, name)
+        # hold only the latest input (bounded memory); identity is checked with ``is``, so a freed
+        # tensor's id can never be mistaken for a live one
+        self._last = (parent, x, leader)
+        self._accumulate(leader, name, x.detach())
+
+    def _accumulate(self, leader: str, name: str, x: torch.Tensor) -> None:
+        assert self.mask is not None
+        mask = self.mask
+        bsz = mask.shape[0]
+        n = x.shape[-1]
+        x = x.to(self.device, self.dtype)
+        if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x3 = x.reshape(bsz, mask.shape[1], n)
+            keep = torch.ones_like(mask) if self.include_padding else mask
+        elif x.shape[0] == bsz:
+            if name not in self.warned_unmasked:
+                logger.warning("input of %s does not have a (batch, seq) layout; all its positions are used", name)
+                self.warned_unmasked.add(name)
+            x3 = x.reshape(bsz, -1, n)
+            keep = torch.ones(x3.shape[:2], dtype=torch.bool, device=x3.device)
+        else:
+            raise OsrmError(f"cannot match the input of {name} (shape {tuple(x.shape)}) to the batch; unsupported module")
+        xm = x3[keep]
+        acc = self.acc.get(leader)
+        if acc is None:
+            acc = {
+                "count": 0,
+                "sum": torch.zeros(n, dtype=self.dtype, device=self.device),
+                "gram": torch.zeros(n, n, dtype=self.dtype, device=self.device),
+                "sample_means": [],
+            }
+            self.acc[leader] = acc
+        acc["count"] += int(xm.shape[0])
+        acc["sum"] += xm.sum(dim=0)
+        acc["gram"].addmm_(xm.T, xm)
+        psum = (x3 * keep.unsqueeze(-1).to(x3.dtype)).sum(dim=1)
+        pcnt = keep.sum(dim=1)
+        if leader in self.batch_sum:  # module called several times in one forward (shared layers)
+            self.batch_sum[leader] += psum
+            self.batch_cnt[leader] += pcnt
+        else:
+            self.batch_sum[leader] = psum
+            self.batch_cnt[leader] = pcnt
+
+
+def _normalise_texts(texts_by_task: TextsByTask) -> dict[str, tuple[list[str], list[str] | None]]:
+    out: dict[str, tuple[list[str], list[str] | None]] = {}
+    if not texts_by_task:
+        raise ConfigError("no tasks given for statistics; pass texts for at least one task")
+    for task, value in texts_by_task.items():
+        if not task or _SEP in task:
+            raise ConfigError(f"task name {task!r} is empty or contains {_SEP!r}; rename the task")
+        if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], str):
+            texts, pairs = list(value[0]), (None if value[1] is None else list(value[1]))
+        else:
+            texts, pairs = list(value), None  # type: ignore[arg-type]
+        if pairs is not None and len(pairs) != len(texts):
+            raise ConfigError(f"task {task!r} has {len(texts)} texts but {len(pairs)} text pairs; fix the data")
+        if not texts:
+            raise ConfigError(f"task {task!r} has no texts; give it training texts")
+        out[str(task)] = (texts, pairs)
+    return out
+
+
+def sample_indices(num: int, n_samples: int, seed: int) -> list[int]:
+    """The seeded sample of ``min(n_samples, num)`` indices used for a task (a seeded permutation)."""
+    perm = np.random.default_rng(seed).permutation(num)
+    return [int(i) for i in perm[: min(n_samples, num)]]
+
+
+@contextlib.contextmanager
+def _hooks(modules: dict[str, nn.Linear], collector: _Collector) -> Iterator[None]:
+    handles = []
+    try:
+        for mod in modules.values():
+            handles.append(mod.register_forward_pre_hook(collector.hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _group_name(parent: str, members: list[str]) -> str:
+    leaves = "+".join(m.rsplit(".", 1)[-1] for m in members)
+    return f"{parent}.{leaves}" if parent else leaves
+
+
+def collect_statistics(
+    model: nn.Module,
+    tokenizer: Any,
+    texts_by_task: TextsByTask,
+    target_modules: Sequence[str],
+    *,
+    n_samples: int = 100,
+    max_length: int = 128,
+    batch_size: int = 16,
+    include_padding: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    seed: int = 42,
+    pad_to_max_length: bool = False,
+) -> StatsStore:
+    """Run the (pre-trained) model in eval mode without gradients over ``n_samples`` seeded samples
+    per task and accumulate, per task and per module-input group, the token count, sum, Gram matrix
+    (in ``dtype``, float32 or float64) and the per-sample token means.
+
+    ``texts_by_task`` maps task -> texts, or task -> ``(texts, text_pairs or None)``. Tokens are
+    truncated to ``max_length``; batches are padded to their longest member, or to ``max_length``
+    with ``pad_to_max_length``. Accumulators live on ``device`` (default: the model's device); inputs
+    go to the model's device. Hooks are removed afterwards, also on errors; the model's train/eval
+    mode is restored.
+    """
+    if dtype not in _DTYPES.values():
+        raise ConfigError(f"statistics dtype {dtype} is not supported; use torch.float32 or torch.float64")
+    if n_samples < 1 or batch_size < 1 or max_length < 1:
+        raise ConfigError("n_samples, batch_size and max_length must be positive; fix the statistics settings")
+    data = _normalise_texts(texts_by_task)
+    modules = target_linear_modules(model, target_modules)
+    module_names = {mod: name for name, mod in modules.items()}
+    parents = {name: name.rsplit(".", 1)[0] if "." in name else "" for name in modules}
+    model_dev = _model_device(model)
+    acc_dev = torch.device(device) if device is not None else model_dev
+    collector = _Collector(module_names, parents, include_padding, dtype, acc_dev)
+    padding: Any = "max_length" if pad_to_max_length else True
+
+    tensors: dict[str, torch.Tensor] = {}
+    per_task: dict[str, dict[str, int]] = {}
+    leader_order: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with _hooks(modules, collector), torch.no_grad():
+            for task, (texts, pairs) in data.items():
+                idx = sample_indices(len(texts), n_samples, seed)
+                if len(idx) < n_samples:
+                    logger.warning("task %s has only %d texts (< n_samples=%d); using all", task, len(idx), n_samples)
+                collector.acc = {}
+                for start in range(0, len(idx), batch_size):
+                    chunk = idx[start : start + batch_size]
+                    a = [texts[i] for i in chunk]
+                    b = None if pairs is None else [pairs[i] for i in chunk]
+                    enc = tokenizer(a, b, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+                    enc = {k: v.to(model_dev) for k, v in enc.items()}
+                    if "attention_mask" not in enc:
+                        enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+                    collector.start_batch(enc["attention_mask"])
+                    model(**enc)
+                    collector.end_batch()
+                assert collector.leader_of is not None
+                leaders = list(dict.fromkeys(collector.leader_of.values()))
+                if not leader_order:
+                    leader_order = leaders
+                missing = [m for m in modules if m not in collector.leader_of]
+                if missing:
+                    raise OsrmError(
+                        f"target modules {missing[:3]} were not called in the forward pass; choose modules the model uses"
+                    )
+                for leader in leader_order:
+                    acc = collector.acc[leader]
+                    tensors[f"{task}{_SEP}{leader}{_SEP}count"] = torch.tensor(acc["count"], dtype=torch.int64)
+                    tensors[f"{task}{_SEP}{leader}{_SEP}sum"] = acc["sum"].cpu()
+                    tensors[f"{task}{_SEP}{leader}{_SEP}gram"] = acc["gram"].cpu()
+                    tensors[f"{task}{_SEP}{leader}{_SEP}sample_means"] = torch.cat(acc["sample_means"]).to(dtype)
+                first = collector.acc[leader_order[0]]
+                per_task[task] = {"samples": len(idx), "tokens": int(first["count"])}
+                collector.acc = {}
+                logger.info("statistics for %s: %d samples, %d tokens", task, len(idx), per_task[task]["tokens"])
+    finally:
+        model.train(was_training)
+
+    assert collector.leader_of is not None
+    members: dict[str, list[str]] = {leader: [] for leader in leader_order}
+    for name in modules:  # named_modules order
+        members[collector.leader_of[name]].append(name)
+    gname = {leader: _group_name(parents[leader], members[leader]) for leader in leader_order}
+    renamed = {}
+    for key, val in tensors.items():
+        task, leader, kind = key.split(_SEP)
+        renamed[f"{task}{_SEP}{gname[leader]}{_SEP}{kind}"] = val
+    dims = {gname[leader]: int(modules[leader].in_features) for leader in leader_order}
+    meta: dict[str, Any] = {
+        "version": STORE_VERSION,
+        "model_fingerprint": model_fingerprint(model),
+        "model_class": type(_unwrap(model)).__name__,
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__),
+        "vocab_size": int(len(tokenizer)) if hasattr(tokenizer, "__len__") else None,
+        "max_length": int(max_length),
+        "n_samples": int(n_samples),
+        "seed": int(seed),
+        "include_padding": bool(include_padding),
+        "pad_to_max_length": bool(pad_to_max_length),
+        "dtype": str(dtype).replace("torch.", ""),
+        "target_modules": [str(t) for t in target_modules],
+        "tasks": list(data),
+        "per_task": per_task,
+        "groups": [gname[leader] for leader in leader_order],
+        "group_members": {gname[leader]: members[leader] for leader in leader_order},
+        "group_dims": dims,
+        "module_to_group": {name: gname[collector.leader_of[name]] for name in modules},
+    }
+    return StatsStore(tensors=renamed, meta=meta)
+
+
+def stats_from_samples(
+    samples: Mapping[str, Mapping[str, Sequence[torch.Tensor]]],
+    *,
+    dtype: torch.dtype = torch.float64,
+    fingerprint: str = "synthetic",
+    meta: Mapping[str, Any] | None = None,
+) -> StatsStore:
+    """Build a store from given per-sample module inputs: ``samples[task][module]`` is a list of
+    ``(tokens_i, n)`` tensors (all tokens count). Every module is its own group. For synthetic
+    experiments, tests and externally captured activations."""
+    tasks = list(samples)
+    if not tasks:
+        raise ConfigError("no tasks given; pass samples for at least one task")
+    modules = list(samples[tasks[0]])
+    tensors: dict[str, torch.Tensor] = {}
+    dims: dict[str, int] = {}
+    per_task: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        if list(samples[task]) != modules:
+            raise ConfigError(f"task {task!r} has other modules than {tasks[0]!r}; give every task the same modules")
+        for mod in modules:
+            xs = [torch.as_tensor(x).to(dtype) for x in samples[task][mod]]
+            X = torch.cat(xs)
+            dims[mod] = int(X.shape[1])
+            tensors[f"{task}{_SEP}{mod}{_SEP}count"] = torch.tensor(X.shape[0], dtype=torch.int64)
+            tensors[f"{task}{_SEP}{mod}{_SEP}sum"] = X.sum(0)
+            tensors[f"{task}{_SEP}{mod}{_SEP}gram"] = X.T @ X
+            tensors[f"{task}{_SEP}{mod}{_SEP}sample_means"] = torch.stack([x.mean(0) for x in xs])
+            per_task[task] = {"samples": len(xs), "tokens": int(X.shape[0])}
+    full: dict[str, Any] = {
+        "version": STORE_VERSION,
+        "model_fingerprint": fingerprint,
+        "model_class": "synthetic",
+        "tokenizer": "",
+        "vocab_size": None,
+        "max_length": None,
+        "n_samples": None,
+        "seed": None,
+        "include_padding": False,
+        "pad_to_max_length": False,
+        "dtype": str(dtype).replace("torch.", ""),
+        "target_modules": modules,
+        "tasks": tasks,
+        "per_task": per_task,
+        "groups": modules,
+        "group_members": {m: [m] for m in modules},
+        "group_dims": dims,
+        "module_to_group": {m: m for m in modules},
+    }
+    full.update(meta or {})
+    return StatsStore(tensors=tensors, meta=full)

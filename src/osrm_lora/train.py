@@ -1,0 +1,378 @@
+"""LoRA fine-tuning of one task: PEFT adapter + task head, best epoch kept on validation.
+
+Output directory (written atomically)::
+
+    adapter_config.json, adapter_model.safetensors   # plain PEFT adapter (no head inside)
+    head.safetensors, head.json                      # the task head, kept outside the adapter
+    metrics.json                                     # per-epoch validation, best epoch, test score, A drift
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from osrm_lora.backbone import (
+    HeadInfo,
+    default_target_modules,
+    head_module_name,
+    head_state,
+    load_classifier,
+    load_tokenizer,
+    resolve_model_path,
+    save_head,
+    select_device,
+)
+from osrm_lora.config import LoraSettings, TrainSettings
+from osrm_lora.data.task import Task
+from osrm_lora.encoding import Encoded, collate, encode_split, train_batches
+from osrm_lora.errors import OsrmError
+from osrm_lora.evaluate import autocast_context, evaluate
+from osrm_lora.fsutil import atomic_dir, write_json
+from osrm_lora.logutil import progress_enabled
+
+logger = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch; deterministic kernels where cheap."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainResult:
+    """What training one task produced."""
+
+    task: str
+    out_dir: Path
+    best_epoch: int
+    validation: float
+    test: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    drift: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str) -> nn.Module:
+    """Wrap ``model`` with a LoRA adapter; the head stays outside the adapter but trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules or default_target_modules(model_type)
+    cfg = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, cfg)
+    except ValueError as exc:
+        raise OsrmError(f"cannot add LoRA to this model: {str(exc).splitlines()[0]}; check target_modules") from exc
+    head = getattr(peft_model.base_model.model, head_module_name(peft_model.base_model.model))
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return peft_model
+
+
+def lora_parameters(peft_model: nn.Module, which: str) -> dict[str, nn.Parameter]:
+    """``which`` in {"lora_A", "lora_B"}: the LoRA factor parameters of the default adapter."""
+    return {n: p for n, p in peft_model.named_parameters() if f".{which}." in n}
+
+
+def set_initial_A(peft_model: nn.Module, A_by_module: Mapping[str, torch.Tensor]) -> None:
+    """Copy OSRM ``A`` (r x n per module key of the un-wrapped model) into the LoRA A weights."""
+    params = lora_parameters(peft_model, "lora_A")
+    matched = 0
+    with torch.no_grad():
+        for name, param in params.items():
+            key = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+            if key not in A_by_module:
+                raise OsrmError(f"no OSRM subspace for module {key}; the statistics were made for other target modules")
+            A = A_by_module[key]
+            if tuple(A.shape) != tuple(param.shape):
+                raise OsrmError(
+                    f"OSRM subspace for {key} has shape {tuple(A.shape)}, LoRA A is {tuple(param.shape)}; "
+                    "use the same rank for init and training"
+                )
+            param.copy_(A.to(param.device, param.dtype))
+            matched += 1
+    logger.debug("initialised %d LoRA A matrices from OSRM subspaces", matched)
+
+
+def current_A(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n.split(".lora_A.")[0].removeprefix("base_model.model."): p.detach().cpu().clone()
+        for n, p in lora_parameters(peft_model, "lora_A").items()
+    }
+
+
+def a_drift(A0: Mapping[str, torch.Tensor], A: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Relative drift ||A - A0||_F / ||A0||_F per module."""
+    return {k: float((A[k] - A0[k]).norm() / A0[k].norm().clamp_min(1e-12)) for k in A0}
+
+
+def _trainable_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable_state(peft_model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+def _optimizer(peft_model: nn.Module, cfg: TrainSettings) -> torch.optim.Optimizer:
+    head_name = head_module_name(peft_model.base_model.model)
+    lora, head = [], []
+    for n, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (head if f".{head_name}." in n else lora).append(p)
+    groups: list[dict[str, Any]] = [{"params": lora, "lr": cfg.lr}]
+    if head:
+        groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_task(
+    task: Task,
+    out_dir: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    lora: LoraSettings = LoraSettings(),
+    train: TrainSettings = TrainSettings(),
+    seed: int = 0,
+    device: str | None = None,
+    init_A: Mapping[str, torch.Tensor] | None = None,
+    freeze_A: bool = False,
+    freeze_B: bool = False,
+    init_name: str = "standard",
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """Fine-tune one LoRA adapter + head on ``task``; keep the best epoch by validation score.
+
+    ``init_A`` (module key -> r x n) replaces PEFT's standard A initialisation (OSRM); B starts at 0.
+    The test split is scored once, with the selected checkpoint, as the single-task reference.
+    """
+    if freeze_A and freeze_B:
+        raise OsrmError("freeze_A and freeze_B together leave nothing to train; unfreeze one")
+    start = time.perf_counter()
+    model_path = resolve_model_path(model)
+    dev = select_device(device)
+    set_seed(seed)
+    tokenizer = load_tokenizer(model_path)
+    base = load_classifier(model_path, task.num_labels, task.problem_type, device=dev, pad_token_id=tokenizer.pad_token_id)
+    model_type = base.config.model_type
+    set_seed(seed)  # head init is seeded identically whatever loading consumed
+    peft_model = build_peft_model(base, lora, model_type)
+    if init_A is not None:
+        set_initial_A(peft_model, init_A)
+    A0 = current_A(peft_model)
+    for p in lora_parameters(peft_model, "lora_A").values():
+        p.requires_grad_(not freeze_A)
+    for p in lora_parameters(peft_model, "lora_B").values():
+        p.requires_grad_(not freeze_B)
+
+    regression = task.problem_type == "regression"
+    enc_train = encode_split(tokenizer, task.train, train.max_length, regression)
+    enc_val = encode_split(tokenizer, task.validation, train.max_length, regression)
+    if len(enc_train) == 0 or len(enc_val) == 0:
+        raise OsrmError(f"task {task.name} has an empty train or validation split; provide more data")
+
+    steps_per_epoch = math.ceil(len(enc_train) / train.batch_size)
+    total = steps_per_epoch * train.epochs
+    optimizer = _optimizer(peft_model, train)
+    scheduler = _linear_schedule(optimizer, int(round(train.warmup_ratio * total)), total)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn: nn.Module = nn.MSELoss() if regression else nn.CrossEntropyLoss()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    logger.info("training %s (%s): %d examples x %d epochs, %d trainable parameters", task.name, init_name, len(enc_train), train.epochs, n_trainable)
+
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    history: list[dict[str, float]] = []
+    progress = _Progress(f"{task.name} [{init_name}]", total)
+    try:
+        for epoch in range(1, train.epochs + 1):
+            peft_model.train()
+            running, seen, t0 = 0.0, 0, time.perf_counter()
+            for idx, labels in train_batches(enc_train, train.batch_size, generator):
+                batch = {k: v.to(dev) for k, v in collate(tokenizer, [enc_train.features[i] for i in idx]).items()}
+                labels = labels.to(dev)
+                with autocast_context(dev):
+                    logits = peft_model(**batch).logits.float()
+                loss = loss_fn(logits[:, 0], labels) if regression else loss_fn(logits, labels)
+                if not torch.isfinite(loss):
+                    raise OsrmError(f"training {task.name} diverged (loss {loss.item()}); lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                running += loss.item() * len(idx)
+                seen += len(idx)
+                progress.advance(loss.item(), seen / max(time.perf_counter() - t0, 1e-9))
+            val = evaluate(peft_model, tokenizer, task, enc_val, train.eval_batch_size)
+            history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "validation": val})
+            logger.info("%s [%s] epoch %d: loss %.4f, validation %s %.2f", task.name, init_name, epoch, running / max(seen, 1), task.metric, val)
+            if best is None or val > best[0]:
+                best = (val, epoch, _trainable_state(peft_model))
+    finally:
+        progress.close()
+    assert best is not None
+    _load_trainable_state(peft_model, best[2])
+    test_score = None
+    if evaluate_test:
+        enc_test = encode_split(tokenizer, task.test, train.max_length, regression)
+        test_score = evaluate(peft_model, tokenizer, task, enc_test, train.eval_batch_size)
+    drift = a_drift(A0, current_A(peft_model))
+    seconds = time.perf_counter() - start
+    result = TrainResult(task.name, Path(out_dir), best[1], best[0], test_score, history, drift, seconds)
+    _save(peft_model, tokenizer, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B)
+    return result
+
+
+def _save(
+    peft_model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    model_path: str,
+    result: TrainResult,
+    init_name: str,
+    lora: LoraSettings,
+    train: TrainSettings,
+    seed: int,
+    freeze_A: bool,
+    freeze_B: bool,
+) -> None:
+    inner = peft_model.base_model.model
+    info = HeadInfo(
+        task=task.name,
+        problem_type=task.problem_type,
+        metric=task.metric,
+        label_names=task.label_names,
+        num_labels=task.num_labels,
+        head_module=head_module_name(inner),
+        base_model=model_path,
+    )
+    drift_values = list(result.drift.values())
+    metrics = {
+        "task": task.name,
+        "init": init_name,
+        "metric": task.metric,
+        "seed": seed,
+        "best_epoch": result.best_epoch,
+        "validation": result.validation,
+        "test": result.test,
+        "history": result.history,
+        "a_drift_mean": float(np.mean(drift_values)) if drift_values else 0.0,
+        "a_drift": result.drift,
+        "freeze_A": freeze_A,
+        "freeze_B": freeze_B,
+        "lora": lora.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "n_train": len(task.train),
+        "n_validation": len(task.validation),
+        "n_test": len(task.test),
+        "seconds": result.seconds,
+    }
+    with atomic_dir(result.out_dir) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        save_head(tmp, head_state(inner), info)
+        write_json(tmp / "metrics.json", metrics)
+
+
+class _Progress:
+    """A rich progress bar with loss and examples/s (disabled when quiet)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self._bar = None
+        if progress_enabled():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} ex/s"),
+                TimeElapsedColumn(),
+                transient=True,
+            )
+            self._bar.start()
+            self._id = self._bar.add_task(label, total=total, loss=float("nan"), rate=0.0)
+
+    def advance(self, loss: float, rate: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._id, advance=1, loss=loss, rate=rate)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def load_init_A(init_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The A matrices of an initial adapter written by :func:`write_initial_adapters` (module key -> r x n)."""
+    from osrm_lora.adapters import load_adapter
+
+    adapter = load_adapter(init_dir)
+    return {key: m.A.clone() for key, m in adapter.modules.items()}
+
+
+def write_initial_adapters(
+    stats_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    mode: str = "paper",
+    model: str | None = None,
+    lora: LoraSettings = LoraSettings(),
+    ridge: float = 1e-3,
+    seed: int = 0,
+) -> list[Path]:
+    """One initial PEFT adapter per task of the statistics store: OSRM A (or standard), B = 0."""
+    from osrm_lora.osrm import compute_osrm_A
+    from osrm_lora.stats import StatsStore
+
+    if mode not in ("standard", "code", "paper", "own"):
+        raise OsrmError(f"unknown init mode {mode!r}; choose standard, code, paper or own")
+    store = StatsStore.load(stats_dir)
+    tasks = list(store.task_names)
+    model_path = resolve_model_path(model)
+    subspaces = compute_osrm_A(store, tasks, lora.rank, mode, ridge=ridge) if mode != "standard" else {}
+    paths: list[Path] = []
+    for name in tasks:
+        set_seed(seed)
+        base = load_classifier(model_path, 2, device="cpu")
+        peft_model = build_peft_model(base, lora, base.config.model_type)
+        if subspaces:
+            set_initial_A(peft_model, subspaces[name])
+        target = Path(out_dir) / name
+        with atomic_dir(target) as tmp:
+            peft_model.save_pretrained(str(tmp))
+            write_json(tmp / "init.json", {"task": name, "mode": mode, "rank": lora.rank, "ridge": ridge, "seed": seed,
+                                           "stats": str(stats_dir)})
+        paths.append(target)
+    return paths

@@ -1,0 +1,75 @@
+"""Tiny random models + a tiny WordPiece tokenizer, written to disk like real HF model dirs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = [
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango",
+    "uniform", "victor", "whiskey", "xray", "yankee", "zulu", "red", "green", "blue", "good", "bad",
+]
+
+
+def write_tokenizer(path: Path) -> None:
+    from transformers import BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(str(path))
+
+
+def tiny_config(arch: str):
+    from transformers import BertConfig, LlamaConfig, RobertaConfig, T5Config
+
+    vocab = 5 + len(WORDS)
+    if arch == "bert":
+        return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=37, max_position_embeddings=64, pad_token_id=0)
+    if arch == "roberta":
+        return RobertaConfig(vocab_size=vocab + 2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=37, max_position_embeddings=70, pad_token_id=0)
+    if arch == "t5":
+        return T5Config(vocab_size=vocab, d_model=32, d_kv=16, d_ff=37, num_layers=2, num_decoder_layers=2,
+                        num_heads=2, pad_token_id=0, decoder_start_token_id=0, eos_token_id=3)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    raise ValueError(arch)
+
+
+def write_tiny_model(path: Path, arch: str = "bert", seed: int = 0) -> Path:
+    """A random ``arch`` sequence classifier + tokenizer saved to ``path`` (safetensors)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(arch))
+    model.save_pretrained(str(path), safe_serialization=True)
+    write_tokenizer(path)
+    return path
+
+
+def keyword_task(name: str, keywords: list[str], n: int = 120, seed: int = 0):
+    """A separable toy task: label 1 iff the sentence contains one of ``keywords``."""
+    from osrm_lora.data.task import Split, Task
+
+    rng = random.Random(seed)
+    pool = [w for w in WORDS if w not in keywords]
+
+    def make(count: int) -> Split:
+        texts, labels = [], []
+        for i in range(count):
+            words = [rng.choice(pool) for _ in range(rng.randint(3, 8))]
+            label = i % 2
+            if label:
+                words.insert(rng.randrange(len(words) + 1), rng.choice(keywords))
+            texts.append(" ".join(words))
+            labels.append(label)
+        return Split(tuple(texts), tuple(labels))
+
+    return Task(name, "classification", "accuracy", ("no", "yes"), make(n), make(n // 2), make(n // 2), source="toy")
