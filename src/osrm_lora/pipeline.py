@@ -351,19 +351,15 @@ def merge_and_sweep(
 ) -> dict[str, Any]:
     """Merge ``dirs`` with ``method`` at every lambda, select on validation, save the selected merge."""
     from osrm_lora.adapters import load_adapter
-    from osrm_lora.merge import MergeContext, get_method, merge, save_merge_result
+    from osrm_lora.merge import get_method, merge, save_merge_result
+    from osrm_lora.merge_inputs import build_merge_context
     from osrm_lora.merged_eval import MergedEvaluator, sweep
 
     info = get_method(method)
     adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
-    context = MergeContext(seed=seed)
-    if "grams" in getattr(info, "needs", set()):
-        if stats_dir is None:
-            raise OsrmError(f"merge method {method} needs activation statistics; run the profile stage first")
-        from osrm_lora.stats import StatsStore
-
-        context.grams = StatsStore.load(stats_dir).grams_for_adapters([a.modules.keys() for a in adapters], [t.name for t in tasks])
     evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device)
+    context = build_merge_context(info.needs, adapters, tasks, dirs, evaluator, stats_dir=stats_dir, seed=seed,
+                                  max_length=max_length)
     takes_scaling = "scaling" in {p.name for p in getattr(info, "params", [])}
     grid = list(lambdas) if takes_scaling else [1.0]
 

@@ -359,7 +359,7 @@ def write_initial_adapters(
     if mode not in ("standard", "code", "paper", "own"):
         raise OsrmError(f"unknown init mode {mode!r}; choose standard, code, paper or own")
     store = StatsStore.load(stats_dir)
-    tasks = list(store.task_names)
+    tasks = list(store.tasks)
     model_path = resolve_model_path(model)
     subspaces = compute_osrm_A(store, tasks, lora.rank, mode, ridge=ridge) if mode != "standard" else {}
     paths: list[Path] = []

@@ -167,7 +167,7 @@ def adamerging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
         opt.step()
         with torch.no_grad():
             coeff.clamp_(0.0, 1.0)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         if step % 50 == 0:
             logger.debug("adamerging step %d entropy %.5f", step, history[-1])
     c = coeff.detach()

@@ -1,0 +1,159 @@
+"""Inputs of data-aware merge methods, built from our artifacts at the pipeline's edge.
+
+- ``grams`` (RegMean): each task's input second moment per module, from the statistics store that
+  OSRM already computed (no extra forward pass).
+- ``fisher`` (Fisher merging): diagonal Fisher of each task's LoRA factors on its training data,
+  E_x E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2], estimated per example under its own adapter.
+- ``entropy_fn`` (AdaMerging): mean prediction entropy of every task's head on unlabeled
+  validation inputs, differentiable in the merged deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from osrm_lora.data.task import Task
+from osrm_lora.encoding import collate
+from osrm_lora.errors import OsrmError
+
+logger = logging.getLogger(__name__)
+
+
+def grams_from_store(stats_dir: Path, adapters: Sequence[Any], tasks: Sequence[Task]) -> list[dict[str, torch.Tensor]]:
+    """Per task: module key -> second moment (n x n, float32) of that module's input."""
+    from osrm_lora.stats import StatsStore
+
+    store = StatsStore.load(stats_dir)
+    missing = [t.name for t in tasks if t.name not in store.tasks]
+    if missing:
+        raise OsrmError(f"statistics store {stats_dir} has no data for tasks {missing}; profile those tasks first")
+    out: list[dict[str, torch.Tensor]] = []
+    for adapter, task in zip(adapters, tasks):
+        out.append({key: store.second_moment(task.name, store.group_of(key)).float()
+                    for key in adapter.modules})
+    return out
+
+
+def _peft_on(evaluator: Any, adapter_dir: Path, slot: Any) -> nn.Module:
+    from peft import PeftModel
+
+    from osrm_lora.backbone import set_head
+
+    evaluator._restore()
+    set_head(evaluator.model, slot.head, slot.info.num_labels, slot.info.problem_type)
+    return PeftModel.from_pretrained(evaluator.model, str(adapter_dir), is_trainable=True)
+
+
+def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Diagonal Fisher of each task's lora_A / lora_B on up to ``n_samples`` of its TRAIN inputs."""
+    from osrm_lora.encoding import encode_split
+
+    out: list[dict[str, torch.Tensor]] = []
+    gen = torch.Generator().manual_seed(seed)
+    for slot, adir in zip(evaluator.slots, adapter_dirs):
+        task: Task = slot.task
+        peft_model = _peft_on(evaluator, adir, slot)
+        try:
+            params = {n: p for n, p in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+            acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            enc = encode_split(evaluator.tokenizer, task.train, 128, task.problem_type == "regression")
+            idx = torch.randperm(len(enc), generator=gen)[: n_samples].tolist()
+            dev = next(peft_model.parameters()).device
+            peft_model.eval()
+            for i in idx:
+                batch = {k: v.to(dev) for k, v in collate(evaluator.tokenizer, [enc.features[i]]).items()}
+                logits = peft_model(**batch).logits.float()
+                if task.problem_type == "regression":
+                    logp = logits[0, 0]  # Fisher of a unit-variance Gaussian = (d mu / d theta)^2
+                else:
+                    probs = logits.softmax(-1)[0].detach()
+                    y = int(torch.multinomial(probs, 1, generator=gen.manual_seed(seed + i)).item()) if probs.numel() > 1 else 0
+                    logp = logits.log_softmax(-1)[0, y]
+                peft_model.zero_grad(set_to_none=True)
+                logp.backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        acc[n] += p.grad.detach().float() ** 2
+            fisher: dict[str, torch.Tensor] = {}
+            for n, v in acc.items():
+                key, which = n.split(".lora_")[0].removeprefix("base_model.model."), "lora_A" if ".lora_A." in n else "lora_B"
+                fisher[f"{key}.{which}"] = (v / max(len(idx), 1)).cpu()
+            out.append(fisher)
+        finally:
+            peft_model.unload()
+    return out
+
+
+def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
+    """AdaMerging objective: mean over tasks of the mean prediction entropy on unlabeled VALIDATION inputs."""
+    from torch.func import functional_call
+
+    from osrm_lora.backbone import head_module_name, resolve_module_key
+
+    model = evaluator.model
+    head_name = head_module_name(model)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    dev = next(model.parameters()).device
+    for slot in evaluator.slots:
+        enc = slot.encoded["validation"]
+        idx = torch.randperm(len(enc), generator=gen)[:n_per_task].tolist()
+        batch = {k: v.to(dev) for k, v in collate(evaluator.tokenizer, [enc.features[i] for i in idx]).items()}
+        head = {f"{head_name}.{k}": v.to(dev) for k, v in slot.head.items()}
+        batches.append((batch, head, slot.task.problem_type))
+    base = {n: p.detach() for n, p in model.named_parameters()}
+
+    def entropy_fn(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        evaluator._restore()
+        model.eval()
+        total = torch.zeros((), device=dev)
+        weights = {}
+        for key, delta in deltas.items():
+            name = resolve_module_key(model, key) + ".weight"
+            weights[name] = base[name] + delta.to(dev)
+        count = 0
+        for batch, head, problem in batches:
+            if problem == "regression":
+                continue
+            logits = functional_call(model, {**base, **weights, **head}, args=(), kwargs=batch).logits.float()
+            p = logits.softmax(-1)
+            total = total + (-(p * logits.log_softmax(-1)).sum(-1)).mean()
+            count += 1
+        if count == 0:
+            raise OsrmError("adamerging needs at least one classification task (entropy is undefined for regression)")
+        return total / count
+
+    return entropy_fn
+
+
+def build_merge_context(
+    needs: Iterable[str],
+    adapters: Sequence[Any],
+    tasks: Sequence[Task],
+    adapter_dirs: Sequence[Path],
+    evaluator: Any,
+    *,
+    stats_dir: Path | None,
+    seed: int,
+    max_length: int = 128,
+) -> Any:
+    """A :class:`MergeContext` with whatever the method needs."""
+    from osrm_lora.merge import MergeContext
+
+    needs = set(needs)
+    ctx = MergeContext(seed=seed)
+    if "grams" in needs:
+        if stats_dir is None:
+            raise OsrmError("this merge method needs activation statistics; run `osrm-lora profile` first")
+        ctx.grams = grams_from_store(stats_dir, adapters, tasks)
+    if "fisher" in needs:
+        ctx.fisher = fisher_diagonals(evaluator, adapter_dirs, seed=seed)
+    if "entropy_fn" in needs or "adamerging_eval" in needs:
+        ctx.entropy_fn = entropy_function(evaluator, seed=seed)
+    return ctx
