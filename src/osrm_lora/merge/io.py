@@ -174,5 +174,5 @@ def save_merge_result(result: MergeResult, out_dir: str | Path, *, base_model_pa
             _write_full(result, result.deltas_for(), tmp, str(base_model_path), meta)
         meta["info"] = result.info
         (tmp / MERGE_INFO).write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
-    logger.info("wrote %s result to %s", result.method, out_dir)
+    logger.debug("wrote %s result to %s", result.method, out_dir)
     return out_dir

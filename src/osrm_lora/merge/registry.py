@@ -311,5 +311,5 @@ def merge(adapters: list[LoraAdapter], method: str, params: dict[str, Any] | Non
     result.info.setdefault("adapters", [a.name for a in adapters])
     if ignore_extra and any(a.extra for a in adapters):
         result.info["dropped_extra"] = sorted({k for a in adapters for k in a.extra})
-    logger.info("merged %d adapters with %s in %.2fs", len(adapters), method, result.info["seconds"])
+    logger.debug("merged %d adapters with %s in %.2fs", len(adapters), method, result.info["seconds"])
     return result

@@ -1,4 +1,4 @@
-"""Reports: results tables (text/Markdown) and the run report written at the end of a run."""
+"""Reports: results tables (text/Markdown), figures and the self-contained HTML run report."""
 
 from __future__ import annotations
 

@@ -1,18 +1,21 @@
-"""Results tables: task x {single-task, merged, normalised} per init and method (text and Markdown)."""
+"""Results tables as text: the main results rows, Markdown tables and the terminal (rich) view."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from osrm_lora.evaluate import mean
-
-
-def _fmt(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.1f}"
+from osrm_lora.report.tables import (
+    SELECTION_RULE,
+    Table,
+    fmt,
+    fmt_lambda,
+    init_label,
+    init_names,
+    mean,
+    merged_records,
+    single_avg,
+)
 
 
 def results_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -23,34 +26,79 @@ def results_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     tasks = list(results["tasks"])
     header = ["init", "method", "lambda"] + tasks + ["avg merged", "avg single", "normalised %"]
     rows: list[list[str]] = []
-    for rec in results.get("merged", []):
+    for rec in merged_records(results):
         init = rec["init"]
         single = results["single_task"][init]
-        cells = []
-        for t in tasks:
-            cells.append(f"{_fmt(rec['test'][t])} / {_fmt(single[t]['test'])} ({_fmt(rec['normalised_test'][t])}%)")
-        avg_single = mean(single[t]["test"] for t in tasks)
-        lam = rec.get("lambda")
-        rows.append([init, rec["method"], "-" if lam is None else f"{lam:g}", *cells, _fmt(rec["avg_test"]),
-                     _fmt(avg_single), _fmt(rec["avg_normalised_test"])])
+        norm = rec.get("normalised_test") or {}
+        cells = [f"{fmt(rec.get('test', {}).get(t))} / {fmt(single.get(t, {}).get('test'))} ({fmt(norm.get(t))}%)"
+                 for t in tasks]
+        rows.append([init, rec["method"], fmt_lambda(rec.get("lambda")), *cells, fmt(rec.get("avg_test")),
+                     fmt(single_avg(results, init)), fmt(rec.get("avg_normalised_test"))])
     return header, rows
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+def _md_cell(value: str) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (``|`` in cells escaped)."""
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def print_results(results: Mapping[str, Any]) -> None:
-    """Print the results table to the terminal (rich)."""
-    from rich.console import Console
-    from rich.table import Table
+def table_markdown(table: Table) -> str:
+    """A :class:`Table` as Markdown: title, caption, then the table with best cells in bold."""
+    header = list(table.header)
+    if table.groups:
+        labels = [lab for lab, span in table.groups for _ in range(span)]
+        header = [f"{g} {h}".strip() if g else h for g, h in zip(labels, header)]
+    rows = []
+    for row in table.rows:
+        out = []
+        for c in row:
+            t = c.text + (f" ({c.note})" if c.note else "")
+            out.append(f"**{t}**" if c.best else t)
+        rows.append(out)
+    return f"### {table.title}\n\n{table.caption}\n\n{markdown_table(header, rows)}\n"
 
-    header, rows = results_rows(results)
-    table = Table(title=f"{results.get('name', 'run')}: test scores, merged / single-task (normalised %), lambda chosen on validation")
-    for h in header:
-        table.add_column(h, overflow="fold")
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+
+def terminal_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per init: (title, header, rows) with tasks as rows and methods as columns (fits 80-100 columns)."""
+    tasks = list(results["tasks"])
+    metrics = results.get("metrics", {})
+    out = []
+    for init in init_names(results):
+        recs = [r for r in merged_records(results) if r["init"] == init]
+        single = results["single_task"][init]
+        header = ["task", "single"] + [f"{r['method']}\nλ={fmt_lambda(r.get('lambda'))}" for r in recs]
+        rows = []
+        for t in tasks:
+            label = f"{t} ({metrics[t]})" if t in metrics else t
+            rows.append([label, fmt(single.get(t, {}).get("test"))] + [
+                f"{fmt(r.get('test', {}).get(t))} ({fmt((r.get('normalised_test') or {}).get(t), '.0f')}%)" for r in recs])
+        rows.append(["average", fmt(mean([single.get(t, {}).get("test") for t in tasks]))] + [
+            f"{fmt(r.get('avg_test'))} ({fmt(r.get('avg_normalised_test'), '.0f')}%)" for r in recs])
+        out.append((init_label(results, init), header, rows))
+    return out
+
+
+def print_results(results: Mapping[str, Any]) -> None:
+    """Print the results to the terminal (rich): one compact table per init, tasks as rows, each method's
+    cell ``merged test (normalised %)``, the single-task test score beside them."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    console = Console()
+    console.print(f"[bold]{results.get('name', 'run')}[/bold]: test scores, merged (% of single-task)",
+                  highlight=False)
+    console.print(f"{SELECTION_RULE}; single = each task's own adapter", style="dim", highlight=False)
+    for title, header, rows in terminal_tables(results):
+        table = RichTable(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+        for k, h in enumerate(header):
+            table.add_column(h, justify="left" if k == 0 else "right", overflow="fold")
+        for k, r in enumerate(rows):
+            table.add_row(*r, end_section=k == len(rows) - 2)
+        console.print(table)

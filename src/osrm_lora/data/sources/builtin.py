@@ -24,7 +24,7 @@ from typing import Any
 
 from osrm_lora.data.canonical import SourceData, dedupe_records, read_canonical, records_to_source_data, write_canonical
 from osrm_lora.data.sources import archive, parsers
-from osrm_lora.errors import DataError, SourceUnavailableError
+from osrm_lora.errors import DataError, OsrmError, SourceUnavailableError
 from osrm_lora.fsutil import atomic_dir, read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
@@ -393,8 +393,7 @@ def ensure_canonical(task: BuiltinTask, cache_root: Path, downloader: Downloader
 
 
 def builtin_task(name: str) -> BuiltinTask:
-    from osrm_lora.errors import OsrmError
-
+    """The built-in task called ``name``; OsrmError listing the known names if there is none."""
     try:
         return BUILTIN_TASKS[name]
     except KeyError:

@@ -1,0 +1,372 @@
+"""Tables of a run's results as plain data (text cells plus numbers), shared by the HTML, Markdown and
+terminal renderers.
+
+Every function here is pure: it reads the ``results.json`` mapping written by
+:mod:`osrm_lora.pipeline` and returns :class:`Table` objects. Scores are on a 0..100 scale, normalised
+scores in %, and unless a column says otherwise every score is on the TEST split for the lambda chosen
+on the average VALIDATION score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from osrm_lora.errors import OsrmError
+
+SELECTION_RULE = "λ chosen on the average validation score"
+MEMORY_KEYS = ("merge_peak_mb", "peak_memory_mb", "merge_memory_mb", "memory_mb", "peak_mb")
+REQUIRED_KEYS = ("tasks", "single_task", "merged")
+
+
+@dataclass
+class Cell:
+    """One table cell: display ``text``; ``value`` is the number compared when marking the best."""
+
+    text: str
+    value: float | None = None
+    best: bool = False
+    note: str = ""  # secondary text shown small after the main text (e.g. the normalised %)
+    mark: bool = False  # highlighted for another reason (e.g. the lambda selected on validation)
+    numeric: bool = False  # right-aligned
+
+
+@dataclass
+class Table:
+    """A titled table; ``groups`` (label, span) is an optional header row above ``header``."""
+
+    key: str
+    title: str
+    caption: str
+    header: list[str]
+    rows: list[list[Cell]]
+    groups: list[tuple[str, int]] | None = None
+    row_classes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- small helpers
+def is_number(value: Any) -> bool:
+    """True for a finite int/float (not bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
+    """Format a number (``-`` for missing, NaN or infinite values)."""
+    if not is_number(value):
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+def fmt_lambda(value: Any) -> str:
+    return "n/a" if value is None else fmt(value, "g")
+
+
+def num(value: Any, spec: str = ".1f", suffix: str = "", note: str = "") -> Cell:
+    """A numeric cell (value kept for best-marking when finite)."""
+    return Cell(fmt(value, spec, suffix), float(value) if is_number(value) else None, note=note, numeric=True)
+
+
+def text(value: Any) -> Cell:
+    """A text cell (booleans as yes/no)."""
+    if isinstance(value, bool):
+        return Cell("yes" if value else "no")
+    return Cell("-" if value is None else str(value))
+
+
+def lambda_cell(value: Any) -> Cell:
+    return Cell(fmt_lambda(value), numeric=True)
+
+
+def mean(values: Sequence[Any]) -> float:
+    """Mean of the finite numbers in ``values`` (NaN when there are none or any is missing)."""
+    vals = list(values)
+    if not vals or not all(is_number(v) for v in vals):
+        return float("nan")
+    return sum(float(v) for v in vals) / len(vals)
+
+
+def mark_best(rows: list[list[Cell]], columns: Sequence[int], *, lower_is_better: Sequence[int] = (),
+              eligible: Callable[[int], bool] = lambda _i: True) -> None:
+    """Mark, per column, the cell(s) with the best value among the eligible rows (ties all marked)."""
+    for c in columns:
+        vals = [(i, rows[i][c].value) for i in range(len(rows)) if eligible(i) and c < len(rows[i])]
+        vals = [(i, v) for i, v in vals if v is not None]
+        if len(vals) < 2:
+            continue
+        pick = min if c in lower_is_better else max
+        best = pick(v for _, v in vals)
+        for i, v in vals:
+            if math.isclose(v, best, rel_tol=0, abs_tol=1e-9):
+                rows[i][c].best = True
+
+
+def validate_results(results: Any, source: str = "results.json") -> None:
+    """Raise :class:`OsrmError` (one line) when ``results`` lacks what the report needs."""
+    if not isinstance(results, Mapping):
+        raise OsrmError(f"{source} is not a JSON object; regenerate it with `osrm-lora run`")
+    missing = [k for k in REQUIRED_KEYS if k not in results]
+    if missing:
+        raise OsrmError(f"{source} lacks {', '.join(missing)}; regenerate it with `osrm-lora run`")
+    if not isinstance(results["tasks"], list) or not results["tasks"]:
+        raise OsrmError(f"{source} lists no tasks; regenerate it with `osrm-lora run`")
+    for rec in results["merged"]:
+        if rec.get("init") not in results["single_task"]:
+            raise OsrmError(f"{source}: merged record of init {rec.get('init')!r} has no single-task scores; "
+                            "regenerate it with `osrm-lora run`")
+
+
+def init_names(results: Mapping[str, Any]) -> list[str]:
+    """Init names in config order (falling back to the single-task keys)."""
+    names = [i["name"] for i in results.get("inits", []) if i.get("name") in results["single_task"]]
+    return names + [n for n in results["single_task"] if n not in names]
+
+
+def init_info(results: Mapping[str, Any], init: str) -> dict[str, Any]:
+    for i in results.get("inits", []):
+        if i.get("name") == init:
+            return dict(i)
+    return {"name": init, "mode": "standard" if init == "standard" else "?"}
+
+
+def init_label(results: Mapping[str, Any], init: str) -> str:
+    """``name (mode, A frozen)``: the init and how it was set up."""
+    info = init_info(results, init)
+    mode = str(info.get("mode", "?"))
+    bits = [] if mode == init else [mode]
+    if info.get("freeze_A"):
+        bits.append("A frozen")
+    if info.get("freeze_B"):
+        bits.append("B frozen")
+    return f"{init} ({', '.join(bits)})" if bits else init
+
+
+def is_osrm(results: Mapping[str, Any], init: str) -> bool:
+    return init_info(results, init).get("mode", "standard") != "standard"
+
+
+def methods(results: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for rec in results["merged"]:
+        if rec["method"] not in out:
+            out.append(rec["method"])
+    return out
+
+
+def merged_records(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Merged records ordered by init (config order), then method."""
+    order = {n: k for k, n in enumerate(init_names(results))}
+    return sorted(results["merged"], key=lambda r: order.get(r["init"], len(order)))
+
+
+def single_avg(results: Mapping[str, Any], init: str, split: str = "test") -> float:
+    single = results["single_task"][init]
+    return mean([single.get(t, {}).get(split) for t in results["tasks"]])
+
+
+def memory_mb(rec: Mapping[str, Any]) -> float | None:
+    """Peak merge memory in MB when the record carries it (under any of :data:`MEMORY_KEYS`)."""
+    for k in MEMORY_KEYS:
+        if is_number(rec.get(k)):
+            return float(rec[k])
+    return None
+
+
+def worst_normalised(rec: Mapping[str, Any]) -> float:
+    """Lowest average normalised test score over the lambda curve (NaN without a curve)."""
+    vals = [p.get("avg_normalised_test") for p in rec.get("curve", [])]
+    vals = [v for v in vals if is_number(v)]
+    return min(vals) if vals else float("nan")
+
+
+def method_label(rec: Mapping[str, Any]) -> str:
+    params = rec.get("params") or {}
+    if not params:
+        return str(rec["method"])
+    return f"{rec['method']} ({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+
+# --------------------------------------------------------------------------- the tables
+def summary_table(results: Mapping[str, Any]) -> Table:
+    """One row per (init, method): averages over tasks, robustness and merge time."""
+    header = ["init", "method", "λ (val)", "avg val", "avg merged test", "avg single test", "normalised test %",
+              "worst-λ normalised %", "merge s"]
+    rows: list[list[Cell]] = []
+    for rec in merged_records(results):
+        rows.append([
+            text(init_label(results, rec["init"])), text(method_label(rec)), lambda_cell(rec.get("lambda")),
+            num(rec.get("avg_validation")), num(rec.get("avg_test")), num(single_avg(results, rec["init"])),
+            num(rec.get("avg_normalised_test")), num(worst_normalised(rec)), num(rec.get("merge_seconds"), ".2f"),
+        ])
+    mark_best(rows, [3, 4, 5, 6, 7, 8], lower_is_better=[8])
+    return Table("summary", "Summary: averages over tasks",
+                 f"Test split unless the column says val (validation); {SELECTION_RULE}. Normalised = merged / "
+                 "single-task test score of the same init. Worst-λ = lowest normalised score over the λ grid "
+                 "(test curve, robustness only). Best per column in bold (fastest for merge s).", header, rows)
+
+
+def per_task_table(results: Mapping[str, Any]) -> Table:
+    """Rows: per init a single-task row, then one row per method; columns: per task merged test and
+    normalised %, then averages. Best per column among the merged rows."""
+    tasks = list(results["tasks"])
+    metrics = results.get("metrics", {})
+    header = ["init", "method", "λ (val)"]
+    groups: list[tuple[str, int]] = [("", 3)]
+    for t in tasks:
+        header += ["test", "norm %"]
+        groups.append((f"{t} ({metrics[t]})" if t in metrics else t, 2))
+    header += ["test", "norm %"]
+    groups.append(("average", 2))
+    rows: list[list[Cell]] = []
+    classes: list[str] = []
+    for init in init_names(results):
+        single = results["single_task"][init]
+        row = [text(init_label(results, init)), Cell("single-task (no merge)"), Cell("-", numeric=True)]
+        for t in tasks:
+            row += [num(single.get(t, {}).get("test")), Cell("100", numeric=True)]
+        row += [num(single_avg(results, init)), Cell("100", numeric=True)]
+        rows.append(row)
+        classes.append("single")
+        for rec in [r for r in merged_records(results) if r["init"] == init]:
+            row = [text(init_label(results, init)), text(method_label(rec)), lambda_cell(rec.get("lambda"))]
+            norm = rec.get("normalised_test") or {}
+            for t in tasks:
+                row += [num(rec.get("test", {}).get(t)), num(norm.get(t))]
+            row += [num(rec.get("avg_test")), num(rec.get("avg_normalised_test"))]
+            rows.append(row)
+            classes.append("merged")
+    mark_best(rows, list(range(3, len(header))), eligible=lambda i: classes[i] == "merged")
+    return Table("results", "Results per task: merged vs single-task",
+                 f"Test split; {SELECTION_RULE}. Scores 0..100 in each task's metric; norm % = merged / single-task "
+                 "test score of the same init. Best merged value per column in bold; single-task rows are the "
+                 "reference.", header, rows, groups=groups, row_classes=classes)
+
+
+def robustness_table(results: Mapping[str, Any]) -> Table:
+    """Rows (init, method), columns lambda: average normalised TEST score; the selected lambda marked."""
+    lambdas: list[float] = sorted({float(p["lambda"]) for r in results["merged"] for p in r.get("curve", [])
+                                   if is_number(p.get("lambda"))})
+    header = ["init", "method"] + [fmt(lam, "g") for lam in lambdas]
+    rows: list[list[Cell]] = []
+    for rec in merged_records(results):
+        by_lam = {float(p["lambda"]): p for p in rec.get("curve", []) if is_number(p.get("lambda"))}
+        row = [text(init_label(results, rec["init"])), text(method_label(rec))]
+        for lam in lambdas:
+            p = by_lam.get(lam)
+            cell = num(None if p is None else p.get("avg_normalised_test"),
+                       note="" if p is None else f"val {fmt(p.get('avg_validation'))}")
+            if p is not None and is_number(rec.get("lambda")) and math.isclose(lam, float(rec["lambda"])):
+                cell.mark = True
+                cell.text += " ◆"
+            row.append(cell)
+        rows.append(row)
+    return Table("robustness-table", "Robustness over λ",
+                 "Average normalised TEST score (%) at each λ, with the average VALIDATION score (0..100) beside it; "
+                 "◆ = the λ selected on validation. The test curve is a robustness report, never used for selection.",
+                 header, rows)
+
+
+def single_task_table(results: Mapping[str, Any]) -> Table:
+    """One row per init: single-task test per task, averages, A drift, training time."""
+    tasks = list(results["tasks"])
+    header = ["init", "mode", "A frozen"] + [f"{t} test" for t in tasks] + [
+        "avg test", "avg val", "A drift (mean)", "best epoch", "train s"]
+    rows: list[list[Cell]] = []
+    for init in init_names(results):
+        info = init_info(results, init)
+        single = results["single_task"][init]
+        drift = mean([single.get(t, {}).get("a_drift_mean") for t in tasks])
+        epochs = [single.get(t, {}).get("best_epoch") for t in tasks]
+        secs = [single.get(t, {}).get("seconds") for t in tasks]
+        row = [text(init), text(info.get("mode")), text("yes" if info.get("freeze_A") else "no")]
+        row += [num(single.get(t, {}).get("test")) for t in tasks]
+        row += [num(single_avg(results, init)), num(single_avg(results, init, "validation")), num(drift, ".3f"),
+                Cell(", ".join("-" if e is None else str(e) for e in epochs), numeric=True),
+                num(sum(secs) if all(is_number(s) for s in secs) else None, ".1f")]
+        rows.append(row)
+    mark_best(rows, list(range(3, 3 + len(tasks) + 2)))
+    return Table("single-task-table", "Single-task scores per init",
+                 "Test split (avg val = validation) of each task's own adapter before merging; checkpoint chosen on "
+                 "validation. A drift = mean relative change of A during training (0 when A is frozen). "
+                 "Best per column in bold.", header, rows)
+
+
+def interference_table(results: Mapping[str, Any]) -> Table:
+    """One row per init with diagnostics: mean and max off-diagonal interference ratio."""
+    header = ["init", "stage", "mean off-diag ratio", "max off-diag ratio", "modules"]
+    rows: list[list[Cell]] = []
+    for init in init_names(results):
+        diag = (results.get("interference") or {}).get(init)
+        if not diag or "ratio" not in diag:
+            continue
+        ratio = diag["ratio"]
+        off = [v for i, r in enumerate(ratio) for j, v in enumerate(r) if i != j and is_number(v)]
+        rows.append([text(init_label(results, init)), text("after OSRM" if is_osrm(results, init) else "before OSRM"),
+                     num(diag.get("mean_offdiag_ratio"), ".3g"), num(max(off) if off else None, ".3g"),
+                     num(len(diag.get("modules", [])) or None, "d")])
+    mark_best(rows, [2, 3], lower_is_better=[2, 3])
+    return Table("interference-table", "Interference summary",
+                 "ratio[i][j] = E‖ΔW_i h_j‖² / E‖ΔW_j h_j‖², from the trained adapters and the activation statistics "
+                 "of the train split (no forward pass). Lower off-diagonal = less interference. Best in bold.",
+                 header, rows)
+
+
+def merge_cost_table(results: Mapping[str, Any]) -> Table:
+    """One row per (init, method): merge time at the selected lambda, memory if recorded, stage time."""
+    stages = (results.get("manifest") or {}).get("stage_seconds") or {}
+    recs = merged_records(results)
+    has_mem = any(memory_mb(r) is not None for r in recs)
+    header = ["init", "method", "merge s (selected λ)"] + (["peak memory MB"] if has_mem else []) + [
+        "λ grid size", "merge stage s (sweep + evaluation)"]
+    rows: list[list[Cell]] = []
+    for rec in recs:
+        row = [text(init_label(results, rec["init"])), text(method_label(rec)), num(rec.get("merge_seconds"), ".2f")]
+        if has_mem:
+            row.append(num(memory_mb(rec), ".0f"))
+        row += [num(len(rec.get("curve", [])) or None, "d"), num(stages.get(f"merge/{rec['init']}/{rec['method']}"), ".1f")]
+        rows.append(row)
+    mark_best(rows, [2] + ([3] if has_mem else []), lower_is_better=[2, 3])
+    return Table("merge-cost-table", "Merge cost",
+                 "Wall time of one merge at the selected λ; the stage time covers the whole λ sweep with validation "
+                 "and test evaluation. Fastest in bold.", header, rows)
+
+
+def _kv(key: str, title: str, caption: str, pairs: Sequence[tuple[str, Any]]) -> Table:
+    return Table(key, title, caption, ["key", "value"], [[text(k), text(v)] for k, v in pairs])
+
+
+def manifest_tables(results: Mapping[str, Any]) -> list[Table]:
+    """Run facts: identity and hardware, library versions, data, inits and stage timings."""
+    man = results.get("manifest") or {}
+    run = [("name", results.get("name", man.get("name"))), ("model", results.get("model", man.get("model"))),
+           ("seed", results.get("seed", man.get("seed"))), ("config hash", man.get("config_hash")),
+           ("device", man.get("device")), ("device name", man.get("device_name")), ("threads", man.get("threads")),
+           ("platform", man.get("platform")), ("wall time s", fmt(man.get("wall_seconds"), ".1f"))]
+    tables = [_kv("manifest-run", "Run", "Identity, seeds and hardware of the run.", run)]
+    versions = man.get("versions") or {}
+    if versions:
+        tables.append(_kv("manifest-versions", "Library versions", "As recorded at the end of the run.",
+                          list(versions.items())))
+    data = man.get("tasks") or {}
+    metrics = results.get("metrics", {})
+    drows = [[text(t), text(metrics.get(t)), text(d.get("source") or "local"), num(d.get("n_train"), "d"),
+              num(d.get("n_validation"), "d"), num(d.get("n_test"), "d"), text(str(d.get("fingerprint", "-"))[:12])]
+             for t, d in data.items()]
+    if drows:
+        tables.append(Table("manifest-data", "Data", "Split sizes and content fingerprints (first 12 hex digits).",
+                            ["task", "metric", "source", "train", "validation", "test", "fingerprint"], drows))
+    irows = [[text(i.get("name")), text(i.get("mode")), text(bool(i.get("freeze_A"))), text(bool(i.get("freeze_B"))),
+              num(i.get("ridge"), "g")] for i in results.get("inits", [])]
+    if irows:
+        tables.append(Table("manifest-inits", "Initialisations", "One LoRA adapter per task is trained for each init.",
+                            ["init", "mode", "freeze A", "freeze B", "ridge"], irows))
+    stages = man.get("stage_seconds") or {}
+    if stages:
+        srows = [[text(k), num(v, ".1f")] for k, v in stages.items()]
+        total = sum(v for v in stages.values() if is_number(v))
+        srows.append([Cell("total (stages run in this invocation)"), num(total, ".1f")])
+        tables.append(Table("manifest-stages", "Stage timings",
+                            "Seconds per stage that ran in the last invocation (skipped, cached stages are absent).",
+                            ["stage", "seconds"], srows))
+    return tables
