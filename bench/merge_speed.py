@@ -3,8 +3,8 @@
     python bench/merge_speed.py --preset cpu|h100 [--out bench/results] [--methods ties,cat,...]
 
 Random LoRA adapters (seeded) with Llama-style module names and shapes: on ``h100`` Llama-3-8B
-(q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336, 32 layers), on ``cpu`` 4 layers of
-hidden 1024 with the same proportions. 8 adapters of rank 16 (alpha 32).
+(q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336, 32 layers), on ``cpu`` 2 layers of
+hidden 768 (kv 192, mlp 2688: the same proportions). 8 adapters of rank 16 (alpha 32).
 
 What is compared (see the notes the script writes into BENCHMARKS.md):
 - ``cat``: ours vs PEFT ``cat`` (the same sum of products; deltas compared).
@@ -69,8 +69,8 @@ class Preset:
 PRESETS = {
     "smoke": Preset("cpu", layers=2, hidden=64, kv=16, mlp=224, adapters=4, rank=4, svd_layers=1, repeats=1,
                     dense_repeats=1, bandwidth_bytes=1 << 24, subset_methods=("opcm",), skip_methods=()),
-    "cpu": Preset("cpu", layers=4, hidden=1024, kv=256, mlp=3584, adapters=8, rank=16, svd_layers=1, repeats=3,
-                  dense_repeats=2, bandwidth_bytes=1 << 28, subset_methods=("opcm",), skip_methods=()),
+    "cpu": Preset("cpu", layers=2, hidden=768, kv=192, mlp=2688, adapters=8, rank=16, svd_layers=1, repeats=3,
+                  dense_repeats=1, bandwidth_bytes=1 << 28, subset_methods=("opcm",), skip_methods=()),
     "h100": Preset("cuda", layers=32, hidden=4096, kv=1024, mlp=14336, adapters=8, rank=16, svd_layers=1,
                    repeats=3, dense_repeats=1, bandwidth_bytes=1 << 32, subset_methods=("emr", "do_merging"),
                    skip_methods=("opcm",)),

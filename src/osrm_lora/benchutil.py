@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from osrm_lora.errors import OsrmError
-from osrm_lora.fsutil import atomic_file, write_json
+from osrm_lora.fsutil import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +379,24 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
+def _json_default(obj: Any) -> Any:
+    """JSON for numpy scalars/arrays, paths, torch dtypes/devices; TypeError for anything else."""
+    if isinstance(obj, (Path, torch.dtype, torch.device)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"benchmark result of type {type(obj).__name__} is not JSON serialisable; convert it first")
+
+
 def update_markdown_section(path: str | os.PathLike[str], key: str, body: str) -> None:
     """Atomically rewrite section ``key`` of the markdown file ``path`` (created if missing), under a
     file lock so that two benchmarks finishing together do not lose each other's sections."""
@@ -442,8 +460,9 @@ def write_results(rec: BenchRecord, out_dir: str | os.PathLike[str], *,
     json_path = out / f"{rec.name}_{rec.preset}.json"
     payload = asdict(rec)
     payload["key"] = rec.key
-    json.dumps(payload, default=str)  # fail before touching any file if not serialisable
-    write_json(json_path, payload)
+    text = json.dumps(payload, indent=2, default=_json_default) + "\n"  # fails before any file is touched
+    with atomic_file(json_path) as fh:
+        fh.write(text)
     update_markdown_section(md, rec.key, section_markdown(rec, json_path.resolve(), md.resolve()))
     logger.info("wrote %s and section %s of %s", json_path, rec.key, md)
     return json_path, md

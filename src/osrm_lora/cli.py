@@ -107,8 +107,10 @@ def tasks_list() -> None:
 
     typer.echo("built-in tasks: " + ", ".join(sorted(BUILTIN_TASKS)))
     typer.echo("GLUE (online): glue/cola, glue/sst2, glue/mrpc, glue/qqp, glue/stsb, glue/mnli, glue/qnli, glue/rte")
-    for name, specs in SUITES.items():
-        typer.echo(f"suite {name}: " + ", ".join(s.name for s in specs))
+    from osrm_lora.data import load_suite
+
+    for name in SUITES:
+        typer.echo(f"suite {name}: " + ", ".join(s.name for s in load_suite(name)))
 
 
 @tasks_app.command("show")
@@ -370,12 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # click usage errors (typer may vendor its own click)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
-            return exc.exit_code
+            return int(exc.exit_code)
         raise
     return 0
 

@@ -68,6 +68,7 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
     except OSError as exc:
         raise OsrmError(f"cannot write to {target.parent}: {exc.strerror}; choose a writable output directory") from exc
     try:
@@ -105,6 +106,7 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give them the usual mode
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -112,6 +114,12 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

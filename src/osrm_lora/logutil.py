@@ -28,6 +28,9 @@ def setup_logging(verbosity: int = 0) -> None:
         logger.addHandler(handler)
         logger.propagate = False
         _CONFIGURED = True
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*")
     # Quieten chatty libraries: their load reports and progress bars are not ours.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

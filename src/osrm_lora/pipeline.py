@@ -277,7 +277,7 @@ def _train_init(ctx: RunContext, init: InitSettings, stats_dir: Path, base_paylo
     out: dict[str, dict[str, Any]] = {}
     stats_hash = _dir_hash(stats_dir) if init.mode != "standard" else None
     for task in ctx.tasks:
-        adir = ctx.run_dir / "adapters" / init.name / task.name
+        adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
         payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
                    "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
                    "stats": stats_hash}
@@ -303,8 +303,13 @@ def _dir_hash(path: Path) -> str | None:
     return sha256_json({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
 
 
+def task_dirname(name: str) -> str:
+    """A task name as one path component (``glue/cola`` -> ``glue__cola``)."""
+    return name.replace("/", "__")
+
+
 def adapter_dirs(run_dir: Path, init: str, tasks: Sequence[Task]) -> list[Path]:
-    return [run_dir / "adapters" / init / t.name for t in tasks]
+    return [run_dir / "adapters" / init / task_dirname(t.name) for t in tasks]
 
 
 def _diagnose_init(ctx: RunContext, init: InitSettings, stats_dir: Path) -> dict[str, Any]:

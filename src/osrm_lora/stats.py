@@ -282,7 +282,7 @@ class StatsStore:
 
         path = Path(path)
         if not (path / STATS_FILE).exists() or not (path / META_FILE).exists():
-            raise OsrmError(f"{path} is not a statistics store ({STATS_FILE} + {META_FILE}); run `osrm-lora stats` first")
+            raise OsrmError(f"{path} is not a statistics store ({STATS_FILE} + {META_FILE}); run `osrm-lora profile` first")
         meta = read_json(path / META_FILE)
         if not isinstance(meta, dict) or meta.get("version") != STORE_VERSION:
             raise OsrmError(f"{path / META_FILE} has an unknown format; recompute the statistics")

@@ -361,6 +361,9 @@ def write_initial_adapters(
     store = StatsStore.load(stats_dir)
     tasks = list(store.tasks)
     model_path = resolve_model_path(model)
+    from osrm_lora.stats import model_fingerprint
+
+    store.check_matches(model_fingerprint(load_classifier(model_path, 2, device="cpu")))  # before writing anything
     subspaces = compute_osrm_A(store, tasks, lora.rank, mode, ridge=ridge) if mode != "standard" else {}
     paths: list[Path] = []
     for name in tasks:

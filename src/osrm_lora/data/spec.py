@@ -165,6 +165,13 @@ def spec_from_name(name: str) -> TaskSpec:
         return TaskSpec(name=name, source="builtin")
     if name.startswith("glue/") and name.removeprefix("glue/") in GLUE_TASKS:
         return TaskSpec(name=name, source="glue")
+    from osrm_lora.data.sources.local import _SUFFIXES
+
+    path = Path(name).expanduser()
+    if path.suffix.lower() in _SUFFIXES:  # a local data file given as a task (`train --task data.jsonl`)
+        if not path.exists():
+            raise OsrmError(f"task file {name} does not exist; check the path (or name a built-in task)")
+        return TaskSpec(name=path.stem, source="local", path=str(path))
     raise OsrmError(f"unknown task {name!r}; known tasks: {', '.join(known_task_names())} (or a local/hf task spec)")
 
 

@@ -165,7 +165,8 @@ def render_html(
         "(never on test). "
         "Normalised = merged test score / single-task test score of the same init, in %. Normalised scores alone can "
         "flatter a weak single-task model, so absolute merged scores are always shown beside them.</div>",
-        "<nav><b>Contents</b><ol>" + "".join(f'<li><a href="#{k}">{esc(t)}</a></li>' for k, t in SECTIONS) + "</ol></nav>",
+        "<nav><b>Contents</b><ol>" + "".join(f'<li><a href="#{k}">{esc(t)}</a></li>' for k, t in SECTIONS)
+        + "</ol></nav>",
     ]
     body: list[str] = []
     body.append(_section("summary", titles["summary"], [render_table(summary_table(results))]))

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from osrm_lora.report.tables import (
     SELECTION_RULE,
+    fmt,
     init_label,
     init_names,
     is_number,
@@ -60,7 +61,7 @@ def _bar_labels(ax: Any, bars: Any, spec: str = ".1f", fontsize: float = 7, insi
         if math.isfinite(h):
             ax.annotate(f"{h:{spec}}", (b.get_x() + b.get_width() / 2, h), xytext=(0, -3 if inside else 2),
                         textcoords="offset points", ha="center", va="top" if inside else "bottom", fontsize=fontsize,
-                        color="white" if inside else "black")
+                        color="white" if inside else "black", rotation=90 if inside and fontsize < 7 else 0)
 
 
 def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
@@ -73,8 +74,15 @@ def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
     colors = init_colors(results)
     by = {(r["init"], r["method"]): r for r in results["merged"]}
     width = 0.8 / max(len(inits), 1)
-    fig = _new_figure(max(8.0, 2.2 + 1.6 * len(meths) * 2), 4.2)
-    ax_n, ax_a = fig.subplots(1, 2)
+    n_bars = len(meths) * len(inits)
+    stacked = n_bars > 8  # many bars: the two panels one above the other, full width each
+    if stacked:
+        fig = _new_figure(min(12.0, 3.0 + 0.42 * n_bars), 7.6)
+        ax_n, ax_a = fig.subplots(2, 1)
+    else:
+        fig = _new_figure(max(8.0, 2.2 + 0.8 * n_bars * 2 / max(len(inits), 1)), 4.2)
+        ax_n, ax_a = fig.subplots(1, 2)
+    label_kw = {"fontsize": 6.5 if n_bars > 12 else 7}
     xs = range(len(meths))
     top_n = 100.0
     for k, init in enumerate(inits):
@@ -83,9 +91,9 @@ def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
         absv = [_nan(by.get((init, m), {}).get("avg_test")) for m in meths]
         top_n = max([top_n] + [v for v in norm if math.isfinite(v)])
         bars = ax_n.bar([x + off for x in xs], norm, width, color=colors[init], label=init_label(results, init))
-        _bar_labels(ax_n, bars)
+        _bar_labels(ax_n, bars, **label_kw)
         bars = ax_a.bar([x + off for x in xs], absv, width, color=colors[init], label=init_label(results, init))
-        _bar_labels(ax_a, bars, inside=True)
+        _bar_labels(ax_a, bars, inside=True, **label_kw)
         ref = single_avg(results, init)
         ax_a.scatter([x + off for x in xs], [ref] * len(meths), marker="_", s=260, color="black", linewidths=2,
                      zorder=3, label="single-task avg (same init)" if k == 0 else None)
@@ -104,7 +112,7 @@ def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(f"Merged scores per method and init (test split; {SELECTION_RULE})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 if not stacked else 0.045, 1, 1))
     return figure_png(fig)
 
 
@@ -118,7 +126,8 @@ def lambda_curves_png(results: Mapping[str, Any]) -> bytes | None:
     colors = init_colors(results)
     cols = [("avg_validation", "avg validation score"), ("avg_test", "avg test score"),
             ("avg_normalised_test", "avg normalised test (%)")]
-    fig = _new_figure(12.0, 0.6 + 2.9 * len(meths))
+    fig = _new_figure(12.0, 0.9 + 2.9 * len(meths))
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(len(meths), 3, squeeze=False)
     for row, meth in enumerate(meths):
         for col, (key, label) in enumerate(cols):
@@ -147,17 +156,16 @@ def lambda_curves_png(results: Mapping[str, Any]) -> bytes | None:
 
     handles.append(Line2D([], [], marker="D", ms=8, color="white", markeredgecolor="black", linestyle="none"))
     labels.append("λ selected on validation")
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle("Robustness over λ (test curves are reported, never used for selection)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.35 / (0.6 + 2.9 * len(meths)), 1, 1))
     return figure_png(fig)
 
 
 def interference_png(results: Mapping[str, Any]) -> bytes | None:
     """Annotated heatmaps of the interference ratio matrix, one per init (standard = before OSRM, OSRM
     inits = after), on one shared logarithmic colour scale."""
-    diags = [(i, results["interference"][i]) for i in init_names(results)
-             if isinstance((results.get("interference") or {}).get(i), Mapping) and results["interference"][i].get("ratio")]
+    inter = results.get("interference") or {}
+    diags = [(i, inter[i]) for i in init_names(results) if isinstance(inter.get(i), Mapping) and inter[i].get("ratio")]
     if not diags:
         return None
     values = [float(v) for _, d in diags for row in d["ratio"] for v in row if is_number(v) and v > 0]
@@ -166,10 +174,17 @@ def interference_png(results: Mapping[str, Any]) -> bytes | None:
     else:
         norm = Normalize(vmin=0.0, vmax=max(values + [1.0]))
     T = max(len(d["tasks"]) for _, d in diags)
-    cell = 0.62
-    fig = _new_figure(0.8 + len(diags) * (1.6 + cell * T), 1.9 + cell * T)
+    cell = 0.62 if T <= 5 else 0.48
+    ncols = min(3, len(diags))
+    nrows = math.ceil(len(diags) / ncols)
+    fig = _new_figure(0.8 + ncols * (1.6 + cell * T), 0.5 + nrows * (1.4 + cell * T))
     fig.set_layout_engine("constrained")
-    axes = fig.subplots(1, len(diags), squeeze=False)[0]
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(diags):]:
+        ax.set_visible(False)
+    axes = axes[: len(diags)]
+    annot = 7 if T <= 5 else 6
     im = None
     for ax, (init, d) in zip(axes, diags):
         tasks = list(d["tasks"])
@@ -184,12 +199,13 @@ def interference_png(results: Mapping[str, Any]) -> bytes | None:
             for j, v in enumerate(row):
                 label = f"{v:.2g}" if is_number(v) else "nan"
                 light = is_number(v) and v > 0 and norm(float(v)) > 0.6
-                ax.text(j, i, label, ha="center", va="center", fontsize=7, color="black" if light else "white")
+                ax.text(j, i, label, ha="center", va="center", fontsize=annot, color="black" if light else "white")
         stage = "after OSRM" if is_osrm(results, init) else "before OSRM"
-        ax.set_title(f"{init_label(results, init)}\n{stage}; mean off-diag {d.get('mean_offdiag_ratio', float('nan')):.3g}",
+        ax.set_title(f"{init_label(results, init)}\n{stage}; mean off-diag {fmt(d.get('mean_offdiag_ratio'), '.3g')}",
                      fontsize=9)
     if im is not None:
-        cb = fig.colorbar(im, ax=list(axes), fraction=0.035, pad=0.03)
+        cb = fig.colorbar(im, ax=[ax for row in grid for ax in row], fraction=0.035, pad=0.02,
+                          shrink=0.8 if nrows == 1 else 0.6)
         cb.ax.tick_params(labelsize=7)
     fig.suptitle("Interference E‖ΔW_i h_j‖² / E‖ΔW_j h_j‖² (row adapter i, column task data j; log colour scale)",
                  fontsize=10)
@@ -213,7 +229,8 @@ def single_task_png(results: Mapping[str, Any]) -> bytes | None:
         single = results["single_task"][init]
         ys = [_nan(single.get(t, {}).get("test")) for t in tasks] + [single_avg(results, init)]
         off = (k - (len(inits) - 1) / 2) * width
-        bars = ax.bar([x + off for x in range(len(labels))], ys, width, color=colors[init], label=init_label(results, init))
+        bars = ax.bar([x + off for x in range(len(labels))], ys, width, color=colors[init],
+                      label=init_label(results, init))
         _bar_labels(ax, bars, fontsize=6.5)
     ax.set_xticks(range(len(labels)), labels=labels, fontsize=8)
     ax.set_ylim(0, 105)

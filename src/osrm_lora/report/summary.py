@@ -64,22 +64,40 @@ def table_markdown(table: Table) -> str:
     return f"### {table.title}\n\n{table.caption}\n\n{markdown_table(header, rows)}\n"
 
 
+def _wrap_name(name: str, width: int = 10) -> str:
+    """Break a long method name at underscores so a narrow column does not cut words."""
+    if len(name) <= width or "_" not in name:
+        return name
+    lines: list[str] = []
+    for part in name.split("_"):
+        if lines and len(lines[-1]) + 1 + len(part) <= width:
+            lines[-1] += "_" + part
+        else:
+            if lines:
+                lines[-1] += "_"
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def _score_pct(score: Any, pct: Any) -> str:
+    return f"{fmt(score)} {fmt(pct, '.0f')}%"
+
+
 def terminal_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """Per init: (title, header, rows) with tasks as rows and methods as columns (fits 80-100 columns)."""
+    """Per init: (title, header, rows) with tasks as rows and methods as columns; a method cell reads
+    ``merged test  normalised%`` (about 10 characters, so six methods fit in 100 columns)."""
     tasks = list(results["tasks"])
-    metrics = results.get("metrics", {})
     out = []
     for init in init_names(results):
         recs = [r for r in merged_records(results) if r["init"] == init]
         single = results["single_task"][init]
-        header = ["task", "single"] + [f"{r['method']}\nλ={fmt_lambda(r.get('lambda'))}" for r in recs]
+        header = ["task", "single"] + [f"{_wrap_name(r['method'])}\nλ={fmt_lambda(r.get('lambda'))}" for r in recs]
         rows = []
         for t in tasks:
-            label = f"{t} ({metrics[t]})" if t in metrics else t
-            rows.append([label, fmt(single.get(t, {}).get("test"))] + [
-                f"{fmt(r.get('test', {}).get(t))} ({fmt((r.get('normalised_test') or {}).get(t), '.0f')}%)" for r in recs])
+            rows.append([t, fmt(single.get(t, {}).get("test"))] + [
+                _score_pct(r.get("test", {}).get(t), (r.get("normalised_test") or {}).get(t)) for r in recs])
         rows.append(["average", fmt(mean([single.get(t, {}).get("test") for t in tasks]))] + [
-            f"{fmt(r.get('avg_test'))} ({fmt(r.get('avg_normalised_test'), '.0f')}%)" for r in recs])
+            _score_pct(r.get("avg_test"), r.get("avg_normalised_test")) for r in recs])
         out.append((init_label(results, init), header, rows))
     return out
 
@@ -92,13 +110,13 @@ def print_results(results: Mapping[str, Any]) -> None:
     from rich.table import Table as RichTable
 
     console = Console()
-    console.print(f"[bold]{results.get('name', 'run')}[/bold]: test scores, merged (% of single-task)",
+    console.print(f"[bold]{results.get('name', 'run')}[/bold]: test scores; cells = merged score and % of single-task",
                   highlight=False)
     console.print(f"{SELECTION_RULE}; single = each task's own adapter", style="dim", highlight=False)
     for title, header, rows in terminal_tables(results):
         table = RichTable(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
         for k, h in enumerate(header):
-            table.add_column(h, justify="left" if k == 0 else "right", overflow="fold")
+            table.add_column(h, justify="left" if k == 0 else "right", overflow="fold", no_wrap=k > 0)
         for k, r in enumerate(rows):
             table.add_row(*r, end_section=k == len(rows) - 2)
         console.print(table)

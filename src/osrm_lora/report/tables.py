@@ -199,7 +199,7 @@ def summary_table(results: Mapping[str, Any]) -> Table:
             num(rec.get("avg_validation")), num(rec.get("avg_test")), num(single_avg(results, rec["init"])),
             num(rec.get("avg_normalised_test")), num(worst_normalised(rec)), num(rec.get("merge_seconds"), ".2f"),
         ])
-    mark_best(rows, [3, 4, 5, 6, 7, 8], lower_is_better=[8])
+    mark_best(rows, [3, 4, 6, 7, 8], lower_is_better=[8])
     return Table("summary", "Summary: averages over tasks",
                  f"Test split unless the column says val (validation); {SELECTION_RULE}. Normalised = merged / "
                  "single-task test score of the same init. Worst-λ = lowest normalised score over the λ grid "
@@ -271,7 +271,7 @@ def single_task_table(results: Mapping[str, Any]) -> Table:
     """One row per init: single-task test per task, averages, A drift, training time."""
     tasks = list(results["tasks"])
     header = ["init", "mode", "A frozen"] + [f"{t} test" for t in tasks] + [
-        "avg test", "avg val", "A drift (mean)", "best epoch", "train s"]
+        "avg test", "avg val", "A drift (mean)", "best epoch", "train s (all tasks)"]
     rows: list[list[Cell]] = []
     for init in init_names(results):
         info = init_info(results, init)
@@ -324,7 +324,8 @@ def merge_cost_table(results: Mapping[str, Any]) -> Table:
         row = [text(init_label(results, rec["init"])), text(method_label(rec)), num(rec.get("merge_seconds"), ".2f")]
         if has_mem:
             row.append(num(memory_mb(rec), ".0f"))
-        row += [num(len(rec.get("curve", [])) or None, "d"), num(stages.get(f"merge/{rec['init']}/{rec['method']}"), ".1f")]
+        stage_s = stages.get(f"merge/{rec['init']}/{rec['method']}")
+        row += [num(len(rec.get("curve", [])) or None, "d"), num(stage_s, ".1f")]
         rows.append(row)
     mark_best(rows, [2] + ([3] if has_mem else []), lower_is_better=[2, 3])
     return Table("merge-cost-table", "Merge cost",

@@ -1,0 +1,230 @@
+"""Merged quality with and without OSRM: inits x merge methods x seeds, selected on validation.
+
+    python bench/quality.py --preset cpu     # reduced: demo-sized subsamples, 1 seed (states so)
+    python bench/quality.py --preset gpu     # offline6 at full size, 3 seeds (one GPU)
+    python bench/quality.py --preset gpu --seeds 0 --aggregate-only   # re-aggregate finished runs
+
+Each seed is one pipeline run (resumable) under bench/runs/quality-<preset>/seed<k>. The script then
+aggregates mean +- std over seeds per (init, method): absolute merged test average, normalised test
+average, single-task test average, the selected lambda, and the normalised score at the WORST
+lambda of the grid (robustness). It checks the targets of the benchmark issue for every
+configuration and picks the recommended configuration on VALIDATION (highest merged validation
+average among configurations), then reports its test numbers. Results go to
+bench/results/quality_<preset>.json and the matching section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from osrm_lora.benchutil import BenchRecord, command_line, machine_info, markdown_table, write_results  # noqa: E402
+from osrm_lora.config import parse_config  # noqa: E402
+from osrm_lora.evaluate import mean  # noqa: E402
+from osrm_lora.fsutil import read_json  # noqa: E402
+from osrm_lora.logutil import setup_logging  # noqa: E402
+
+logger = logging.getLogger("bench.quality")
+
+INITS = [
+    {"name": "standard", "mode": "standard"},
+    {"name": "code", "mode": "code"},
+    {"name": "paper", "mode": "paper"},
+    {"name": "own", "mode": "own"},
+    {"name": "paper-frozenA", "mode": "paper", "freeze_A": True},
+    {"name": "own-frozenA", "mode": "own", "freeze_A": True},
+]
+LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "description": "REDUCED: tasks mr, hedge, bbc, spam capped at 300 train / 150 validation / 150 test examples, "
+                       "max 64 tokens, 2 epochs, 1 seed; MiniLM-L6 on CPU",
+        "seeds": [0],
+        "config": {
+            "model": "default",
+            "tasks": [{"name": n, "max_train": 300, "max_eval": 150} for n in ("mr", "hedge", "bbc", "spam")],
+            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "head_lr": 1e-2, "max_length": 64},
+            "inits": [INITS[0], INITS[2], INITS[3], INITS[5]],
+            "merge": {"methods": ["task_arithmetic", "ties"], "lambdas": [0.3, 0.7, 1.0, 1.5]},
+        },
+    },
+    "gpu": {
+        "description": "offline6 at full size (mr, movie_docs, hedge, bbc, spam, foods), 128 tokens, 3 epochs, "
+                       "MiniLM-L6 on one GPU (bf16 autocast)",
+        "seeds": [0, 1, 2],
+        "config": {
+            "model": "default",
+            "suite": "offline6",
+            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "head_lr": 5e-3, "max_length": 128,
+                      "eval_batch_size": 256},
+            "inits": INITS,
+            "merge": {"methods": ["task_arithmetic", "ties", "dare_ties", "emr", "regmean", "tsv_m", "iso_c",
+                                  "knots", "core_space"],
+                      "lambdas": LAMBDAS},
+        },
+    },
+}
+
+
+def _config(preset: str, seed: int) -> Any:
+    raw = dict(PRESETS[preset]["config"])
+    raw["name"] = f"quality-{preset}-seed{seed}"
+    raw["seed"] = seed
+    return parse_config(raw)
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean +- std over seeds per (init, method) of every headline number."""
+    rows: dict[tuple[str, str], dict[str, list[float]]] = {}
+    singles: dict[str, list[float]] = {}
+    for res in runs:
+        for init, per_task in res["single_task"].items():
+            singles.setdefault(init, []).append(mean(v["test"] for v in per_task.values()))
+        for rec in res["merged"]:
+            key = (rec["init"], rec["method"])
+            single_avg = mean(v["test"] for v in res["single_task"][rec["init"]].values())
+            worst = min(p["avg_normalised_test"] for p in rec["curve"]) if rec["curve"] else float("nan")
+            d = rows.setdefault(key, {k: [] for k in ("merged_test", "merged_val", "normalised", "single", "lambda",
+                                                      "worst_norm")})
+            d["merged_test"].append(rec["avg_test"])
+            d["merged_val"].append(rec["avg_validation"])
+            d["normalised"].append(rec["avg_normalised_test"])
+            d["single"].append(single_avg)
+            d["lambda"].append(rec["lambda"] if rec["lambda"] is not None else float("nan"))
+            d["worst_norm"].append(worst)
+    table = {f"{i}|{m}": {k: {"mean": statistics.fmean(v), "std": _sd(v), "values": v} for k, v in d.items()}
+             for (i, m), d in rows.items()}
+    return {"configs": table, "single": {i: {"mean": statistics.fmean(v), "std": _sd(v)} for i, v in singles.items()}}
+
+
+def check_targets(agg: dict[str, Any]) -> dict[str, Any]:
+    """The issue's four targets for every configuration; the recommendation is chosen on validation."""
+    configs = agg["configs"]
+    base = configs.get("standard|task_arithmetic")
+    std_single = agg["single"].get("standard", {}).get("mean", float("nan"))
+    out: dict[str, Any] = {}
+    for key, c in configs.items():
+        t = {
+            "merged_vs_standard_TA": c["merged_test"]["mean"] - (base["merged_test"]["mean"] if base else float("nan")),
+            "normalised": c["normalised"]["mean"],
+            "single_minus_standard": c["single"]["mean"] - std_single,
+            "worst_lambda_normalised": c["worst_norm"]["mean"],
+        }
+        t["met"] = {
+            "merged >= standard+TA + 5": t["merged_vs_standard_TA"] >= 5,
+            "normalised >= 95": t["normalised"] >= 95,
+            "single within 1 of standard": abs(t["single_minus_standard"]) <= 1 or t["single_minus_standard"] > 0,
+            "worst-lambda normalised >= 90": t["worst_lambda_normalised"] >= 90,
+        }
+        t["all_met"] = all(t["met"].values())
+        out[key] = t
+    best = max(configs, key=lambda k: configs[k]["merged_val"]["mean"])
+    return {"per_config": out, "recommended_on_validation": best}
+
+
+def _pm(d: dict[str, Any], digits: int = 1) -> str:
+    if d["mean"] is None or (isinstance(d["mean"], float) and math.isnan(d["mean"])):
+        return "-"
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def summary(agg: dict[str, Any], targets: dict[str, Any], description: str, seeds: list[int]) -> str:
+    headers = ["init", "method", "merged test avg", "normalised %", "single-task avg", "worst-λ normalised %",
+               "λ (validation)", "targets met"]
+    rows = []
+    for key, c in sorted(agg["configs"].items()):
+        init, method = key.split("|")
+        met = targets["per_config"][key]["met"]
+        rows.append([init, method, _pm(c["merged_test"]), _pm(c["normalised"]), _pm(c["single"]), _pm(c["worst_norm"]),
+                     _pm(c["lambda"], 2), f"{sum(met.values())}/4"])
+    best = targets["recommended_on_validation"]
+    tb = targets["per_config"][best]
+    lines = [
+        f"Setting: {description}; seeds {seeds}. Scores on the TEST split (0-100), mean ± std over seeds; "
+        "λ and checkpoints chosen on validation; normalised = merged / single-task score of the same init.",
+        "",
+        markdown_table(headers, rows),
+        "",
+        f"Recommended configuration (highest merged VALIDATION average): **{best}**. "
+        f"Against the targets: merged − standard TA = {tb['merged_vs_standard_TA']:+.1f} points "
+        f"({'met' if tb['met']['merged >= standard+TA + 5'] else 'missed'}, target +5); "
+        f"normalised {tb['normalised']:.1f}% ({'met' if tb['met']['normalised >= 95'] else 'missed'}, target 95%); "
+        f"single-task − standard = {tb['single_minus_standard']:+.1f} "
+        f"({'met' if tb['met']['single within 1 of standard'] else 'missed'}, target within 1); "
+        f"worst-λ normalised {tb['worst_lambda_normalised']:.1f}% "
+        f"({'met' if tb['met']['worst-lambda normalised >= 90'] else 'missed'}, target 90%).",
+    ]
+    all_met = [k for k, v in targets["per_config"].items() if v["all_met"]]
+    lines.append("")
+    lines.append("Configurations meeting all four targets at once: " + (", ".join(all_met) if all_met else "none") + ".")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--seeds", type=int, nargs="*", default=None, help="override the preset's seeds")
+    ap.add_argument("--runs", default=str(ROOT / "bench" / "runs"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--aggregate-only", action="store_true", help="only aggregate finished seed runs")
+    ap.add_argument("--no-write", action="store_true", help="run without writing BENCHMARKS.md (partial runs)")
+    args = ap.parse_args(argv)
+    setup_logging(0)
+    preset = PRESETS[args.preset]
+    seeds = args.seeds if args.seeds is not None else preset["seeds"]
+    from osrm_lora.pipeline import run_pipeline
+
+    runs = []
+    for seed in seeds:
+        run_dir = Path(args.runs) / f"quality-{args.preset}" / f"seed{seed}"
+        if args.aggregate_only:
+            if not (run_dir / "results.json").exists():
+                logger.warning("seed %d has no results yet (%s)", seed, run_dir)
+                continue
+            runs.append(read_json(run_dir / "results.json"))
+        else:
+            runs.append(run_pipeline(_config(args.preset, seed), run_dir))
+    if not runs:
+        logger.error("no finished runs to aggregate")
+        return 1
+    done_seeds = [r["seed"] for r in runs]
+    agg = aggregate(runs)
+    targets = check_targets(agg)
+    md = summary(agg, targets, preset["description"], done_seeds)
+    print(md)
+    if args.no_write:
+        return 0
+    manifest = runs[0].get("manifest", {})
+    rec = BenchRecord(
+        name="quality",
+        preset=args.preset,
+        command=command_line(),
+        seeds={f"seed{i}": s for i, s in enumerate(done_seeds)},
+        machine=machine_info(manifest.get("device", "cpu")),
+        settings={"description": preset["description"], "config": preset["config"], "seeds_done": done_seeds},
+        results={"aggregate": agg, "targets": targets,
+                 "per_seed": [{"seed": r["seed"], "single_task": r["single_task"],
+                               "merged": [{k: v for k, v in m.items() if k != "inputs"} for m in r["merged"]]}
+                              for r in runs]},
+        summary_md=md,
+        notes=[f"runs under {Path(args.runs) / ('quality-' + args.preset)} (not committed)"],
+    )
+    write_results(rec, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
