@@ -81,7 +81,7 @@ def test_head_swap_round_trip_gives_identical_logits(tiny_bert: Path, tmp_path: 
 def test_head_from_another_model_is_refused(tiny_bert: Path) -> None:
     m = load_classifier(str(tiny_bert), 2)
     with pytest.raises(OsrmError, match="does not fit"):
-        set_head(m, {"weight": torch.zeros(2, 7), "bias": torch.zeros(2)}, 2, "classification")
+        set_head(m, {"classifier.weight": torch.zeros(2, 7), "classifier.bias": torch.zeros(2)}, 2, "classification")
 
 
 def test_module_key_prefix_resolution(tiny_bert: Path) -> None:

@@ -64,7 +64,7 @@ def test_only_trainable_parameters_change(tiny_bert: Path) -> None:
     model = load_classifier(str(tiny_bert), 2)
     peft_model = build_peft_model(model, LoraSettings(rank=2, alpha=4), "bert")
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all((".lora_" in n) or (".classifier." in n) for n in trainable)
+    assert trainable and all((".lora_" in n) or (".classifier." in n) or (".pooler." in n) for n in trainable)
     assert any(".classifier." in n for n in trainable)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)

@@ -176,10 +176,37 @@ def head_module_name(model: nn.Module) -> str:
     )
 
 
+def pooler_module_name(model: nn.Module) -> str | None:
+    """The base model's pooler (BERT-style ``<prefix>.pooler``) if it has parameters, else None.
+
+    A BERT pooler is a dense layer on the first token that only the classifier reads. It is treated
+    as part of each task's head: trained with it, saved with it, never merged (RoBERTa's own
+    classification head has the same dense layer inside it).
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    pooler = getattr(base, "pooler", None) if base is not None else None
+    if isinstance(pooler, nn.Module) and any(True for _ in pooler.parameters()):
+        return f"{prefix}.pooler"
+    return None
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Every module that belongs to a task's head: the classifier and, where present, the pooler."""
+    names = [head_module_name(model)]
+    pooler = pooler_module_name(model)
+    if pooler:
+        names.append(pooler)
+    return names
+
+
 def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The head's parameters (detached CPU copies)."""
-    head = getattr(model, head_module_name(model))
-    return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+    """The head's parameters (detached CPU copies), keyed by their path in ``model``."""
+    out: dict[str, torch.Tensor] = {}
+    for name in head_module_names(model):
+        for k, v in model.get_submodule(name).state_dict().items():
+            out[f"{name}.{k}"] = v.detach().cpu().clone()
+    return out
 
 
 def _last_linear(module: nn.Module) -> tuple[str, nn.Linear]:
@@ -195,8 +222,13 @@ def _last_linear(module: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def set_head(model: nn.Module, state: Mapping[str, torch.Tensor], num_labels: int, problem_type: str) -> None:
-    """Install a task head (from ``state``) with ``num_labels`` outputs into ``model`` in place."""
+    """Install a task head (from ``state``, keys as in :func:`head_state`) into ``model`` in place."""
     name = head_module_name(model)
+    prefix = name + "."
+    cls_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    other = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if not cls_state:
+        raise OsrmError(f"task head has no {name} weights; it does not fit this model (trained on another architecture?)")
     head = copy.deepcopy(getattr(model, name))
     lin_name, lin = _last_linear(head)
     if lin.out_features != num_labels:
@@ -207,9 +239,19 @@ def set_head(model: nn.Module, state: Mapping[str, torch.Tensor], num_labels: in
         else:
             head = new
     try:
-        head.load_state_dict(dict(state), strict=True)
+        head.load_state_dict(dict(cls_state), strict=True)
     except RuntimeError as exc:
         raise OsrmError(f"task head does not fit this model ({str(exc).splitlines()[0]}); was it trained on another base model?") from exc
+    with torch.no_grad():
+        for key, value in other.items():
+            try:
+                param = model.get_parameter(key)
+            except AttributeError:
+                raise OsrmError(f"task head has a weight {key} that this model lacks; it was trained on another base model") from None
+            if tuple(param.shape) != tuple(value.shape):
+                raise OsrmError(f"task head weight {key} has shape {tuple(value.shape)}, the model {tuple(param.shape)}; "
+                                "it was trained on another base model")
+            param.copy_(value.to(param.device, param.dtype))
     setattr(model, name, head)
     model.num_labels = num_labels
     model.config.num_labels = num_labels

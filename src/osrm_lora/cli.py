@@ -291,7 +291,10 @@ def merge(
         return
     if not method or out is None:
         raise OsrmError("merge needs --method and --out (or --list); see `osrm-lora merge --help`")
-    w = [float(x) for x in _csv(weights)] if weights else None
+    try:
+        w = [float(x) for x in _csv(weights) or []] if weights else None
+    except ValueError:
+        raise OsrmError(f"--weights {weights!r} is not a comma-separated list of numbers; pass e.g. --weights 1.0,0.5") from None
     run_merge([str(a) for a in adapters or []], method, list(param or []), str(out), format=fmt, weights=w)
     typer.echo(f"merged {len(adapters or [])} adapters with {method} into {out}")
 

@@ -44,6 +44,7 @@ class TrainSettings(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     eval_batch_size: int = Field(128, gt=0)
     max_length: int = Field(128, gt=1, le=65536)
+    train_pooler: bool = True
 
 
 class InitSettings(_Strict):

@@ -10,7 +10,7 @@ from osrm_lora.config import InitSettings, MergeSettings, PipelineConfig, Profil
 
 logger = logging.getLogger(__name__)
 
-DEMO_METHODS = ("task_arithmetic", "ties", "tsv_m")
+DEMO_METHODS = ("task_arithmetic", "ties")
 
 
 def demo_config(methods: tuple[str, ...] | None = None) -> PipelineConfig:
@@ -25,13 +25,13 @@ def demo_config(methods: tuple[str, ...] | None = None) -> PipelineConfig:
         suite="demo",
         seed=0,
         device="auto",
-        train=TrainSettings(epochs=2, batch_size=16, lr=1e-3, max_length=64, eval_batch_size=128),
+        train=TrainSettings(epochs=2, batch_size=16, lr=2e-3, head_lr=1e-2, max_length=64, eval_batch_size=128),
         inits=[
             InitSettings(name="standard", mode="standard"),
             InitSettings(name="osrm-paper", mode="paper"),
         ],
         profile=ProfileSettings(n_samples=100),
-        merge=MergeSettings(methods=chosen, lambdas=[0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5]),
+        merge=MergeSettings(methods=chosen, lambdas=[0.3, 0.6, 1.0, 1.5]),
         diagnose=True,
     )
 

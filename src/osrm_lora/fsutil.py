@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -57,6 +58,57 @@ def _check_parent_writable(path: Path) -> None:
         )
 
 
+_FOREIGN_IO = re.compile(r"(?:I/O error|failed writing file)[^\n]*?(?:: (?P<msg>[^()\n]+?))?\s*\(os error (?P<errno>\d+)\)")
+
+
+def _foreign_io_error(exc: BaseException) -> str | None:
+    """The OS error text of an I/O failure that a library wrapped in its own exception type
+    (safetensors' ``SafetensorError: ... I/O error: No space left on device (os error 28)``), else None."""
+    if isinstance(exc, OsrmError) or not isinstance(exc, Exception):
+        return None
+    m = _FOREIGN_IO.search(str(exc))
+    if m is None:
+        return None
+    return (m.group("msg") or "").strip() or os.strerror(int(m.group("errno")))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary/old copies of ``target`` left by a writer that was killed mid-write.
+
+    :func:`atomic_dir`/:func:`atomic_file` name them ``.<name>.tmp-<pid>-*`` and ``.<name>.old-<pid>``;
+    only those whose process no longer exists are removed (a live concurrent writer is left alone).
+    Returns the removed paths.
+    """
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)(?:-.*)?", re.DOTALL)
+    removed = []
+    for item in parent.iterdir():
+        m = pattern.fullmatch(item.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+        removed.append(item)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success rename it to ``target``.
@@ -67,7 +119,8 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
     _check_parent_writable(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError as exc:
         raise OsrmError(f"cannot write to {target.parent}: {exc.strerror}; choose a writable output directory") from exc
@@ -85,8 +138,11 @@ def atomic_dir(target: str | os.PathLike[str], overwrite: bool = True) -> Iterat
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OsrmError(f"cannot write {target}: {exc.strerror}; check free space and permissions") from exc
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        why = _foreign_io_error(exc)
+        if why is not None:
+            raise OsrmError(f"cannot write {target}: {why}; check free space and permissions") from exc
         raise
 
 
@@ -97,7 +153,8 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any
     _check_parent_writable(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        remove_stale_temporaries(target)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
     except OSError as exc:
         raise OsrmError(f"cannot write to {target.parent}: {exc.strerror}; choose a writable output directory") from exc
     tmp = Path(tmp_name)
@@ -111,8 +168,11 @@ def atomic_file(target: str | os.PathLike[str], mode: str = "w") -> Iterator[Any
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OsrmError(f"cannot write {target}: {exc.strerror}; check free space and permissions") from exc
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        why = _foreign_io_error(exc)
+        if why is not None:
+            raise OsrmError(f"cannot write {target}: {why}; check free space and permissions") from exc
         raise
 
 

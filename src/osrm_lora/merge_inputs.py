@@ -94,10 +94,9 @@ def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
     """AdaMerging objective: mean over tasks of the mean prediction entropy on unlabeled VALIDATION inputs."""
     from torch.func import functional_call
 
-    from osrm_lora.backbone import head_module_name, resolve_module_key
+    from osrm_lora.backbone import resolve_module_key
 
     model = evaluator.model
-    head_name = head_module_name(model)
     gen = torch.Generator().manual_seed(seed)
     batches = []
     dev = next(model.parameters()).device
@@ -105,7 +104,7 @@ def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
         enc = slot.encoded["validation"]
         idx = torch.randperm(len(enc), generator=gen)[:n_per_task].tolist()
         batch = {k: v.to(dev) for k, v in collate(evaluator.tokenizer, [enc.features[i] for i in idx]).items()}
-        head = {f"{head_name}.{k}": v.to(dev) for k, v in slot.head.items()}
+        head = {k: v.to(dev) for k, v in slot.head.items()}
         batches.append((batch, head, slot.task.problem_type))
     base = {n: p.detach() for n, p in model.named_parameters()}
 

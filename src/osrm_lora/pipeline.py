@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -177,6 +178,15 @@ def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
         yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
 
 
+def output_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of every weight file the run produced (adapters, heads, merged results), by relative path."""
+    from osrm_lora.fsutil import sha256_file
+
+    files = [p for sub in ("adapters", "merges") for p in sorted((run_dir / sub).rglob("*.safetensors"))
+             if not any(part.startswith(".") for part in p.relative_to(run_dir).parts)]
+    return {p.relative_to(run_dir).as_posix(): sha256_file(p) for p in files}
+
+
 def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
     import peft
     import transformers
@@ -200,9 +210,20 @@ def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "output_hashes": output_hashes(ctx.run_dir),
         "stage_seconds": ctx.ledger.timings,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def check_merge_settings(cfg: PipelineConfig, n_tasks: int) -> None:
+    """Validate merge methods and their parameters before any work (ConfigError/OsrmError, one line)."""
+    from osrm_lora.merge.registry import get_method, resolve_params
+
+    for method in cfg.merge.params:
+        get_method(method)  # a typo in merge.params is an error, not silently ignored
+    for method in cfg.merge.methods:
+        resolve_params(get_method(method), cfg.merge.params.get(method, {}), n_tasks)
 
 
 def run_pipeline(
@@ -212,21 +233,42 @@ def run_pipeline(
     force: Sequence[str] = (),
     cache: str | None = None,
 ) -> dict[str, Any]:
-    """Run every stage of ``cfg`` into ``run_dir`` (resuming finished stages) and return the results."""
+    """Run every stage of ``cfg`` into ``run_dir`` (resuming finished stages) and return the results.
+
+    If this call created ``run_dir`` and fails with a user error before any stage finished, the
+    directory is removed again, so bad input leaves no partial run behind.
+    """
+    run_dir = Path(run_dir)
+    fresh = not run_dir.exists()
+    try:
+        return _run_pipeline(cfg, run_dir, force=force, cache=cache)
+    except OsrmError:
+        if fresh and run_dir.is_dir() and not any((run_dir / ".stages").glob("*.json")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_pipeline(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    *,
+    force: Sequence[str] = (),
+    cache: str | None = None,
+) -> dict[str, Any]:
     bad = sorted(set(force) - set(STAGES) - {"all"})
     if bad:
         raise ConfigError(f"unknown stage(s) {bad} for --force; choose from {', '.join(STAGES)} or all")
     started = time.perf_counter()
-    run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise OsrmError(f"{run_dir} is a file; choose a directory for the run")
+    torch.manual_seed(cfg.seed)
+    model_path = resolve_model_path(cfg.model)
+    tasks = resolve_tasks(cfg, cache)
+    check_merge_settings(cfg, len(tasks))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OsrmError(f"cannot create run directory {run_dir}: {exc.strerror}; choose a writable path") from None
-    torch.manual_seed(cfg.seed)
-    model_path = resolve_model_path(cfg.model)
-    tasks = resolve_tasks(cfg, cache)
     ctx = RunContext(cfg, run_dir, StageLedger(run_dir, frozenset(force)), model_path, tasks,
                      {t.name: task_fingerprint(t) for t in tasks})
     _write_config(cfg, run_dir)

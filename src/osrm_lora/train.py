@@ -27,6 +27,7 @@ from osrm_lora.backbone import (
     HeadInfo,
     default_target_modules,
     head_module_name,
+    head_module_names,
     head_state,
     load_classifier,
     load_tokenizer,
@@ -66,8 +67,9 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str) -> nn.Module:
-    """Wrap ``model`` with a LoRA adapter; the head stays outside the adapter but trainable."""
+def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str, train_pooler: bool = True) -> nn.Module:
+    """Wrap ``model`` with a LoRA adapter; the head (classifier, and the pooler where the
+    architecture has one) stays outside the adapter but trainable."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora.target_modules or default_target_modules(model_type)
@@ -82,9 +84,10 @@ def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str) -> n
         peft_model = get_peft_model(model, cfg)
     except ValueError as exc:
         raise OsrmError(f"cannot add LoRA to this model: {str(exc).splitlines()[0]}; check target_modules") from exc
-    head = getattr(peft_model.base_model.model, head_module_name(peft_model.base_model.model))
-    for p in head.parameters():
-        p.requires_grad_(True)
+    inner = peft_model.base_model.model
+    for name in head_module_names(inner) if train_pooler else [head_module_name(inner)]:
+        for p in inner.get_submodule(name).parameters():
+            p.requires_grad_(True)
     return peft_model
 
 
@@ -137,12 +140,11 @@ def _load_trainable_state(peft_model: nn.Module, state: Mapping[str, torch.Tenso
 
 
 def _optimizer(peft_model: nn.Module, cfg: TrainSettings) -> torch.optim.Optimizer:
-    head_name = head_module_name(peft_model.base_model.model)
     lora, head = [], []
     for n, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
-        (head if f".{head_name}." in n else lora).append(p)
+        (lora if ".lora_" in n else head).append(p)
     groups: list[dict[str, Any]] = [{"params": lora, "lr": cfg.lr}]
     if head:
         groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
@@ -188,7 +190,7 @@ def train_task(
     base = load_classifier(model_path, task.num_labels, task.problem_type, device=dev, pad_token_id=tokenizer.pad_token_id)
     model_type = base.config.model_type
     set_seed(seed)  # head init is seeded identically whatever loading consumed
-    peft_model = build_peft_model(base, lora, model_type)
+    peft_model = build_peft_model(base, lora, model_type, train_pooler=train.train_pooler)
     if init_A is not None:
         set_initial_A(peft_model, init_A)
     A0 = current_A(peft_model)

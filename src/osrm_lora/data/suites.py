@@ -10,7 +10,7 @@ from osrm_lora.errors import OsrmError
 
 #: Demo caps: small enough for a CPU demo (the lead tunes them).
 DEMO_MAX_TRAIN = 400
-DEMO_MAX_EVAL = 200
+DEMO_MAX_EVAL = 150
 
 SUITES: dict[str, list[dict[str, Any]]] = {
     "demo": [
