@@ -69,7 +69,7 @@ class Preset:
 PRESETS = {
     "smoke": Preset("cpu", layers=2, hidden=64, kv=16, mlp=224, adapters=4, rank=4, svd_layers=1, repeats=1,
                     dense_repeats=1, bandwidth_bytes=1 << 24, subset_methods=("opcm",), skip_methods=()),
-    "cpu": Preset("cpu", layers=2, hidden=768, kv=192, mlp=2688, adapters=8, rank=16, svd_layers=1, repeats=3,
+    "cpu": Preset("cpu", layers=2, hidden=768, kv=192, mlp=2688, adapters=8, rank=16, svd_layers=1, repeats=2,
                   dense_repeats=1, bandwidth_bytes=1 << 28, subset_methods=("opcm",), skip_methods=()),
     "h100": Preset("cuda", layers=32, hidden=4096, kv=1024, mlp=14336, adapters=8, rank=16, svd_layers=1,
                    repeats=3, dense_repeats=1, bandwidth_bytes=1 << 32, subset_methods=("emr", "do_merging"),
@@ -442,7 +442,7 @@ def run(preset_name: str, out_dir: Path, methods: list[str] | None, md_path: Pat
         f"(hidden {p.hidden}, kv {p.kv}, mlp {p.mlp}); {N / 1e6:.1f} M dense parameters per adapter; float32.",
         "Peak memory: above the level before the call (adapters excluded); "
         + ("torch.cuda.max_memory_allocated." if dev.type == "cuda" else
-           "CPU resident set size sampled by a thread every 2 ms (short spikes may be missed)."),
+           "CPU resident set size sampled by a thread every 5 ms in one extra untimed call (short spikes may be missed)."),
         f"PEFT svd-based types (svd, ties_svd, dare_ties_svd) were timed on {p.svd_layers} of {p.layers} layers and "
         f"scaled linearly (x{sub_scale:g}); likewise our methods {', '.join(p.subset_methods) or '(none)'}.",
         "PEFT 'linear' is a different output than task arithmetic (it sums the A's and the B's separately); the "

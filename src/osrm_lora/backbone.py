@@ -114,8 +114,9 @@ def load_tokenizer(model_path: str) -> Any:
 
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=_trust_remote_code())
-    except OSError as exc:
-        raise OsrmError(f"cannot load a tokenizer from {model_path}: {exc}".splitlines()[0]) from exc
+    except (OSError, ValueError) as exc:  # transformers raises ValueError for unusable tokenizer files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OsrmError(f"cannot load a tokenizer from {model_path}: {first}; check the model path or id") from exc
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise OsrmError(f"tokenizer of {model_path} has neither a pad nor an eos token; add a pad token")

@@ -156,7 +156,8 @@ def time_call(fn: Callable[[], Any], *, device: torch.device | str | None = None
               repeats: int = 3, keep_result: bool = False,
               measure_memory: bool = True) -> tuple[Timing, PeakMemory | None, Any]:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (CUDA synchronised before and
-    after each call; garbage collected before each call).
+    after each call; garbage collected before each call). Peak memory is measured in the timed calls
+    on GPU and in one extra untimed call on CPU (its RSS sampler thread would distort the timing).
 
     The previous call's result is dropped before the next call starts, so a large result never
     exists twice. Peak memory (see :func:`measure_peak`) is the maximum over the timed calls. The
@@ -181,15 +182,20 @@ def time_call(fn: Callable[[], Any], *, device: torch.device | str | None = None
         box["t"] = time.perf_counter() - t0
         return out
 
+    on_gpu = device is not None and torch.device(device).type == "cuda"
     for _ in range(repeats):
         result = None
-        if measure_memory:
+        if measure_memory and on_gpu:  # the CUDA peak counter costs nothing: measure in the timed calls
             pk, result = measure_peak(timed, device=device)
             peak = pk if peak is None or pk.bytes > peak.bytes else peak
         else:
             free_memory(device)
             result = timed()
         times.append(box["t"])
+    if measure_memory and not on_gpu:
+        # the CPU sampler thread competes for the GIL and would slow the timed calls: one extra call
+        result = None
+        peak, result = measure_peak(fn, device=device)
     return Timing(times, warmup), peak, (result if keep_result else None)
 
 
@@ -240,7 +246,7 @@ class PeakMemory:
 
 
 def measure_peak(fn: Callable[[], Any], *, device: torch.device | str | None = None,
-                 interval: float = 0.002) -> tuple[PeakMemory, Any]:
+                 interval: float = 0.005) -> tuple[PeakMemory, Any]:
     """Run ``fn`` once and return its peak memory above the level before the call, and its result.
 
     GPU: ``torch.cuda.max_memory_allocated`` minus the allocation at the start (exact, includes the
@@ -367,8 +373,11 @@ def read_section(text: str, key: str) -> str | None:
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    lock = path.with_name(f".{path.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"osrm-lora-bench-{digest}.lock"  # outside the repository
     with open(lock, "a+") as fh:
         try:
             import fcntl

@@ -361,7 +361,11 @@ def export(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors -> one line on stderr, exit status 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc == 130:  # typer turns Ctrl-C into Exit(130) and returns it here
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc != 0:
+            return rc
     except OsrmError as exc:
         if _STATE["verbosity"] > 0:
             logger.exception("error")

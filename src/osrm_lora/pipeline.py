@@ -105,13 +105,16 @@ def task_fingerprint(task: Task) -> str:
 
 
 # --------------------------------------------------------------------------- stages
-def resolve_tasks(cfg: PipelineConfig, cache: str | None = None) -> list[Task]:
-    """Load the suite's and the listed tasks (duplicate names are an error)."""
+def resolve_tasks(cfg: PipelineConfig, cache: str | None = None, hf_loader: Any = None) -> list[Task]:
+    """Load the suite's and the listed tasks (duplicate names are an error).
+
+    ``hf_loader`` replaces ``datasets.load_dataset`` for HF/GLUE tasks (offline stand-ins in tests).
+    """
     specs: list[Any] = []
     if cfg.suite:
         specs.extend(load_suite(cfg.suite))
     specs.extend(cfg.tasks)
-    tasks = [load_task(s, cache=cache) for s in specs]
+    tasks = [load_task(s, cache=cache, hf_loader=hf_loader) for s in specs]
     names = [t.name for t in tasks]
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
@@ -232,8 +235,11 @@ def run_pipeline(
     *,
     force: Sequence[str] = (),
     cache: str | None = None,
+    hf_loader: Any = None,
 ) -> dict[str, Any]:
     """Run every stage of ``cfg`` into ``run_dir`` (resuming finished stages) and return the results.
+
+    ``hf_loader`` replaces ``datasets.load_dataset`` for HF/GLUE tasks (offline stand-ins in tests).
 
     If this call created ``run_dir`` and fails with a user error before any stage finished, the
     directory is removed again, so bad input leaves no partial run behind.
@@ -241,7 +247,7 @@ def run_pipeline(
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     try:
-        return _run_pipeline(cfg, run_dir, force=force, cache=cache)
+        return _run_pipeline(cfg, run_dir, force=force, cache=cache, hf_loader=hf_loader)
     except OsrmError:
         if fresh and run_dir.is_dir() and not any((run_dir / ".stages").glob("*.json")):
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -254,6 +260,7 @@ def _run_pipeline(
     *,
     force: Sequence[str] = (),
     cache: str | None = None,
+    hf_loader: Any = None,
 ) -> dict[str, Any]:
     bad = sorted(set(force) - set(STAGES) - {"all"})
     if bad:
@@ -263,7 +270,7 @@ def _run_pipeline(
         raise OsrmError(f"{run_dir} is a file; choose a directory for the run")
     torch.manual_seed(cfg.seed)
     model_path = resolve_model_path(cfg.model)
-    tasks = resolve_tasks(cfg, cache)
+    tasks = resolve_tasks(cfg, cache, hf_loader)
     check_merge_settings(cfg, len(tasks))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +447,9 @@ def merge_and_sweep(
         ],
         "inputs": [str(d) for d in dirs],
     }
-    save_merge_result(best_result, out, base_model_path=model_path)
+    save_merge_result(best_result, out, base_model_path=model_path, inputs=[str(d) for d in dirs],
+                      scores={"split": "validation", "lambda": record["lambda"], "scores": selected.validation,
+                              "test": selected.test})
     write_json(out / "sweep.json", record)
     return record
 

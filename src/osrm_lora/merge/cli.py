@@ -50,7 +50,8 @@ def run_merge(adapter_dirs: list[str], method: str, params: list[str] | None, ou
     if result.info.get("dropped_extra"):
         logger.warning("dropped non-LoRA tensors (per-task heads / modules_to_save): %s",
                        ", ".join(result.info["dropped_extra"][:5]))
-    save_merge_result(result, out, base_model_path=base_model_path, format=format, svd_rank=svd_rank)
+    save_merge_result(result, out, base_model_path=base_model_path, format=format, svd_rank=svd_rank,
+                      inputs=[str(d) for d in adapter_dirs])
     return result
 
 

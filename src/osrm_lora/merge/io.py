@@ -136,7 +136,8 @@ def _write_full(result: MergeResult, deltas: dict[str, torch.Tensor], target: Pa
 
 
 def save_merge_result(result: MergeResult, out_dir: str | Path, *, base_model_path: str | None = None,
-                      format: str = "peft", svd_rank: int | None = None) -> Path:
+                      format: str = "peft", svd_rank: int | None = None,
+                      inputs: list[str] | None = None, scores: dict[str, Any] | None = None) -> Path:
     """Write ``result`` to ``out_dir`` atomically (see module docstring for the layout).
 
     ``format="peft"``: factor-form results are written exactly (or re-truncated to ``svd_rank`` if
@@ -174,5 +175,13 @@ def save_merge_result(result: MergeResult, out_dir: str | Path, *, base_model_pa
             _write_full(result, result.deltas_for(), tmp, str(base_model_path), meta)
         meta["info"] = result.info
         (tmp / MERGE_INFO).write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
+        from osrm_lora.cards import merge_card
+        from osrm_lora.merge.registry import get_method
+
+        card = merge_card(method=result.method, params=result.params,
+                          base_model=base_model_path or (result.config or {}).get("base_model_name_or_path"),
+                          inputs=inputs or [], task_names=result.task_names, paper=get_method(result.method).paper,
+                          scores=scores, info=result.info, output_format=format)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     logger.debug("wrote %s result to %s", result.method, out_dir)
     return out_dir
