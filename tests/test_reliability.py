@@ -65,7 +65,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
                   _write_task(root / "polar.jsonl", "polar", ["good", "bad"], 2)],
         "lora": {"rank": 2, "alpha": 4},
         "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "max_length": 16, "eval_batch_size": 64},
-        "inits": ["standard", {"name": "osrm-own", "mode": "own"}],
+        "inits": [{"name": "osrm-own", "mode": "own"}],
+        "diagnose": False,
         "profile": {"n_samples": 16},
         "merge": {"methods": ["task_arithmetic", "ties"], "lambdas": [0.5, 1.0]},
     }
@@ -127,7 +128,7 @@ def _assert_same_weights(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dic
 
 @pytest.fixture(scope="module")
 def runs(setup: tuple[Path, Path, dict[str, str]]) -> dict[str, Any]:
-    """Run A: killed (SIGKILL) while training task 'polar' of the first init, then resumed.
+    """Run A: killed (SIGKILL) while training task 'polar' (after profiling and task 'colours'), then resumed.
     Run B: the same config uninterrupted into another directory."""
     root, cfg, env = setup
     a, b = root / "A", root / "B"
@@ -151,11 +152,11 @@ def runs(setup: tuple[Path, Path, dict[str, str]]) -> dict[str, Any]:
     state = {
         "markers": sorted(p.name for p in (a / ".stages").iterdir()),
         "temporaries": _leftovers(a),
-        "polar_done": (a / "adapters" / "standard" / "polar" / "metrics.json").exists(),
+        "polar_done": (a / "adapters" / "osrm-own" / "polar" / "metrics.json").exists(),
         "results": (a / "results.json").exists(),
     }
-    finished = sorted((a / "stats").iterdir()) + sorted((a / "adapters" / "standard" / "colours").iterdir()) + [
-        a / ".stages" / "profile.json", a / ".stages" / "train__standard__colours.json"]
+    finished = sorted((a / "stats").iterdir()) + sorted((a / "adapters" / "osrm-own" / "colours").iterdir()) + [
+        a / ".stages" / "profile.json", a / ".stages" / "train__osrm-own__colours.json"]
     before = _mtimes(finished)
     _run(_cmd(cfg, a), env)  # resume
     after = _mtimes(finished)
@@ -165,16 +166,16 @@ def runs(setup: tuple[Path, Path, dict[str, str]]) -> dict[str, Any]:
 
 def test_kill_lands_mid_stage(runs: dict[str, Any]) -> None:
     killed = runs["killed"]
-    assert killed["markers"] == ["profile.json", "train__standard__colours.json"]
+    assert killed["markers"] == ["profile.json", "train__osrm-own__colours.json"]
     assert not killed["polar_done"] and not killed["results"]
-    assert any("/adapters/standard/.polar.tmp-" in t for t in killed["temporaries"]), killed["temporaries"]
+    assert any("/adapters/osrm-own/.polar.tmp-" in t for t in killed["temporaries"]), killed["temporaries"]
 
 
 def test_resume_skips_finished_stages_and_redoes_the_interrupted_one(runs: dict[str, Any]) -> None:
     a: Path = runs["A"]
     assert runs["after"] == runs["before"], "finished stages were recomputed"
-    assert (a / "adapters" / "standard" / "polar" / "metrics.json").exists()
-    assert (a / ".stages" / "train__standard__polar.json").exists()
+    assert (a / "adapters" / "osrm-own" / "polar" / "metrics.json").exists()
+    assert (a / ".stages" / "train__osrm-own__polar.json").exists()
     assert _leftovers(a) == [], "temporary directories of the killed run remain"
     assert (a / "results.json").exists() and (a / "report.md").exists()
 
@@ -204,9 +205,9 @@ def test_manifest_records_inputs_outputs_and_environment(runs: dict[str, Any]) -
     assert all(len(t["fingerprint"]) == 64 for t in manifest["tasks"].values())
     assert len(manifest["config_hash"]) == 64
     hashes = manifest["output_hashes"]
-    expected = {f"adapters/{i}/{t}/{f}" for i in ("standard", "osrm-own") for t in ("colours", "polar")
+    expected = {f"adapters/{i}/{t}/{f}" for i in ("osrm-own",) for t in ("colours", "polar")
                 for f in ("adapter_model.safetensors", "head.safetensors")}
-    expected |= {f"merges/{i}/{m}/adapter_model.safetensors" for i in ("standard", "osrm-own") for m in ("task_arithmetic", "ties")}
+    expected |= {f"merges/{i}/{m}/adapter_model.safetensors" for i in ("osrm-own",) for m in ("task_arithmetic", "ties")}
     assert expected <= set(hashes)
     for rel, digest in hashes.items():
         assert sha256_file(a / rel) == digest, rel

@@ -114,3 +114,25 @@ def test_learns_a_separable_task_with_the_embedded_model(tmp_path: Path) -> None
     cfg = TrainSettings(epochs=2, batch_size=16, lr=2e-3, max_length=16)
     res = train_task(task, tmp_path / "a", model="default", train=cfg, lora=LoraSettings(rank=4, alpha=8), seed=0)
     assert res.validation >= 80.0, res.history
+
+
+def test_A_constrained_to_a_subspace_stays_inside_it(tiny_bert: Path, tmp_path: Path) -> None:
+    from osrm_lora.adapters import load_adapter
+
+    task = keyword_task("kw", ["red"], n=32)
+    cfg = TrainSettings(epochs=1, batch_size=8, lr=1e-2, max_length=16)
+    model = load_classifier(str(tiny_bert), 2)
+    keys = [n for n, m in model.named_modules() if n.endswith((".query", ".value"))]
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(32, 6, generator=g))[0].T.contiguous()  # 6 x 32, orthonormal rows
+    basis = {k: U for k in keys}
+    init = {k: U[:2].contiguous() for k in keys}
+    train_task(task, tmp_path / "a", model=str(tiny_bert), train=cfg, lora=LoraSettings(rank=2, alpha=4),
+               init_A=init, A_subspace=basis)
+    adapter = load_adapter(tmp_path / "a")
+    moved = False
+    for key, mod in adapter.modules.items():
+        A = mod.A
+        assert torch.allclose(A, A @ U.T @ U, atol=1e-5), key  # inside span(U)
+        moved |= not torch.allclose(A, U[:2], atol=1e-4)
+    assert moved, "A trained within the subspace"

@@ -55,6 +55,9 @@ class InitSettings(_Strict):
     freeze_A: bool = False
     freeze_B: bool = False
     ridge: float = Field(1e-3, gt=0)
+    subspace_dim: int | None = Field(None, gt=0)
+    """OSRM subspace of dimension k >= rank: A starts as its best r directions and is projected
+    back onto it after every optimizer step (between frozen A, k = rank, and free A)."""
 
     @field_validator("name")
     @classmethod
@@ -67,6 +70,8 @@ class InitSettings(_Strict):
     def _not_both_frozen(self) -> "InitSettings":
         if self.freeze_A and self.freeze_B:
             raise ValueError("freeze_A and freeze_B together leave nothing to train")
+        if self.subspace_dim is not None and self.mode == "standard":
+            raise ValueError("subspace_dim needs an OSRM mode (code, paper or own), not standard")
         return self
 
 

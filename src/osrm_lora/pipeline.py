@@ -155,14 +155,21 @@ def profile_stage(cfg: PipelineConfig, tasks: Sequence[Task], model_path: str, o
 
 
 def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task], stats_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """OSRM A matrices per task per module for one init (empty dict for ``standard``)."""
+    """OSRM bases per task per module for one init (empty dict for ``standard``).
+
+    Rows are ordered best first, ``subspace_dim`` (default: the LoRA rank) rows per module.
+    """
     if init.mode == "standard":
         return {}
     from osrm_lora.osrm import compute_osrm_A
     from osrm_lora.stats import StatsStore
 
     store = StatsStore.load(stats_dir)
-    return compute_osrm_A(store, [t.name for t in tasks], cfg.lora.rank, init.mode, ridge=init.ridge)
+    k = init.subspace_dim or cfg.lora.rank
+    if k < cfg.lora.rank:
+        raise ConfigError(f"init {init.name}: subspace_dim {k} is smaller than the LoRA rank {cfg.lora.rank}; "
+                          "use subspace_dim >= rank")
+    return compute_osrm_A(store, [t.name for t in tasks], k, init.mode, ridge=init.ridge)
 
 
 # --------------------------------------------------------------------------- the run
@@ -335,9 +342,12 @@ def _train_init(ctx: RunContext, init: InitSettings, stats_dir: Path, base_paylo
             nonlocal subspaces
             if init.mode != "standard" and subspaces is None:
                 subspaces = init_subspaces(cfg, init, ctx.tasks, stats_dir)
+            basis = (subspaces or {}).get(task.name)
+            init_A = {k: U[: cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
             train_task(task, adir, model=ctx.model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed,
-                       device=cfg.device, init_A=(subspaces or {}).get(task.name), freeze_A=init.freeze_A,
-                       freeze_B=init.freeze_B, init_name=init.name)
+                       device=cfg.device, init_A=init_A, freeze_A=init.freeze_A,
+                       freeze_B=init.freeze_B, init_name=init.name,
+                       A_subspace=basis if init.subspace_dim else None)
 
         ctx.ledger.run("train", f"train/{init.name}/{task.name}", payload, [adir / "metrics.json"], _do)
         out[task.name] = read_json(adir / "metrics.json")

@@ -128,6 +128,29 @@ def a_drift(A0: Mapping[str, torch.Tensor], A: Mapping[str, torch.Tensor]) -> di
     return {k: float((A[k] - A0[k]).norm() / A0[k].norm().clamp_min(1e-12)) for k in A0}
 
 
+def _subspace_projectors(
+    peft_model: nn.Module, subspaces: Mapping[str, torch.Tensor], device: torch.device
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(lora_A parameter, U (k x n)) pairs for the projected training of A."""
+    out = []
+    for name, param in lora_parameters(peft_model, "lora_A").items():
+        key = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+        if key not in subspaces:
+            raise OsrmError(f"no OSRM subspace for module {key}; the statistics were made for other target modules")
+        U = subspaces[key].to(device, torch.float32)
+        if U.shape[1] != param.shape[1] or U.shape[0] < param.shape[0]:
+            raise OsrmError(f"OSRM subspace for {key} has shape {tuple(U.shape)}, incompatible with LoRA A "
+                            f"{tuple(param.shape)}; subspace_dim must be >= rank")
+        out.append((param, U))
+    return out
+
+
+def _project_A(projectors: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for param, U in projectors:
+            param.copy_((param @ U.T) @ U)
+
+
 def _trainable_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
 
@@ -174,10 +197,13 @@ def train_task(
     freeze_B: bool = False,
     init_name: str = "standard",
     evaluate_test: bool = True,
+    A_subspace: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fine-tune one LoRA adapter + head on ``task``; keep the best epoch by validation score.
 
     ``init_A`` (module key -> r x n) replaces PEFT's standard A initialisation (OSRM); B starts at 0.
+    ``A_subspace`` (module key -> k x n, orthonormal rows) constrains A to that row space: after every
+    optimizer step A <- A U^T U.
     The test split is scored once, with the selected checkpoint, as the single-task reference.
     """
     if freeze_A and freeze_B:
@@ -211,6 +237,7 @@ def train_task(
     scheduler = _linear_schedule(optimizer, int(round(train.warmup_ratio * total)), total)
     generator = torch.Generator().manual_seed(seed)
     loss_fn: nn.Module = nn.MSELoss() if regression else nn.CrossEntropyLoss()
+    projectors = _subspace_projectors(peft_model, A_subspace, dev) if A_subspace and not freeze_A else []
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     logger.info("training %s (%s): %d examples x %d epochs, %d trainable parameters", task.name, init_name, len(enc_train), train.epochs, n_trainable)
@@ -235,6 +262,7 @@ def train_task(
                 torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                _project_A(projectors)
                 running += loss.item() * len(idx)
                 seen += len(idx)
                 progress.advance(loss.item(), seen / max(time.perf_counter() - t0, 1e-9))
