@@ -68,8 +68,12 @@ def embedded_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
-    """Map ``None``/``"default"``/the MiniLM name to the embedded copy; pass other ids/paths through."""
+    """Map ``None``/``"default"``/the MiniLM name to the embedded copy (or ``$OSRM_LORA_MODEL`` if
+    set, e.g. a half-precision copy on a machine without the wheel); pass other ids/paths through."""
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
+        override = os.environ.get("OSRM_LORA_MODEL")
+        if override:
+            return resolve_model_path(override)
         return str(embedded_model_path())
     text = str(name_or_path)
     path = Path(text).expanduser()
