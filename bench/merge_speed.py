@@ -466,13 +466,8 @@ def run(preset_name: str, out_dir: Path, methods: list[str] | None, md_path: Pat
 
 
 def mergekit_note() -> str:
-    try:
-        import mergekit  # noqa: F401
-
-        return "mergekit is importable here but not timed by this script (see bench/README.md)."
-    except ImportError:
-        return ("mergekit: not timed. It is not installed in this environment (a separate venv is needed since its "
-                "pins conflict with ours; see bench/README.md), and the GPU machines have no network.")
+    return ("mergekit is not timed here (it is not installed with our pinned stack, and the GPU machines have no "
+            "network): bench/mergekit_speed.py times its dense TA/TIES on CPU from a separate venv.")
 
 
 def summary_markdown(p: Preset, results: dict[str, Any], N: int) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def build_models(p: ms.Preset, adapters: list[Any], root: Path) -> tuple[Path, l
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    head_dim = 64
+    head_dim = 64 if p.hidden % 64 == 0 and p.kv % 64 == 0 else math.gcd(p.hidden, p.kv)
     cfg = LlamaConfig(hidden_size=p.hidden, intermediate_size=p.mlp, num_hidden_layers=p.layers,
                       num_attention_heads=p.hidden // head_dim, num_key_value_heads=p.kv // head_dim,
                       head_dim=head_dim, vocab_size=512, tie_word_embeddings=False)

@@ -41,6 +41,7 @@ INITS = [
     {"name": "own", "mode": "own"},
     {"name": "paper-frozenA", "mode": "paper", "freeze_A": True},
     {"name": "own-frozenA", "mode": "own", "freeze_A": True},
+    {"name": "own-k32", "mode": "own", "subspace_dim": 32},
 ]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
 
@@ -58,13 +59,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
     "gpu": {
-        "description": "offline6 at full size (mr, movie_docs, hedge, bbc, spam, foods), 128 tokens, 3 epochs, "
-                       "MiniLM-L6 on one GPU (bf16 autocast)",
+        "description": "offline6 tasks (mr, movie_docs, hedge, bbc, spam, foods) with training capped at 1000 "
+                       "examples per task (validation/test at full size), 128 tokens, 3 epochs, lr 2e-3 / head 1e-2 "
+                       "(chosen on validation by bench/tune_lr.py), MiniLM-L6 on one GPU (bf16 autocast)",
         "seeds": [0, 1, 2],
         "config": {
             "model": "default",
-            "suite": "offline6",
-            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "head_lr": 5e-3, "max_length": 128,
+            "tasks": [{"name": n, "max_train": 1000} for n in ("mr", "movie_docs", "hedge", "bbc", "spam", "foods")],
+            "train": {"epochs": 3, "batch_size": 32, "lr": 2e-3, "head_lr": 1e-2, "max_length": 128,
                       "eval_batch_size": 256},
             "inits": INITS,
             "merge": {"methods": ["task_arithmetic", "ties", "dare_ties", "emr", "regmean", "tsv_m", "iso_c",
@@ -75,11 +77,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(preset: str, seed: int) -> Any:
+def _config(preset: str, seed: int, inits: list[str] | None = None) -> Any:
     raw = dict(PRESETS[preset]["config"])
     raw["name"] = f"quality-{preset}-seed{seed}"
     raw["seed"] = seed
+    if inits:
+        known = {i["name"]: i for i in raw["inits"]}
+        unknown = [i for i in inits if i not in known]
+        if unknown:
+            raise SystemExit(f"unknown inits {unknown}; the preset has {sorted(known)}")
+        raw["inits"] = [known[i] for i in inits]
     return parse_config(raw)
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One seed's results from runs over disjoint sets of inits (same tasks, seed, settings)."""
+    out = dict(parts[0])
+    out["single_task"] = {}
+    out["merged"] = []
+    out["interference"] = {}
+    for p in parts:
+        out["single_task"].update(p["single_task"])
+        out["merged"].extend(p["merged"])
+        out["interference"].update(p.get("interference", {}))
+    return out
 
 
 def _sd(values: list[float]) -> float:
@@ -181,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--aggregate-only", action="store_true", help="only aggregate finished seed runs")
     ap.add_argument("--no-write", action="store_true", help="run without writing BENCHMARKS.md (partial runs)")
+    ap.add_argument("--inits", default=None, help="comma-separated subset of the preset's inits (a part of a seed)")
     args = ap.parse_args(argv)
     setup_logging(0)
     preset = PRESETS[args.preset]
@@ -188,15 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     from osrm_lora.pipeline import run_pipeline
 
     runs = []
+    subset = [i for i in args.inits.split(",") if i] if args.inits else None
+    tag = "-" + "+".join(subset) if subset else ""
     for seed in seeds:
-        run_dir = Path(args.runs) / f"quality-{args.preset}" / f"seed{seed}"
+        base = Path(args.runs) / f"quality-{args.preset}"
         if args.aggregate_only:
-            if not (run_dir / "results.json").exists():
-                logger.warning("seed %d has no results yet (%s)", seed, run_dir)
+            parts = [read_json(p / "results.json") for p in sorted(base.glob(f"seed{seed}*"))
+                     if (p / "results.json").exists()]
+            if not parts:
+                logger.warning("seed %d has no results yet under %s", seed, base)
                 continue
-            runs.append(read_json(run_dir / "results.json"))
+            runs.append(merge_parts(parts))
         else:
-            runs.append(run_pipeline(_config(args.preset, seed), run_dir))
+            runs.append(run_pipeline(_config(args.preset, seed, subset), base / f"seed{seed}{tag}"))
     if not runs:
         logger.error("no finished runs to aggregate")
         return 1
@@ -208,19 +234,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         return 0
     manifest = runs[0].get("manifest", {})
+    machine = machine_info(manifest.get("device", "cpu"))
+    notes = [f"runs under {Path(args.runs) / ('quality-' + args.preset)} (not committed)"]
+    if args.aggregate_only and str(manifest.get("device", "")).startswith("cuda"):
+        # the runs were made on a GPU machine: describe that machine from the runs' own manifests
+        v = manifest.get("versions", {})
+        machine = {"gpu": manifest.get("device_name"), "device": manifest.get("device"), "torch": v.get("torch"),
+                   "transformers": v.get("transformers"), "peft": v.get("peft"), "python": v.get("python"),
+                   "platform": manifest.get("platform"), "cuda": "see torch build"}
+        notes.append(f"seed runs were made on {manifest.get('device_name')} with `python bench/quality.py --preset "
+                     f"{args.preset} --seeds K --inits PART --no-write` (one call per part of the inits), then "
+                     "aggregated from their results.json by the command above")
     rec = BenchRecord(
         name="quality",
         preset=args.preset,
         command=command_line(),
         seeds={f"seed{i}": s for i, s in enumerate(done_seeds)},
-        machine=machine_info(manifest.get("device", "cpu")),
+        machine=machine,
         settings={"description": preset["description"], "config": preset["config"], "seeds_done": done_seeds},
         results={"aggregate": agg, "targets": targets,
                  "per_seed": [{"seed": r["seed"], "single_task": r["single_task"],
                                "merged": [{k: v for k, v in m.items() if k != "inputs"} for m in r["merged"]]}
                               for r in runs]},
         summary_md=md,
-        notes=[f"runs under {Path(args.runs) / ('quality-' + args.preset)} (not committed)"],
+        notes=notes,
     )
     write_results(rec, args.out)
     return 0

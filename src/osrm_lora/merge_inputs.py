@@ -72,7 +72,7 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
                 if task.problem_type == "regression":
                     logp = logits[0, 0]  # Fisher of a unit-variance Gaussian = (d mu / d theta)^2
                 else:
-                    probs = logits.softmax(-1)[0].detach()
+                    probs = logits.softmax(-1)[0].detach().float().cpu()
                     y = int(torch.multinomial(probs, 1, generator=gen.manual_seed(seed + i)).item()) if probs.numel() > 1 else 0
                     logp = logits.log_softmax(-1)[0, y]
                 peft_model.zero_grad(set_to_none=True)
