@@ -48,7 +48,7 @@ def test_duplicates_and_suites() -> None:
         resolve_specs(["mr", {"name": "mr", "max_train": 5}])
     demo = load_suite("demo")
     assert [s.name for s in demo] == ["mr", "hedge", "bbc", "spam"]
-    assert all(s.max_train == 400 and s.max_eval == 150 for s in demo)
+    assert all(s.max_train == 320 and s.max_eval == 100 for s in demo)
     full = load_suite("offline6")
     assert [s.name for s in full] == ["mr", "movie_docs", "hedge", "bbc", "spam", "foods"]
     assert all(s.max_train is None and s.max_eval is None for s in full)

@@ -9,8 +9,8 @@ from osrm_lora.data.spec import TaskSpec, resolve_specs
 from osrm_lora.errors import OsrmError
 
 #: Demo caps: small enough for a CPU demo (the lead tunes them).
-DEMO_MAX_TRAIN = 400
-DEMO_MAX_EVAL = 150
+DEMO_MAX_TRAIN = 320
+DEMO_MAX_EVAL = 100
 
 SUITES: dict[str, list[dict[str, Any]]] = {
     "demo": [
