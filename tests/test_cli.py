@@ -10,7 +10,7 @@ import pytest
 
 from osrm_lora.cli import app, main
 
-COMMANDS = ["demo", "run", "report", "train", "profile", "init", "project", "diagnose", "merge", "evaluate", "predict", "export"]
+COMMANDS = ["demo", "run", "report", "train", "profile", "init", "project", "diagnose", "merge", "evaluate", "evaluate-lm", "predict", "export"]
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -320,6 +320,26 @@ def evaluate_cmd(
         typer.echo(f"{name}\t{value:.2f}")
 
 
+@app.command("evaluate-lm")
+def evaluate_lm_cmd(
+    texts: Annotated[list[Path], typer.Argument(help="Text files, one text per line (one file per task).")],
+    model: Annotated[str, typer.Option(help="Causal LM (HF id or directory) the adapters were trained on.")],
+    adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter (own or merged) to fold in.")] = None,
+    max_length: Annotated[int, typer.Option(min=2)] = 512,
+    device: str = "auto",
+) -> None:
+    """Loss and perplexity of a causal LM (optionally with a merged LoRA) on each text file.
+
+    Example: osrm-lora evaluate-lm --model my-llama --adapter merged/ task_a.txt task_b.txt
+    """
+    from osrm_lora.inference import evaluate_causal_lm
+
+    res = evaluate_causal_lm([str(t) for t in texts], model=model, adapter=str(adapter) if adapter else None,
+                             max_length=max_length, device=device)
+    for name, r in res.items():
+        typer.echo(f"{name}\tloss {r['loss']:.4f}\tperplexity {r['perplexity']:.2f}")
+
+
 @app.command()
 def predict(
     adapter: Annotated[Path, typer.Option(help="Adapter directory with the task's head.")],

@@ -134,3 +134,76 @@ def export_models(
         logger.info("exported %s to %s", info.task, target)
         paths.append(target)
     return paths
+
+
+def _read_text_file(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        raise OsrmError(f"text file {p} does not exist; check the path")
+    try:
+        lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise OsrmError(f"{p} is not UTF-8 text; convert it to UTF-8") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise OsrmError(f"text file {p} is empty; give one text per line")
+    return lines
+
+
+@torch.no_grad()
+def causal_lm_loss(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, max_length: int = 512,
+                   batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy (nats per predicted token) of ``texts`` under ``model``."""
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(list(texts[start : start + batch_size]), truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt")
+        ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        target = ids[:, 1:]
+        tmask = mask[:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
+        total += float(nll[tmask].sum())
+        count += int(tmask.sum())
+    if count == 0:
+        raise OsrmError("the texts have no token to predict (each needs at least two tokens)")
+    return total / count
+
+
+def evaluate_causal_lm(
+    text_files: Sequence[str],
+    *,
+    model: str,
+    adapter: str | None = None,
+    max_length: int = 512,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Per text file: loss and perplexity of a causal LM with an (own or merged) LoRA update folded in.
+
+    For adapters without classification heads (e.g. causal-LM adapters): merging never needs a head,
+    and evaluation is the per-task loss / perplexity on the given text files (one text per line).
+    """
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from osrm_lora.backbone import apply_deltas
+
+    path = resolve_model_path(model)
+    tok = load_tokenizer(path)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                   use_safetensors=True if Path(path).exists() else None)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise OsrmError(f"cannot load causal LM {path}: {str(exc).splitlines()[0]}; check the model path or id") from exc
+    net.to(select_device(device))
+    if adapter is not None:
+        apply_deltas(net, adapter_deltas(adapter))
+    out: dict[str, dict[str, float]] = {}
+    for f in text_files:
+        loss = causal_lm_loss(net, tok, _read_text_file(f), max_length=max_length, batch_size=batch_size)
+        out[str(f)] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 _CONFIGURED = False
 
@@ -50,3 +51,42 @@ def progress_enabled() -> bool:
     if os.environ.get("OSRM_LORA_NO_PROGRESS"):
         return False
     return logging.getLogger("osrm_lora").getEffectiveLevel() <= logging.INFO
+
+
+class Progress:
+    """A rich progress bar for long work (disabled when quiet or OSRM_LORA_NO_PROGRESS is set).
+
+    ``fields`` names extra values shown after the bar, e.g. ``{"loss": "loss {:.4f}"}``; pass their
+    values to :meth:`advance`.
+    """
+
+    def __init__(self, label: str, total: int, fields: dict[str, str] | None = None) -> None:
+        self._bar: Any = None
+        self._fields = fields or {}
+        if progress_enabled() and total > 0:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+            columns += [TextColumn("{task.fields[" + name + "_text]}") for name in self._fields]
+            columns.append(TimeElapsedColumn())
+            self._bar = RichProgress(*columns, transient=True)
+            self._bar.start()
+            init = {f"{name}_text": "" for name in self._fields}
+            self._id = self._bar.add_task(label, total=total, **init)
+
+    def advance(self, n: int = 1, **values: float) -> None:
+        if self._bar is not None:
+            texts = {f"{k}_text": self._fields[k].format(v) for k, v in values.items() if k in self._fields}
+            self._bar.update(self._id, advance=n, **texts)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

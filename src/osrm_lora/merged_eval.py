@@ -151,9 +151,13 @@ def sweep(
     Returns the curve, the merge result at the selected lambda and the selected point. Selection
     uses the average VALIDATION score only; ties go to the smaller lambda.
     """
+    from osrm_lora.logutil import Progress
+
     curve: list[SweepPoint] = []
     best: tuple[float, float, Any, SweepPoint] | None = None
+    progress = Progress(f"merge + evaluate ({len(evaluator.slots)} tasks)", len(lambdas), {"lam": "λ={:g}"})
     for lam in lambdas:
+        progress.advance(0, lam=lam)
         t0 = time.perf_counter()
         result = merge_fn(lam)
         seconds = time.perf_counter() - t0
@@ -165,6 +169,8 @@ def sweep(
         logger.debug("lambda %.2f: validation avg %.2f", lam, point.avg_validation)
         if best is None or point.avg_validation > best[0]:
             best = (point.avg_validation, lam, result, point)
+        progress.advance(1, lam=lam)
+    progress.close()
     assert best is not None
     selected = best[3]
     if not with_test_curve:

@@ -483,7 +483,11 @@ def collect_statistics(
     was_training = model.training
     model.eval()
     try:
-        with _hooks(modules, collector), torch.no_grad():
+        from osrm_lora.logutil import Progress
+
+        total_batches = sum(-(-min(len(t), n_samples) // batch_size) for t, _ in data.values())
+        progress = Progress("profile activations", total_batches)
+        with _hooks(modules, collector), torch.no_grad(), progress:
             for task, (texts, pairs) in data.items():
                 idx = sample_indices(len(texts), n_samples, seed)
                 if len(idx) < n_samples:
@@ -498,6 +502,7 @@ def collect_statistics(
                     if "attention_mask" not in enc:
                         enc["attention_mask"] = torch.ones_like(enc["input_ids"])
                     collector.start_batch(enc["attention_mask"])
+                    progress.advance(1)
                     model(**enc)
                     collector.end_batch()
                 assert collector.leader_of is not None

@@ -41,7 +41,7 @@ from osrm_lora.encoding import Encoded, collate, encode_split, train_batches
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import autocast_context, evaluate
 from osrm_lora.fsutil import atomic_dir, write_json
-from osrm_lora.logutil import progress_enabled
+from osrm_lora.logutil import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,8 @@ def train_task(
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
-    progress = _Progress(f"{task.name} [{init_name}]", total)
+    progress = Progress(f"train {task.name} [{init_name}]", total,
+                        {"loss": "loss {:.4f}", "rate": "{:.0f} ex/s"})
     try:
         for epoch in range(1, train.epochs + 1):
             peft_model.train()
@@ -265,7 +266,7 @@ def train_task(
                 _project_A(projectors)
                 running += loss.item() * len(idx)
                 seen += len(idx)
-                progress.advance(loss.item(), seen / max(time.perf_counter() - t0, 1e-9))
+                progress.advance(loss=loss.item(), rate=seen / max(time.perf_counter() - t0, 1e-9))
             val = evaluate(peft_model, tokenizer, task, enc_val, train.eval_batch_size)
             history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "validation": val})
             logger.info("%s [%s] epoch %d: loss %.4f, validation %s %.2f", task.name, init_name, epoch, running / max(seen, 1), task.metric, val)
@@ -334,34 +335,6 @@ def _save(
         peft_model.save_pretrained(str(tmp))
         save_head(tmp, head_state(inner), info)
         write_json(tmp / "metrics.json", metrics)
-
-
-class _Progress:
-    """A rich progress bar with loss and examples/s (disabled when quiet)."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self._bar = None
-        if progress_enabled():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} ex/s"),
-                TimeElapsedColumn(),
-                transient=True,
-            )
-            self._bar.start()
-            self._id = self._bar.add_task(label, total=total, loss=float("nan"), rate=0.0)
-
-    def advance(self, loss: float, rate: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._id, advance=1, loss=loss, rate=rate)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def load_init_A(init_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
