@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from osrm_lora.errors import OsrmError
+from osrm_lora.fsutil import _json_default as fsutil_json_default
 from osrm_lora.fsutil import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -390,20 +391,14 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _json_default(obj: Any) -> Any:
     """JSON for numpy scalars/arrays, paths, torch dtypes/devices; TypeError for anything else."""
-    if isinstance(obj, (Path, torch.dtype, torch.device)):
+    if isinstance(obj, (torch.dtype, torch.device)):
         return str(obj)
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
         return obj.item()
     try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    raise TypeError(f"benchmark result of type {type(obj).__name__} is not JSON serialisable; convert it first")
+        return fsutil_json_default(obj)
+    except TypeError:
+        raise TypeError(f"benchmark result of type {type(obj).__name__} is not JSON serialisable; convert it first") from None
 
 
 def update_markdown_section(path: str | os.PathLike[str], key: str, body: str) -> None:
