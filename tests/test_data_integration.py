@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from osrm_lora.data.suites import DEMO_MAX_EVAL, DEMO_MAX_TRAIN
 from osrm_lora.data import load_suite, load_task
 
 pytestmark = pytest.mark.integration
@@ -51,4 +52,4 @@ def test_real_builtin_task(name: str, cache: Path) -> None:
 def test_demo_suite_real(cache: Path) -> None:
     for spec in load_suite("demo"):
         task = load_task(spec, cache)
-        assert (len(task.train), len(task.validation), len(task.test)) == (400, 200, 200)
+        assert (len(task.train), len(task.validation), len(task.test)) == (DEMO_MAX_TRAIN, DEMO_MAX_EVAL, DEMO_MAX_EVAL)
