@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         v = manifest.get("versions", {})
         machine = {"gpu": manifest.get("device_name"), "device": manifest.get("device"), "torch": v.get("torch"),
                    "transformers": v.get("transformers"), "peft": v.get("peft"), "python": v.get("python"),
-                   "platform": manifest.get("platform"), "cuda": "see torch build"}
+                   "platform": manifest.get("platform"),
+                   "gpu_memory_gib": manifest.get("gpu_memory_gib", "not recorded"),
+                   "cuda": manifest.get("cuda") or "not recorded"}
         notes.append(f"seed runs were made on {manifest.get('device_name')} with `python bench/quality.py --preset "
                      f"{args.preset} --seeds K --inits PART --no-write` (one call per part of the inits), then "
                      "aggregated from their results.json by the command above")

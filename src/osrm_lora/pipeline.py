@@ -218,6 +218,8 @@ def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
         },
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1) if dev.type == "cuda" else None,
+        "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "output_hashes": output_hashes(ctx.run_dir),
