@@ -39,6 +39,8 @@ def test_inits_from_strings(tmp_path: Path) -> None:
         ("seed: 1\n", "name a suite or list tasks"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("suite: demo\ntrain: {epochs: -1}\n", "train.epochs"),
+        ("suite: demo\ninits: [{name: x, mode: standard, subspace_dim: 32}]\n", "subspace_dim needs an OSRM mode"),
+        ("suite: demo\ninits: [{name: x, mode: own, subspace_dim: 0}]\n", "inits.0.subspace_dim"),
     ],
 )
 def test_bad_configs_give_one_line_errors(tmp_path: Path, text: str, fragment: str) -> None:
