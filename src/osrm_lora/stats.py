@@ -339,7 +339,7 @@ class _Collector:
                 )
         for leader, psum in self.batch_sum.items():
             means = psum / self.batch_cnt[leader].clamp_min(1).unsqueeze(1).to(psum.dtype)
-            self.acc[leader]["sample_means"].append(means.cpu())
+            self.acc[leader]["sample_means"].append(means)  # moved to the CPU once, at the end of the task
         self._last = None
 
     def hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -374,20 +374,23 @@ class _Collector:
             keep = torch.ones(x3.shape[:2], dtype=torch.bool, device=x3.device)
         else:
             raise OsrmError(f"cannot match the input of {name} (shape {tuple(x.shape)}) to the batch; unsupported module")
-        xm = x3[keep]
+        # masked multiply instead of boolean indexing: padded rows become zero rows, which add nothing
+        # to the sum or the Gram matrix, and nothing forces a device-host synchronisation
+        xw = x3 * keep.unsqueeze(-1).to(x3.dtype)
+        flat = xw.reshape(-1, n)
         acc = self.acc.get(leader)
         if acc is None:
             acc = {
-                "count": 0,
+                "count": torch.zeros((), dtype=torch.int64, device=self.device),
                 "sum": torch.zeros(n, dtype=self.dtype, device=self.device),
                 "gram": torch.zeros(n, n, dtype=self.dtype, device=self.device),
                 "sample_means": [],
             }
             self.acc[leader] = acc
-        acc["count"] += int(xm.shape[0])
-        acc["sum"] += xm.sum(dim=0)
-        acc["gram"].addmm_(xm.T, xm)
-        psum = (x3 * keep.unsqueeze(-1).to(x3.dtype)).sum(dim=1)
+        acc["count"] += keep.sum()
+        acc["sum"] += flat.sum(dim=0)
+        acc["gram"].addmm_(flat.T, flat)
+        psum = xw.sum(dim=1)
         pcnt = keep.sum(dim=1)
         if leader in self.batch_sum:  # module called several times in one forward (shared layers)
             self.batch_sum[leader] += psum
@@ -516,10 +519,10 @@ def collect_statistics(
                     )
                 for leader in leader_order:
                     acc = collector.acc[leader]
-                    tensors[f"{task}{_SEP}{leader}{_SEP}count"] = torch.tensor(acc["count"], dtype=torch.int64)
+                    tensors[f"{task}{_SEP}{leader}{_SEP}count"] = acc["count"].cpu().to(torch.int64)
                     tensors[f"{task}{_SEP}{leader}{_SEP}sum"] = acc["sum"].cpu()
                     tensors[f"{task}{_SEP}{leader}{_SEP}gram"] = acc["gram"].cpu()
-                    tensors[f"{task}{_SEP}{leader}{_SEP}sample_means"] = torch.cat(acc["sample_means"]).to(dtype)
+                    tensors[f"{task}{_SEP}{leader}{_SEP}sample_means"] = torch.cat(acc["sample_means"]).cpu().to(dtype)
                 first = collector.acc[leader_order[0]]
                 per_task[task] = {"samples": len(idx), "tokens": int(first["count"])}
                 collector.acc = {}
