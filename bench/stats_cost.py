@@ -278,7 +278,7 @@ def run(preset_name: str, out_dir: Path, model_name: str, md_path: Path | None) 
     # OSRM init
     store = synthetic_store(p.osrm_tasks, p.osrm_n, SEED, dev)
     for mode in ("paper", "own"):
-        tm, pk, A = bu.time_call(lambda mode=mode: compute_osrm_A(store, store.tasks, p.rank, mode), device=None,
+        tm, pk, A = bu.time_call(lambda mode=mode: compute_osrm_A(store, store.tasks, p.rank, mode, device=dev), device=dev,
                                  warmup=0, repeats=1 if p.osrm_n >= 4096 else p.repeats, keep_result=True)
         A0 = A[store.tasks[0]][store.modules[0]].double()
         orth = float(torch.linalg.norm(A0 @ A0.T - torch.eye(p.rank, dtype=torch.float64)))
@@ -330,8 +330,8 @@ def summary(p: Preset, res: dict[str, Any], model_desc: str, tokens: int, machin
         "each sample by its max |x| and keeps one covariance per module (not per shared-input group), so its "
         "values are not comparable to ours, only its cost.",
         f"OSRM: {p.osrm_tasks} tasks with random SPD second moments (n={p.osrm_n}, float32 Gram); "
-        "compute_osrm_A runs its eigen-decompositions in float64 on the CPU whatever the device "
-        f"({machine.get('cpu_cores_usable')} usable cores here); 'x32 layers' is a linear extrapolation to all "
+        f"compute_osrm_A runs its float64 eigen-decompositions on {machine.get('device', 'the benchmark device')} "
+        f"({machine.get('cpu_cores_usable')} usable CPU cores here); 'x32 layers' is a linear extrapolation to all "
         "Llama-3-8B layers (one q/v group per layer).",
     ]
     if p.osrm_n < 4096:

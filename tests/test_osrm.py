@@ -299,3 +299,19 @@ def test_run_project_end_to_end(tmp_path):
     with pytest.raises(OsrmError, match="name the adapter directory"):
         run_project([dirs[0], str(bad)], str(tmp_path / "stats"), str(tmp_path / "p2"), rank=4, mode="paper")
     assert not (tmp_path / "p2").exists()
+
+
+def test_explicit_device_gives_the_same_subspaces() -> None:
+    """The eigensolves may run on another device (GPU); on CPU an explicit device changes nothing."""
+    from osrm_lora.osrm import compute_osrm_A
+    from osrm_lora.stats import stats_from_samples
+
+    g = torch.Generator().manual_seed(0)
+    samples = {t: {"m": [torch.randn(7, 12, generator=g, dtype=torch.float64) for _ in range(4)]} for t in ("a", "b", "c")}
+    store = stats_from_samples(samples)
+    for mode in ("paper", "own"):
+        ref = compute_osrm_A(store, ["a", "b", "c"], 3, mode)
+        dev = compute_osrm_A(store, ["a", "b", "c"], 3, mode, device="cpu")
+        for t in ref:
+            for k in ref[t]:
+                assert dev[t][k].device.type == "cpu" and torch.allclose(ref[t][k], dev[t][k])

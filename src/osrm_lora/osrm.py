@@ -103,7 +103,7 @@ def own_mode_A(S_own: torch.Tensor, S_other: torch.Tensor, r: int, ridge: float 
         raise ConfigError(f"ridge must be positive, got {ridge}; use e.g. 1e-3")
     tr = float(torch.trace(So))
     eps = ridge * tr / n if tr > 0 else ridge
-    M = So + eps * torch.eye(n, dtype=torch.float64)
+    M = So + eps * torch.eye(n, dtype=torch.float64, device=So.device)
     L = torch.linalg.cholesky(M)
     # C = L^-1 S_own L^-T ; generalised eigenvectors v = L^-T y
     Linv_S = torch.linalg.solve_triangular(L, Si, upper=False)
@@ -124,7 +124,7 @@ def standard_A(r: int, n: int, generator: torch.Generator | None = None) -> torc
 
 
 def _sym64(S: torch.Tensor) -> torch.Tensor:
-    S = S.detach().to("cpu", torch.float64)
+    S = S.detach().to(dtype=torch.float64)  # stays on its device: eigensolves run on the GPU when S is there
     if S.dim() != 2 or S.shape[0] != S.shape[1]:
         raise ConfigError(f"expected a square second-moment matrix, got shape {tuple(S.shape)}")
     return (S + S.T) / 2
@@ -154,16 +154,19 @@ def adapter_A_drift(initial: Any, trained: Any) -> dict[str, float]:
 # from statistics to A per task and module
 # --------------------------------------------------------------------------------------------------
 def _group_A(store: StatsStore, task: str, others: Sequence[str], group: str, rank: int, mode: str,
-             ridge: float, code_means: str) -> torch.Tensor:
+             ridge: float, code_means: str, device: torch.device | None = None) -> torch.Tensor:
     if mode == "code":
         mean_fn = store.task_mean if code_means == "task" else store.token_mean
         X = torch.stack([mean_fn(j, group) for j in others])
         return code_mode_A(X, rank)
     S_other = sum(store.second_moment(j, group) for j in others)
     assert isinstance(S_other, torch.Tensor)
+    if device is not None:
+        S_other = S_other.to(device)
     if mode == "paper":
-        return paper_mode_A(S_other, rank)
-    return own_mode_A(store.second_moment(task, group), S_other, rank, ridge=ridge)
+        return paper_mode_A(S_other, rank).cpu()
+    S_own = store.second_moment(task, group)
+    return own_mode_A(S_own.to(S_other.device), S_other, rank, ridge=ridge).cpu()
 
 
 def compute_osrm_A(
@@ -176,8 +179,11 @@ def compute_osrm_A(
     code_means: str = "task",
     modules: Sequence[str] | None = None,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{task: {module_key: A (rank x n, float32)}}`` for every task in ``tasks``.
+    """``{task: {module_key: A (rank x n, float32, CPU)}}`` for every task in ``tasks``.
+
+    ``device`` (e.g. ``"cuda"``) runs the float64 eigensolves of ``paper``/``own`` there.
 
     For task i the OTHER tasks of ``tasks`` define the subspace: ``paper``/``own`` use
     ``S_{-i} = sum_{j != i} Gram_j / count_j``; ``code`` stacks the other tasks' mean vectors
@@ -210,7 +216,8 @@ def compute_osrm_A(
         for key in keys:
             group = store.group_of(key)
             if group not in cache:
-                cache[group] = _group_A(store, t, others, group, rank, mode, ridge, code_means).float()
+                cache[group] = _group_A(store, t, others, group, rank, mode, ridge, code_means,
+                                        torch.device(device) if device is not None else None).float()
             out[t][key] = cache[group]
     return out
 

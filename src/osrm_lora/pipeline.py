@@ -169,7 +169,8 @@ def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task
     if k < cfg.lora.rank:
         raise ConfigError(f"init {init.name}: subspace_dim {k} is smaller than the LoRA rank {cfg.lora.rank}; "
                           "use subspace_dim >= rank")
-    return compute_osrm_A(store, [t.name for t in tasks], k, init.mode, ridge=init.ridge)
+    return compute_osrm_A(store, [t.name for t in tasks], k, init.mode, ridge=init.ridge,
+                          device=select_device(cfg.device))
 
 
 # --------------------------------------------------------------------------- the run
