@@ -14,7 +14,6 @@ a written dense delta file. Outputs are compared (merged - base vs our delta).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import shutil

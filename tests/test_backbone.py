@@ -20,7 +20,7 @@ from osrm_lora.backbone import (
     target_module_keys,
 )
 from osrm_lora.errors import OsrmError
-from tinymodels import tiny_config, write_tiny_model
+from tinymodels import write_tiny_model
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from osrm_lora.cli import app, main
+from osrm_lora.cli import main
 
 COMMANDS = ["demo", "run", "report", "train", "profile", "init", "project", "diagnose", "merge", "evaluate", "evaluate-lm", "predict", "export"]
 

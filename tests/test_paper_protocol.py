@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from osrm_lora.config import config_to_dict, load_config, parse_config
 from osrm_lora.pipeline import run_pipeline

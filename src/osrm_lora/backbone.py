@@ -351,18 +351,31 @@ def _module_names(model: nn.Module) -> set[str]:
     return cached
 
 
-def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
-    """Add (``sign=1``) or remove (``sign=-1``) dense weight updates in place (no grad)."""
+def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add dense weight updates to ``model`` in place (no grad).
+
+    Returns the original weights of the touched modules (by module path) so callers can restore
+    them. Shape mismatches and non-finite updates are refused before anything is changed.
+    """
+    paths = {}
+    for key, delta in deltas.items():
+        path = resolve_module_key(model, key)
+        weight = model.get_submodule(path).weight
+        if tuple(weight.shape) != tuple(delta.shape):
+            raise OsrmError(
+                f"update for {key} has shape {tuple(delta.shape)} but the model's weight is {tuple(weight.shape)}; "
+                "the adapter was made for another base model"
+            )
+        if not torch.isfinite(delta).all():
+            raise OsrmError(f"update for {key} contains NaN or Inf; check the input adapters")
+        paths[key] = path
+    originals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for key, delta in deltas.items():
-            module = model.get_submodule(resolve_module_key(model, key))
-            weight = module.weight
-            if tuple(weight.shape) != tuple(delta.shape):
-                raise OsrmError(
-                    f"update for {key} has shape {tuple(delta.shape)} but the model's weight is {tuple(weight.shape)}; "
-                    "the adapter was made for another base model"
-                )
-            weight.add_(delta.to(weight.device, weight.dtype), alpha=sign)
+            weight = model.get_submodule(paths[key]).weight
+            originals[paths[key]] = weight.detach().clone()
+            weight.add_(delta.to(weight.device, weight.dtype))
+    return originals
 
 
 def target_module_keys(model: nn.Module, target_modules: Iterable[str]) -> list[str]:

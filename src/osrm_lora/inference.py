@@ -29,8 +29,7 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """Dense per-module updates (scaling included) of a PEFT LoRA adapter directory."""
     from osrm_lora.adapters import load_adapter
 
-    adapter = load_adapter(adapter_dir)
-    return {key: module.delta() for key, module in adapter.modules.items()}
+    return load_adapter(adapter_dir).deltas()
 
 
 def _base_path(model: str | None, info: HeadInfo) -> str:

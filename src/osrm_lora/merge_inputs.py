@@ -21,6 +21,7 @@ from torch import nn
 from osrm_lora.data.task import Task
 from osrm_lora.encoding import collate
 from osrm_lora.errors import OsrmError
+from osrm_lora.train import lora_module_key
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
                         acc[n] += p.grad.detach().float() ** 2
             fisher: dict[str, torch.Tensor] = {}
             for n, v in acc.items():
-                key, which = n.split(".lora_")[0].removeprefix("base_model.model."), "lora_A" if ".lora_A." in n else "lora_B"
+                key, which = lora_module_key(n), "lora_A" if ".lora_A." in n else "lora_B"
                 fisher[f"{key}.{which}"] = (v / max(len(idx), 1)).cpu()
             out.append(fisher)
         finally:
@@ -94,7 +95,7 @@ def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
     """AdaMerging objective: mean over tasks of the mean prediction entropy on unlabeled VALIDATION inputs."""
     from torch.func import functional_call
 
-    from osrm_lora.backbone import resolve_module_key
+    from osrm_lora.backbone import resolvelora_module_key
 
     model = evaluator.model
     gen = torch.Generator().manual_seed(seed)
@@ -114,7 +115,7 @@ def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
         total = torch.zeros((), device=dev)
         weights = {}
         for key, delta in deltas.items():
-            name = resolve_module_key(model, key) + ".weight"
+            name = resolvelora_module_key(model, key) + ".weight"
             weights[name] = base[name] + delta.to(dev)
         count = 0
         for batch, head, problem in batches:

@@ -19,10 +19,10 @@ from torch import nn
 
 from osrm_lora.backbone import (
     HeadInfo,
+    apply_deltas,
     load_classifier,
     load_head,
     load_tokenizer,
-    resolve_module_key,
     select_device,
     set_head,
 )
@@ -91,19 +91,7 @@ class MergedEvaluator:
 
     def _apply(self, deltas: Mapping[str, torch.Tensor]) -> None:
         self._restore()
-        with torch.no_grad():
-            for key, delta in deltas.items():
-                path = resolve_module_key(self.model, key)
-                weight = self.model.get_submodule(path).weight
-                if tuple(weight.shape) != tuple(delta.shape):
-                    raise OsrmError(
-                        f"merged update for {key} has shape {tuple(delta.shape)}, the model weight {tuple(weight.shape)}; "
-                        "the adapters were made for another base model"
-                    )
-                if not torch.isfinite(delta).all():
-                    raise OsrmError(f"merged update for {key} contains NaN or Inf; check the input adapters")
-                self._originals[path] = weight.detach().clone()
-                weight.add_(delta.to(weight.device, weight.dtype))
+        self._originals = apply_deltas(self.model, deltas)
 
     def _restore(self) -> None:
         with torch.no_grad():

@@ -38,7 +38,6 @@ from osrm_lora.backbone import (
     load_tokenizer,
     resolve_model_path,
     select_device,
-    target_module_keys,
 )
 from osrm_lora.config import InitSettings, PipelineConfig, config_to_dict
 from osrm_lora.data import load_suite, load_task
@@ -182,6 +181,8 @@ class RunContext:
     model_path: str
     tasks: list[Task]
     fingerprints: dict[str, str]
+    stats_hash: str | None = None  # content hash of the statistics store, computed once after profiling
+    adapter_hashes: dict[str, list[str | None]] = field(default_factory=dict)  # per init, once after training
 
 
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
@@ -300,10 +301,12 @@ def _run_pipeline(
     if needs_stats:
         payload = {**base_payload, "profile": cfg.profile.model_dump(mode="json")}
         ctx.ledger.run("profile", "profile", payload, [stats_dir], lambda: profile_stage(cfg, tasks, model_path, stats_dir))
+        ctx.stats_hash = _dir_hash(stats_dir)
 
     train_results: dict[str, dict[str, dict[str, Any]]] = {}
     for init in cfg.inits:
         train_results[init.name] = _train_init(ctx, init, stats_dir, base_payload)
+        ctx.adapter_hashes[init.name] = [_dir_hash(d) for d in adapter_dirs(run_dir, init.name, tasks)]
 
     diagnostics: dict[str, Any] = {}
     if cfg.diagnose:
@@ -313,7 +316,7 @@ def _run_pipeline(
     merged: list[dict[str, Any]] = []
     for init in cfg.inits:
         for method in cfg.merge.methods:
-            merged.append(_merge_init(ctx, init, method, train_results[init.name], stats_dir))
+            merged.append(_merge_init(ctx, init, method, stats_dir))
 
     results = _assemble(ctx, train_results, merged, diagnostics)
     results["manifest"] = _manifest(ctx, started)
@@ -334,7 +337,7 @@ def _train_init(ctx: RunContext, init: InitSettings, stats_dir: Path, base_paylo
     cfg = ctx.cfg
     subspaces: dict[str, dict[str, torch.Tensor]] | None = None
     out: dict[str, dict[str, Any]] = {}
-    stats_hash = _dir_hash(stats_dir) if init.mode != "standard" else None
+    stats_hash = ctx.stats_hash if init.mode != "standard" else None
     for task in ctx.tasks:
         adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
         payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
@@ -379,18 +382,18 @@ def _diagnose_init(ctx: RunContext, init: InitSettings, stats_dir: Path) -> dict
 
     out = ctx.run_dir / "diagnostics" / init.name
     dirs = adapter_dirs(ctx.run_dir, init.name, ctx.tasks)
-    payload = {"adapters": [_dir_hash(d) for d in dirs], "stats": _dir_hash(stats_dir)}
+    payload = {"adapters": ctx.adapter_hashes[init.name], "stats": ctx.stats_hash}
     ctx.ledger.run("diagnose", f"diagnose/{init.name}", payload, [out / "interference.json"],
                    lambda: run_diagnose([str(d) for d in dirs], str(stats_dir), str(out)))
     return read_json(out / "interference.json")
 
 
-def _merge_init(ctx: RunContext, init: InitSettings, method: str, single: dict[str, dict[str, Any]], stats_dir: Path) -> dict[str, Any]:
+def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     out = ctx.run_dir / "merges" / init.name / method
     dirs = adapter_dirs(ctx.run_dir, init.name, ctx.tasks)
     params = dict(cfg.merge.params.get(method, {}))
-    payload = {"adapters": [_dir_hash(d) for d in dirs], "method": method, "params": params,
+    payload = {"adapters": ctx.adapter_hashes[init.name], "method": method, "params": params,
                "lambdas": cfg.merge.lambdas, "seed": cfg.seed, "tasks": ctx.fingerprints}
     ctx.ledger.run("merge", f"merge/{init.name}/{method}", payload, [out / "sweep.json"],
                    lambda: merge_and_sweep(ctx.model_path, ctx.tasks, dirs, method, params, cfg.merge.lambdas, out,

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,11 +38,12 @@ from osrm_lora.backbone import (
 )
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.data.task import Task
-from osrm_lora.encoding import Encoded, collate, encode_split, train_batches
+from osrm_lora.encoding import collate, encode_split, train_batches
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import autocast_context, evaluate
 from osrm_lora.fsutil import atomic_dir, write_json
 from osrm_lora.logutil import Progress
+from osrm_lora.osrm import A_drift, apply_A_to_peft
 
 logger = logging.getLogger(__name__)
 
@@ -96,36 +98,18 @@ def lora_parameters(peft_model: nn.Module, which: str) -> dict[str, nn.Parameter
     return {n: p for n, p in peft_model.named_parameters() if f".{which}." in n}
 
 
-def set_initial_A(peft_model: nn.Module, A_by_module: Mapping[str, torch.Tensor]) -> None:
-    """Copy OSRM ``A`` (r x n per module key of the un-wrapped model) into the LoRA A weights."""
-    params = lora_parameters(peft_model, "lora_A")
-    matched = 0
-    with torch.no_grad():
-        for name, param in params.items():
-            key = name.split(".lora_A.")[0].removeprefix("base_model.model.")
-            if key not in A_by_module:
-                raise OsrmError(f"no OSRM subspace for module {key}; the statistics were made for other target modules")
-            A = A_by_module[key]
-            if tuple(A.shape) != tuple(param.shape):
-                raise OsrmError(
-                    f"OSRM subspace for {key} has shape {tuple(A.shape)}, LoRA A is {tuple(param.shape)}; "
-                    "use the same rank for init and training"
-                )
-            param.copy_(A.to(param.device, param.dtype))
-            matched += 1
-    logger.debug("initialised %d LoRA A matrices from OSRM subspaces", matched)
+def lora_module_key(param_name: str) -> str:
+    """Module path in the un-wrapped model of a PEFT LoRA parameter name."""
+    return re.split(r"\.lora_[AB]\.", param_name)[0].removeprefix("base_model.model.")
 
 
 def current_A(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n.split(".lora_A.")[0].removeprefix("base_model.model."): p.detach().cpu().clone()
-        for n, p in lora_parameters(peft_model, "lora_A").items()
-    }
+    return {lora_module_key(n): p.detach().cpu().clone() for n, p in lora_parameters(peft_model, "lora_A").items()}
 
 
 def a_drift(A0: Mapping[str, torch.Tensor], A: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Relative drift ||A - A0||_F / ||A0||_F per module."""
-    return {k: float((A[k] - A0[k]).norm() / A0[k].norm().clamp_min(1e-12)) for k in A0}
+    return {k: A_drift(A0[k], A[k]) for k in A0}
 
 
 def _subspace_projectors(
@@ -134,7 +118,7 @@ def _subspace_projectors(
     """(lora_A parameter, U (k x n)) pairs for the projected training of A."""
     out = []
     for name, param in lora_parameters(peft_model, "lora_A").items():
-        key = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+        key = lora_module_key(name)
         if key not in subspaces:
             raise OsrmError(f"no OSRM subspace for module {key}; the statistics were made for other target modules")
         U = subspaces[key].to(device, torch.float32)
@@ -218,7 +202,7 @@ def train_task(
     set_seed(seed)  # head init is seeded identically whatever loading consumed
     peft_model = build_peft_model(base, lora, model_type, train_pooler=train.train_pooler)
     if init_A is not None:
-        set_initial_A(peft_model, init_A)
+        apply_A_to_peft(peft_model, init_A)
     A0 = current_A(peft_model)
     for p in lora_parameters(peft_model, "lora_A").values():
         p.requires_grad_(not freeze_A)
@@ -374,7 +358,7 @@ def write_initial_adapters(
         base = load_classifier(model_path, 2, device="cpu")
         peft_model = build_peft_model(base, lora, base.config.model_type)
         if subspaces:
-            set_initial_A(peft_model, subspaces[name])
+            apply_A_to_peft(peft_model, subspaces[name])
         target = Path(out_dir) / name
         with atomic_dir(target) as tmp:
             peft_model.save_pretrained(str(tmp))
