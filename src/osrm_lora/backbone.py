@@ -129,10 +129,11 @@ def load_tokenizer(model_path: str) -> Any:
 
 
 def select_device(device: str | None = None) -> torch.device:
-    """``None``/"auto" -> cuda if available else cpu."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``None``/"auto" -> cuda if available else cpu. With several processes (torchrun), a CUDA device
+    without an index is this process's GPU, ``cuda:LOCAL_RANK``."""
+    from osrm_lora.distributed import rank_device
+
+    return rank_device(device)
 
 
 def load_classifier(

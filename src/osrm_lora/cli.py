@@ -40,6 +40,14 @@ def _main(
     setup_logging(_STATE["verbosity"])
 
 
+def _join_group(device: str | None) -> bool:
+    """Join the process group when started by torchrun / accelerate launch; True on rank 0 (the
+    process that prints results)."""
+    from osrm_lora.distributed import init_distributed
+
+    return init_distributed(device).is_main
+
+
 def _csv(value: Optional[str]) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -78,8 +86,10 @@ def run(
     from osrm_lora.report import print_results
 
     cfg = load_config(config)
+    main_rank = _join_group(cfg.device)
     results = run_pipeline(cfg, out or Path("runs") / cfg.name, force=tuple(force or ()), cache=str(cache) if cache else None)
-    print_results(results)
+    if main_rank:
+        print_results(results)
 
 
 @app.command()
@@ -159,12 +169,19 @@ def train(
     from osrm_lora.data import load_task
     from osrm_lora.train import load_init_A, train_task
 
+    from osrm_lora.distributed import main_first
+
     lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=_csv(target_modules))
     tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length)
+    main_rank = _join_group(device)  # under torchrun: data parallel, --batch-size is the global batch
     A = load_init_A(init) if init else None
-    res = train_task(load_task(task), out, model=model, lora=lora, train=tcfg, seed=seed, device=device, init_A=A,
+    with main_first():
+        task_obj = load_task(task)
+    res = train_task(task_obj, out, model=model, lora=lora, train=tcfg, seed=seed, device=device, init_A=A,
                      freeze_A=freeze_a, freeze_B=freeze_b, init_name="osrm" if init else "standard")
-    typer.echo(f"{res.task}: validation {res.validation:.2f} (epoch {res.best_epoch}), test {res.test:.2f}; saved to {out}")
+    if main_rank:
+        typer.echo(f"{res.task}: validation {res.validation:.2f} (epoch {res.best_epoch}), test {res.test:.2f}; "
+                   f"saved to {out}")
 
 
 @app.command()
@@ -189,7 +206,11 @@ def profile(
     from osrm_lora.backbone import default_target_modules, load_classifier, load_tokenizer, resolve_model_path, select_device
     from osrm_lora.stats import collect_statistics
 
-    task_objs = _load_tasks(tasks)
+    from osrm_lora.distributed import barrier, main_first
+
+    main_rank = _join_group(device)  # under torchrun: the batches are split over the processes
+    with main_first():
+        task_objs = _load_tasks(tasks)
     path = resolve_model_path(model)
     tok = load_tokenizer(path)
     m = load_classifier(path, 2, device=select_device(device), pad_token_id=tok.pad_token_id)
@@ -197,8 +218,10 @@ def profile(
     texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in task_objs}
     store = collect_statistics(m, tok, texts, targets, n_samples=n_samples, max_length=max_length,
                                include_padding=include_padding, dtype=torch.float64 if float64 else torch.float32, seed=seed)
-    store.save(out)
-    typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")
+    if main_rank:
+        store.save(out)
+        typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")
+    barrier()
 
 
 def _load_tasks(spec: str) -> list:
@@ -380,6 +403,15 @@ def export(
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors -> one line on stderr, exit status 2."""
+    try:
+        return _main_entry(argv)
+    finally:
+        from osrm_lora.distributed import shutdown
+
+        shutdown()  # leave the process group (torchrun) whatever happened
+
+
+def _main_entry(argv: list[str] | None) -> int:
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc == 130:  # typer turns Ctrl-C into Exit(130) and returns it here

@@ -118,6 +118,12 @@ class PipelineConfig(_Strict):
     profile: ProfileSettings = ProfileSettings()
     merge: MergeSettings = MergeSettings()
     diagnose: bool = True
+    parallel: Literal["auto", "tasks", "data"] = "auto"
+    """With several processes (``torchrun`` / ``accelerate launch``): ``tasks`` trains different
+    adapters in different processes at once, ``data`` trains each adapter with all processes
+    (DDP, ``train.batch_size`` is the global batch), ``auto`` picks ``tasks`` when there are at least
+    as many tasks as processes. Profiling is always sharded; merges and diagnostics are spread over
+    the processes. Ignored in a single process."""
 
     @field_validator("inits", mode="before")
     @classmethod

@@ -62,9 +62,35 @@ def score(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(compute_metric(task.metric, preds.numpy(), labels.numpy()))
 
 
-def evaluate(model: nn.Module, tokenizer: Any, task: Task, encoded: Encoded, batch_size: int = 64) -> float:
-    """Score ``model`` (with ``task``'s head installed) on an encoded split of ``task``."""
-    return score(task, predict_logits(model, tokenizer, encoded, batch_size), encoded.labels)
+def predict_logits_sharded(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
+    """:func:`predict_logits` with the examples split over the processes (round robin) and the logits
+    gathered: every rank returns the logits of all examples, in order. One process: the same as
+    :func:`predict_logits`."""
+    from osrm_lora.distributed import all_gather_objects, get_env, shard
+
+    env = get_env()
+    if not env.active:
+        return predict_logits(model, tokenizer, encoded, batch_size)
+    mine = shard(range(len(encoded)), env)
+    part = Encoded(features=tuple(encoded.features[i] for i in mine), labels=encoded.labels[mine])
+    logits = predict_logits(model, tokenizer, part, batch_size) if mine else torch.empty((0, 0))
+    pieces = all_gather_objects((mine, logits))
+    width = max(p[1].shape[-1] for p in pieces if p[0])
+    out = torch.empty((len(encoded), width), dtype=torch.float32)
+    for idx, lg in pieces:
+        if idx:
+            out[idx] = lg
+    return out
+
+
+def evaluate(model: nn.Module, tokenizer: Any, task: Task, encoded: Encoded, batch_size: int = 64,
+             distributed: bool = False) -> float:
+    """Score ``model`` (with ``task``'s head installed) on an encoded split of ``task``.
+
+    ``distributed``: every process of the group predicts its share of the examples (the same model
+    on every rank, as under DDP) and all get the same score."""
+    predict = predict_logits_sharded if distributed else predict_logits
+    return score(task, predict(model, tokenizer, encoded, batch_size), encoded.labels)
 
 
 def normalised(merged: Mapping[str, float], single: Mapping[str, float]) -> dict[str, float]:

@@ -11,9 +11,15 @@ _CONFIGURED = False
 
 
 def setup_logging(verbosity: int = 0) -> None:
-    """Configure the ``osrm_lora`` logger: -1 quiet (warnings), 0 info, 1+ debug."""
+    """Configure the ``osrm_lora`` logger: -1 quiet (warnings), 0 info, 1+ debug.
+
+    Started as one of several processes (torchrun): messages carry ``[rank R]`` and ranks other than
+    0 log warnings and errors only, unless ``-v`` is given."""
     global _CONFIGURED
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and rank > 0 and verbosity <= 0:
+        level = logging.WARNING
     logger = logging.getLogger("osrm_lora")
     logger.setLevel(level)
     if not _CONFIGURED:
@@ -25,7 +31,7 @@ def setup_logging(verbosity: int = 0) -> None:
             )
         except ImportError:  # pragma: no cover
             handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if world > 1 else "%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
         _CONFIGURED = True
@@ -50,6 +56,8 @@ def progress_enabled() -> bool:
     """Progress bars are shown unless logging is quiet or OSRM_LORA_NO_PROGRESS is set."""
     if os.environ.get("OSRM_LORA_NO_PROGRESS"):
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        return False  # one progress bar per run, rank 0's
     return logging.getLogger("osrm_lora").getEffectiveLevel() <= logging.INFO
 
 

@@ -42,6 +42,16 @@ from osrm_lora.backbone import (
 from osrm_lora.config import InitSettings, PipelineConfig, config_to_dict
 from osrm_lora.data import load_suite, load_task
 from osrm_lora.data.task import Task
+from osrm_lora.distributed import (
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    check_same,
+    get_env,
+    main_first,
+    raise_if_any_failed,
+    shard,
+)
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.evaluate import mean, normalised
 from osrm_lora.fsutil import atomic_file, read_json, sha256_json, write_json
@@ -87,6 +97,41 @@ class StageLedger:
         fn()
         self.finish(stage, stage_id, payload, time.perf_counter() - t0)
         return True
+
+    def run_collective(self, stage: str, stage_id: str, payload: Any, outputs: Sequence[Path],
+                       fn: Callable[[], Any]) -> bool:
+        """:meth:`run` for a stage that every process runs together (sharded profiling, DDP training):
+        rank 0 decides whether it is done, every rank runs ``fn``, rank 0 records it."""
+        env = get_env()
+        done = broadcast_object(self.done(stage, stage_id, payload, outputs) if env.is_main else None)
+        if done:
+            logger.info("skipping %s (finished, inputs unchanged)", stage_id)
+            return False
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            fn()
+        except Exception as exc:  # every rank must learn of a failure, or the others wait forever
+            error = exc
+        raise_if_any_failed(error)
+        if env.is_main:
+            self.finish(stage, stage_id, payload, time.perf_counter() - t0)
+        barrier()
+        return True
+
+
+def run_jobs(jobs: Sequence[Any], fn: Callable[[Any], Any]) -> None:
+    """Run independent jobs spread over the processes (round robin; all of them in one process),
+    then wait for every process. A failure on any rank is raised on every rank."""
+    error: BaseException | None = None
+    for job in shard(jobs):
+        try:
+            fn(job)
+        except Exception as exc:
+            error = exc
+            break
+    raise_if_any_failed(error)
+    barrier()
 
 
 def task_fingerprint(task: Task) -> str:
@@ -138,7 +183,7 @@ def profile_stage(cfg: PipelineConfig, tasks: Sequence[Task], model_path: str, o
     tokenizer = load_tokenizer(model_path)
     model = load_classifier(model_path, 2, device=select_device(cfg.device), pad_token_id=tokenizer.pad_token_id)
     texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in tasks}
-    store = collect_statistics(
+    store = collect_statistics(  # sharded over the processes when there are several; same store on all
         model,
         tokenizer,
         texts,
@@ -150,7 +195,8 @@ def profile_stage(cfg: PipelineConfig, tasks: Sequence[Task], model_path: str, o
         dtype=torch.float64 if cfg.profile.dtype == "float64" else torch.float32,
         seed=cfg.seed,
     )
-    store.save(out)
+    if get_env().is_main:
+        store.save(out)
 
 
 def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task], stats_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -183,6 +229,7 @@ class RunContext:
     fingerprints: dict[str, str]
     stats_hash: str | None = None  # content hash of the statistics store, computed once after profiling
     adapter_hashes: dict[str, list[str | None]] = field(default_factory=dict)  # per init, once after training
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # every process's stage timings
 
 
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
@@ -224,8 +271,9 @@ def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        "processes": get_env().world_size,
         "output_hashes": output_hashes(ctx.run_dir),
-        "stage_seconds": ctx.ledger.timings,
+        "stage_seconds": ctx.stage_seconds,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -257,10 +305,14 @@ def run_pipeline(
     """
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
+    env = get_env()
+    if env.active:
+        check_same(sha256_json(config_to_dict(cfg)), "the pipeline config")
+        fresh = all(all_gather_objects(fresh))
     try:
         return _run_pipeline(cfg, run_dir, force=force, cache=cache, hf_loader=hf_loader)
     except OsrmError:
-        if fresh and run_dir.is_dir() and not any((run_dir / ".stages").glob("*.json")):
+        if env.is_main and fresh and run_dir.is_dir() and not any((run_dir / ".stages").glob("*.json")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -280,8 +332,10 @@ def _run_pipeline(
     if run_dir.exists() and not run_dir.is_dir():
         raise OsrmError(f"{run_dir} is a file; choose a directory for the run")
     torch.manual_seed(cfg.seed)
+    env = get_env()
     model_path = resolve_model_path(cfg.model)
-    tasks = resolve_tasks(cfg, cache, hf_loader)
+    with main_first():  # a first-time download into the shared cache happens once
+        tasks = resolve_tasks(cfg, cache, hf_loader)
     check_merge_settings(cfg, len(tasks))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -289,7 +343,13 @@ def _run_pipeline(
         raise OsrmError(f"cannot create run directory {run_dir}: {exc.strerror}; choose a writable path") from None
     ctx = RunContext(cfg, run_dir, StageLedger(run_dir, frozenset(force)), model_path, tasks,
                      {t.name: task_fingerprint(t) for t in tasks})
-    _write_config(cfg, run_dir)
+    if env.active:
+        check_same(ctx.fingerprints, "the task data")
+    if env.is_main:
+        _write_config(cfg, run_dir)
+    if env.active:
+        logger.info("%d processes (%s); training parallel over %s", env.world_size, env.backend,
+                    _parallel_mode(cfg, len(tasks), env.world_size))
     for t in tasks:
         logger.info("task %-12s %-14s train %5d  validation %4d  test %4d  (%s)", t.name, t.metric, len(t.train),
                     len(t.validation), len(t.test), t.source or "local")
@@ -300,64 +360,89 @@ def _run_pipeline(
                     "targets": cfg.lora.target_modules}
     if needs_stats:
         payload = {**base_payload, "profile": cfg.profile.model_dump(mode="json")}
-        ctx.ledger.run("profile", "profile", payload, [stats_dir], lambda: profile_stage(cfg, tasks, model_path, stats_dir))
+        ctx.ledger.run_collective("profile", "profile", payload, [stats_dir],
+                                  lambda: profile_stage(cfg, tasks, model_path, stats_dir))
         ctx.stats_hash = _dir_hash(stats_dir)
 
+    _train_all(ctx, stats_dir, base_payload)
     train_results: dict[str, dict[str, dict[str, Any]]] = {}
     for init in cfg.inits:
-        train_results[init.name] = _train_init(ctx, init, stats_dir, base_payload)
-        ctx.adapter_hashes[init.name] = [_dir_hash(d) for d in adapter_dirs(run_dir, init.name, tasks)]
+        dirs = adapter_dirs(run_dir, init.name, tasks)
+        train_results[init.name] = {t.name: read_json(d / "metrics.json") for t, d in zip(tasks, dirs)}
+        ctx.adapter_hashes[init.name] = [_dir_hash(d) for d in dirs]
 
-    diagnostics: dict[str, Any] = {}
     if cfg.diagnose:
-        for init in cfg.inits:
-            diagnostics[init.name] = _diagnose_init(ctx, init, stats_dir)
+        run_jobs(cfg.inits, lambda init: _diagnose_init(ctx, init, stats_dir))
+    diagnostics: dict[str, Any] = {init.name: read_json(run_dir / "diagnostics" / init.name / "interference.json")
+                                   for init in cfg.inits} if cfg.diagnose else {}
 
-    merged: list[dict[str, Any]] = []
-    for init in cfg.inits:
-        for method in cfg.merge.methods:
-            merged.append(_merge_init(ctx, init, method, stats_dir))
+    merge_jobs = [(init, method) for init in cfg.inits for method in cfg.merge.methods]
+    run_jobs(merge_jobs, lambda job: _merge_init(ctx, job[0], job[1], stats_dir))
+    merged = [read_json(run_dir / "merges" / init.name / method / "sweep.json") for init, method in merge_jobs]
 
-    results = _assemble(ctx, train_results, merged, diagnostics)
-    results["manifest"] = _manifest(ctx, started)
-    write_json(run_dir / "results.json", results)
-    write_json(run_dir / "manifest.json", results["manifest"])
-    try:
-        from osrm_lora.report import write_report
+    for timings in all_gather_objects(ctx.ledger.timings):
+        ctx.stage_seconds.update(timings)
+    results: dict[str, Any] | None = None
+    if env.is_main:
+        results = _assemble(ctx, train_results, merged, diagnostics)
+        results["manifest"] = _manifest(ctx, started)
+        write_json(run_dir / "results.json", results)
+        write_json(run_dir / "manifest.json", results["manifest"])
+        try:
+            from osrm_lora.report import write_report
 
-        write_report(run_dir)
-    except ImportError:
-        logger.debug("report module not available")
+            write_report(run_dir)
+        except ImportError:
+            logger.debug("report module not available")
+    results = broadcast_object(results)
+    assert results is not None
     return results
 
 
-def _train_init(ctx: RunContext, init: InitSettings, stats_dir: Path, base_payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _parallel_mode(cfg: PipelineConfig, n_tasks: int, world_size: int) -> str:
+    """How several processes share the training: ``tasks`` (one adapter per process at a time) or
+    ``data`` (every adapter with all processes, DDP)."""
+    if cfg.parallel != "auto":
+        return cfg.parallel
+    return "tasks" if n_tasks >= world_size else "data"
+
+
+def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -> None:
+    """Train every (init, task) adapter: in one process one after the other; with several processes
+    either spread over them (``parallel: tasks``) or each with all of them (``parallel: data``)."""
     from osrm_lora.train import train_task
 
     cfg = ctx.cfg
-    subspaces: dict[str, dict[str, torch.Tensor]] | None = None
-    out: dict[str, dict[str, Any]] = {}
-    stats_hash = ctx.stats_hash if init.mode != "standard" else None
-    for task in ctx.tasks:
+    env = get_env()
+    mode = _parallel_mode(cfg, len(ctx.tasks), env.world_size) if env.active else "tasks"
+    subspaces: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def job(item: tuple[InitSettings, Task]) -> None:
+        init, task = item
         adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
         payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
                    "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                   "stats": stats_hash}
+                   "stats": ctx.stats_hash if init.mode != "standard" else None}
 
-        def _do(task: Task = task, adir: Path = adir) -> None:
-            nonlocal subspaces
-            if init.mode != "standard" and subspaces is None:
-                subspaces = init_subspaces(cfg, init, ctx.tasks, stats_dir)
-            basis = (subspaces or {}).get(task.name)
+        def _do() -> None:
+            if init.mode != "standard" and init.name not in subspaces:
+                subspaces[init.name] = init_subspaces(cfg, init, ctx.tasks, stats_dir)
+            basis = subspaces.get(init.name, {}).get(task.name)
             init_A = {k: U[: cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
             train_task(task, adir, model=ctx.model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed,
                        device=cfg.device, init_A=init_A, freeze_A=init.freeze_A,
                        freeze_B=init.freeze_B, init_name=init.name,
-                       A_subspace=basis if init.subspace_dim else None)
+                       A_subspace=basis if init.subspace_dim else None, data_parallel=mode == "data")
 
-        ctx.ledger.run("train", f"train/{init.name}/{task.name}", payload, [adir / "metrics.json"], _do)
-        out[task.name] = read_json(adir / "metrics.json")
-    return out
+        run = ctx.ledger.run_collective if mode == "data" else ctx.ledger.run
+        run("train", f"train/{init.name}/{task.name}", payload, [adir / "metrics.json"], _do)
+
+    jobs = [(init, task) for init in cfg.inits for task in ctx.tasks]
+    if mode == "data":
+        for item in jobs:
+            job(item)
+    else:
+        run_jobs(jobs, job)
 
 
 def _dir_hash(path: Path) -> str | None:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from osrm_lora.distributed import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object, get_env, shard
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.fsutil import atomic_dir, read_json, write_json
 
@@ -400,6 +401,32 @@ class _Collector:
             self.batch_cnt[leader] = pcnt
 
 
+def _reduce_task(collector: _Collector, modules: dict[str, nn.Linear], mine: list[int], env: DistEnv) -> None:
+    """Combine one task's accumulators over the ranks: counts, sums and Grams are all-reduced; the
+    per-sample means are gathered and put back in batch order. Afterwards every rank holds exactly
+    what one process would have accumulated (up to floating-point summation order)."""
+    # rank 0 always processed batch 0, so it knows which modules read the same input
+    collector.leader_of = broadcast_object(collector.leader_of)
+    assert collector.leader_of is not None
+    leaders = list(dict.fromkeys(collector.leader_of.values()))
+    for leader in leaders:
+        acc = collector.acc.get(leader)
+        n = int(modules[leader].in_features)
+        if acc is None:  # this rank had no batch of the task
+            acc = {"count": torch.zeros((), dtype=torch.int64, device=collector.device),
+                   "sum": torch.zeros(n, dtype=collector.dtype, device=collector.device),
+                   "gram": torch.zeros(n, n, dtype=collector.dtype, device=collector.device),
+                   "sample_means": []}
+            collector.acc[leader] = acc
+        acc["count"] = all_reduce_sum(acc["count"])
+        acc["sum"] = all_reduce_sum(acc["sum"])
+        acc["gram"] = all_reduce_sum(acc["gram"])
+        means = [m.cpu() for m in acc["sample_means"]]
+        gathered = all_gather_objects(list(zip(mine, means)))
+        ordered = sorted((c, m) for part in gathered for c, m in part)
+        acc["sample_means"] = [m.to(collector.device) for _, m in ordered]
+
+
 def _normalise_texts(texts_by_task: TextsByTask) -> dict[str, tuple[list[str], list[str] | None]]:
     out: dict[str, tuple[list[str], list[str] | None]] = {}
     if not texts_by_task:
@@ -488,7 +515,8 @@ def collect_statistics(
     try:
         from osrm_lora.logutil import Progress
 
-        total_batches = sum(-(-min(len(t), n_samples) // batch_size) for t, _ in data.values())
+        env = get_env()
+        total_batches = sum(len(shard(range(-(-min(len(t), n_samples) // batch_size)), env)) for t, _ in data.values())
         progress = Progress("profile activations", total_batches)
         with _hooks(modules, collector), torch.no_grad(), progress:
             for task, (texts, pairs) in data.items():
@@ -496,8 +524,12 @@ def collect_statistics(
                 if len(idx) < n_samples:
                     logger.warning("task %s has only %d texts (< n_samples=%d); using all", task, len(idx), n_samples)
                 collector.acc = {}
-                for start in range(0, len(idx), batch_size):
-                    chunk = idx[start : start + batch_size]
+                # the same batches as one process would make; with several processes each takes every
+                # W-th batch (round robin) and the sums are all-reduced below
+                chunks = [idx[s : s + batch_size] for s in range(0, len(idx), batch_size)]
+                mine = shard(range(len(chunks)), env)
+                for c in mine:
+                    chunk = chunks[c]
                     a = [texts[i] for i in chunk]
                     b = None if pairs is None else [pairs[i] for i in chunk]
                     enc = tokenizer(a, b, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
@@ -508,6 +540,8 @@ def collect_statistics(
                     progress.advance(1)
                     model(**enc)
                     collector.end_batch()
+                if env.active:
+                    _reduce_task(collector, modules, mine, env)
                 assert collector.leader_of is not None
                 leaders = list(dict.fromkeys(collector.leader_of.values()))
                 if not leader_order:

@@ -34,10 +34,10 @@ from osrm_lora.backbone import (
     load_tokenizer,
     resolve_model_path,
     save_head,
-    select_device,
 )
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.data.task import Task
+from osrm_lora.distributed import DistEnv, all_reduce_sum, barrier, get_env, rank_device
 from osrm_lora.encoding import collate, encode_split, train_batches
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import autocast_context, evaluate
@@ -182,6 +182,7 @@ def train_task(
     init_name: str = "standard",
     evaluate_test: bool = True,
     A_subspace: Mapping[str, torch.Tensor] | None = None,
+    data_parallel: bool | None = None,
 ) -> TrainResult:
     """Fine-tune one LoRA adapter + head on ``task``; keep the best epoch by validation score.
 
@@ -189,12 +190,23 @@ def train_task(
     ``A_subspace`` (module key -> k x n, orthonormal rows) constrains A to that row space: after every
     optimizer step A <- A U^T U.
     The test split is scored once, with the selected checkpoint, as the single-task reference.
+
+    ``data_parallel`` (default: whenever the process is one of several, see :mod:`osrm_lora.distributed`)
+    trains with DistributedDataParallel: ``train.batch_size`` stays the GLOBAL batch, every rank
+    takes its round-robin share of each batch and the loss is weighted so that the gradient equals
+    the single-process gradient of the same global batch; validation and test are scored with the
+    examples split over the ranks. Rank 0 writes the output. ``data_parallel=False`` trains in this
+    process alone (one task per process, as the pipeline does for many tasks).
     """
     if freeze_A and freeze_B:
         raise OsrmError("freeze_A and freeze_B together leave nothing to train; unfreeze one")
     start = time.perf_counter()
+    env = get_env()
+    ddp = env.active if data_parallel is None else (data_parallel and env.active)
+    if not ddp:
+        env = DistEnv()  # this process works alone
     model_path = resolve_model_path(model)
-    dev = select_device(device)
+    dev = rank_device(device)
     set_seed(seed)
     tokenizer = load_tokenizer(model_path)
     base = load_classifier(model_path, task.num_labels, task.problem_type, device=dev, pad_token_id=tokenizer.pad_token_id)
@@ -224,7 +236,15 @@ def train_task(
     projectors = _subspace_projectors(peft_model, A_subspace, dev) if A_subspace and not freeze_A else []
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    logger.info("training %s (%s): %d examples x %d epochs, %d trainable parameters", task.name, init_name, len(enc_train), train.epochs, n_trainable)
+    logger.info("training %s (%s): %d examples x %d epochs, %d trainable parameters%s", task.name, init_name,
+                len(enc_train), train.epochs, n_trainable,
+                f", data parallel over {env.world_size} processes" if env.active else "")
+    forward: nn.Module = peft_model
+    if env.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP broadcasts rank 0's parameters, so every rank starts from the same head and A
+        forward = DistributedDataParallel(peft_model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
@@ -234,24 +254,26 @@ def train_task(
         for epoch in range(1, train.epochs + 1):
             peft_model.train()
             running, seen, t0 = 0.0, 0, time.perf_counter()
-            for idx, labels in train_batches(enc_train, train.batch_size, generator):
-                batch = {k: v.to(dev) for k, v in collate(tokenizer, [enc_train.features[i] for i in idx]).items()}
-                labels = labels.to(dev)
+            for idx, _labels in train_batches(enc_train, train.batch_size, generator):
+                local, weight = local_share(idx, env)
+                batch = {k: v.to(dev) for k, v in collate(tokenizer, [enc_train.features[i] for i in local]).items()}
+                labels = enc_train.labels[local].to(dev)
                 with autocast_context(dev):
-                    logits = peft_model(**batch).logits.float()
+                    logits = forward(**batch).logits.float()
                 loss = loss_fn(logits[:, 0], labels) if regression else loss_fn(logits, labels)
-                if not torch.isfinite(loss):
-                    raise OsrmError(f"training {task.name} diverged (loss {loss.item()}); lower the learning rate")
+                batch_loss = _global_loss(loss, len(local) if weight else 0, env)
+                if not math.isfinite(batch_loss):
+                    raise OsrmError(f"training {task.name} diverged (loss {batch_loss}); lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight).backward()
                 torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 _project_A(projectors)
-                running += loss.item() * len(idx)
+                running += batch_loss * len(idx)
                 seen += len(idx)
-                progress.advance(loss=loss.item(), rate=seen / max(time.perf_counter() - t0, 1e-9))
-            val = evaluate(peft_model, tokenizer, task, enc_val, train.eval_batch_size)
+                progress.advance(loss=batch_loss, rate=seen / max(time.perf_counter() - t0, 1e-9))
+            val = evaluate(peft_model, tokenizer, task, enc_val, train.eval_batch_size, distributed=env.active)
             history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "validation": val})
             logger.info("%s [%s] epoch %d: loss %.4f, validation %s %.2f", task.name, init_name, epoch, running / max(seen, 1), task.metric, val)
             if best is None or val > best[0]:
@@ -263,12 +285,45 @@ def train_task(
     test_score = None
     if evaluate_test:
         enc_test = encode_split(tokenizer, task.test, train.max_length, regression)
-        test_score = evaluate(peft_model, tokenizer, task, enc_test, train.eval_batch_size)
+        test_score = evaluate(peft_model, tokenizer, task, enc_test, train.eval_batch_size, distributed=env.active)
     drift = a_drift(A0, current_A(peft_model))
     seconds = time.perf_counter() - start
     result = TrainResult(task.name, Path(out_dir), best[1], best[0], test_score, history, drift, seconds)
-    _save(peft_model, tokenizer, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B)
+    if env.is_main:
+        _save(peft_model, tokenizer, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B,
+              world_size=env.world_size)
+    barrier_if(env)
     return result
+
+
+def local_share(idx: list[int], env: DistEnv) -> tuple[list[int], float]:
+    """This rank's examples of a global batch and the weight of its mean loss.
+
+    Rank ``r`` takes ``idx[r::W]``; weighting its mean loss by ``len(local) * W / len(idx)`` makes the
+    DDP-averaged gradient equal the gradient of the mean loss over the whole global batch. A rank
+    left without examples (a last batch smaller than W) runs one example with weight 0, because
+    every DDP rank must take part in each backward pass.
+    """
+    if not env.active:
+        return list(idx), 1.0
+    local = list(idx[env.rank :: env.world_size])
+    if not local:
+        return [idx[0]], 0.0
+    return local, len(local) * env.world_size / len(idx)
+
+
+def _global_loss(loss: torch.Tensor, n_local: int, env: DistEnv) -> float:
+    """Mean loss over the global batch (one small all-reduce with several processes)."""
+    if not env.active:
+        return float(loss.item())
+    both = torch.stack([loss.detach().float() * n_local, torch.tensor(float(n_local), device=loss.device)])
+    total = all_reduce_sum(both)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def barrier_if(env: DistEnv) -> None:
+    if env.active:
+        barrier()
 
 
 def _save(
@@ -283,6 +338,7 @@ def _save(
     seed: int,
     freeze_A: bool,
     freeze_B: bool,
+    world_size: int = 1,
 ) -> None:
     inner = peft_model.base_model.model
     info = HeadInfo(
@@ -314,6 +370,7 @@ def _save(
         "n_validation": len(task.validation),
         "n_test": len(task.test),
         "seconds": result.seconds,
+        "world_size": world_size,
     }
     with atomic_dir(result.out_dir) as tmp:
         peft_model.save_pretrained(str(tmp))
