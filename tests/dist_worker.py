@@ -42,6 +42,9 @@ def main(model: str, out: Path) -> None:
 
     # 1. one adapter trained data parallel (global batch 16 = 2 x 8)
     train_task(ddp_task(), out / "ddp_adapter", model=model, lora=LORA, train=TRAIN, seed=7, device="cpu")
+    # the same with the base, LoRA factors and head sharded (FSDP2)
+    train_task(ddp_task(), out / "fsdp_adapter", model=model, lora=LORA,
+               train=TRAIN.model_copy(update={"strategy": "fsdp"}), seed=7, device="cpu")
 
     # 2. statistics with the batches split over the ranks; every rank must end with the full store
     tok = load_tokenizer(model)

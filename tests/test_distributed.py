@@ -93,19 +93,26 @@ def worker_run(no_dropout_bert: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def test_ddp_training_matches_one_process_with_the_same_global_batch(worker_run: Path, no_dropout_bert: Path,
-                                                                        tmp_path: Path) -> None:
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def single_adapter(no_dropout_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    single = tmp_path_factory.mktemp("single") / "adapter"
     train_task(ddp_task(), single, model=str(no_dropout_bert), lora=LORA, train=TRAIN, seed=7, device="cpu")
-    m1, m2 = read_json(single / "metrics.json"), read_json(worker_run / "ddp_adapter" / "metrics.json")
-    assert m2["world_size"] == 2 and m1["world_size"] == 1
+    return single
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_data_parallel_training_matches_one_process_with_the_same_global_batch(
+        worker_run: Path, single_adapter: Path, strategy: str) -> None:
+    single = single_adapter
+    m1, m2 = read_json(single / "metrics.json"), read_json(worker_run / f"{strategy}_adapter" / "metrics.json")
+    assert m2["world_size"] == 2 and m1["world_size"] == 1 and m2["train"]["strategy"] == strategy
     assert m2["best_epoch"] == m1["best_epoch"]
     for h1, h2 in zip(m1["history"], m2["history"]):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
         assert h2["validation"] == pytest.approx(h1["validation"])
     assert m2["test"] == pytest.approx(m1["test"])
     for name in ("adapter_model.safetensors", "head.safetensors"):
-        a, b = load_file(str(single / name)), load_file(str(worker_run / "ddp_adapter" / name))
+        a, b = load_file(str(single / name)), load_file(str(worker_run / f"{strategy}_adapter" / name))
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-3, msg=f"{name}:{k}")

@@ -45,6 +45,10 @@ class TrainSettings(_Strict):
     eval_batch_size: int = Field(128, gt=0)
     max_length: int = Field(128, gt=1, le=65536)
     train_pooler: bool = True
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes training one adapter: ``ddp`` keeps a full model copy per process;
+    ``fsdp`` shards the (frozen) base weights, the LoRA factors and the head over the processes
+    (torch FSDP2, one unit per transformer block), for bases too large for one device."""
 
 
 class InitSettings(_Strict):

@@ -65,18 +65,23 @@ def score(task: Task, logits: torch.Tensor, labels: torch.Tensor) -> float:
 def predict_logits_sharded(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
     """:func:`predict_logits` with the examples split over the processes (round robin) and the logits
     gathered: every rank returns the logits of all examples, in order. One process: the same as
-    :func:`predict_logits`."""
+    :func:`predict_logits`.
+
+    Every rank predicts the same number of examples (shares are topped up with repeats of example
+    0, dropped afterwards), so every rank runs the same number of forward passes, as a sharded
+    (FSDP) model requires."""
     from osrm_lora.distributed import all_gather_objects, get_env, shard
 
     env = get_env()
-    if not env.active:
+    if not env.active or len(encoded) == 0:
         return predict_logits(model, tokenizer, encoded, batch_size)
     mine = shard(range(len(encoded)), env)
-    part = Encoded(features=tuple(encoded.features[i] for i in mine), labels=encoded.labels[mine])
-    logits = predict_logits(model, tokenizer, part, batch_size) if mine else torch.empty((0, 0))
+    per_rank = -(-len(encoded) // env.world_size)
+    padded = mine + [0] * (per_rank - len(mine))
+    part = Encoded(features=tuple(encoded.features[i] for i in padded), labels=encoded.labels[padded])
+    logits = predict_logits(model, tokenizer, part, batch_size)[: len(mine)]
     pieces = all_gather_objects((mine, logits))
-    width = max(p[1].shape[-1] for p in pieces if p[0])
-    out = torch.empty((len(encoded), width), dtype=torch.float32)
+    out = torch.empty((len(encoded), logits.shape[-1]), dtype=torch.float32)
     for idx, lg in pieces:
         if idx:
             out[idx] = lg

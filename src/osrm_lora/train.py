@@ -9,6 +9,7 @@ Output directory (written atomically)::
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -29,7 +30,6 @@ from osrm_lora.backbone import (
     default_target_modules,
     head_module_name,
     head_module_names,
-    head_state,
     load_classifier,
     load_tokenizer,
     resolve_model_path,
@@ -103,8 +103,45 @@ def lora_module_key(param_name: str) -> str:
     return re.split(r"\.lora_[AB]\.", param_name)[0].removeprefix("base_model.model.")
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) parameter; collective for a sharded one."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a (possibly FSDP-sharded) parameter, or the tensor itself."""
+    local = getattr(t, "to_local", None)
+    return local() if callable(local) else t
+
+
 def current_A(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    return {lora_module_key(n): p.detach().cpu().clone() for n, p in lora_parameters(peft_model, "lora_A").items()}
+    return {lora_module_key(n): full_tensor(p.detach()).cpu().clone()
+            for n, p in lora_parameters(peft_model, "lora_A").items()}
+
+
+def shard_model(peft_model: nn.Module, device: torch.device) -> None:
+    """FSDP2 (``fully_shard``): one unit per transformer block (the model's ``_no_split_modules``),
+    then the rest. Parameters become DTensors sharded over the process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    inner = peft_model.base_model.model
+    block_types = set(getattr(inner, "_no_split_modules", None) or [])
+    blocks = [m for m in inner.modules() if type(m).__name__ in block_types and "Embedding" not in type(m).__name__]
+    if not blocks:
+        raise OsrmError(f"cannot find the transformer blocks of {type(inner).__name__} for FSDP; use strategy: ddp")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(peft_model)
+
+
+def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of every LoRA factor and head parameter, keyed by parameter name (collective
+    when the model is FSDP-sharded: every rank must call it)."""
+    inner_prefix = "base_model.model."
+    heads = tuple(f"{inner_prefix}{h}." for h in head_module_names(peft_model.base_model.model))
+    return {n: full_tensor(p.detach()).cpu().clone() for n, p in peft_model.named_parameters()
+            if ".lora_" in n or n.startswith(heads)}
 
 
 def a_drift(A0: Mapping[str, torch.Tensor], A: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -130,9 +167,11 @@ def _subspace_projectors(
 
 
 def _project_A(projectors: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    # row-wise projection: applied to this process's rows when FSDP shards A
     with torch.no_grad():
         for param, U in projectors:
-            param.copy_((param @ U.T) @ U)
+            rows = local_tensor(param)
+            rows.copy_((rows @ U.T) @ U)
 
 
 def _trainable_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -240,7 +279,15 @@ def train_task(
                 len(enc_train), train.epochs, n_trainable,
                 f", data parallel over {env.world_size} processes" if env.active else "")
     forward: nn.Module = peft_model
-    if env.active:
+    if env.active and train.strategy == "fsdp":
+        # every rank built the same seeded model, so the shards agree; the optimizer must see the
+        # sharded parameters, so it is rebuilt after sharding
+        shard_model(peft_model, dev)
+        optimizer = _optimizer(peft_model, train)
+        scheduler = _linear_schedule(optimizer, int(round(train.warmup_ratio * total)), total)
+        projectors = [(p, U) for (_, U), p in zip(projectors, lora_parameters(peft_model, "lora_A").values())]
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    elif env.active:
         from torch.nn.parallel import DistributedDataParallel
 
         # DDP broadcasts rank 0's parameters, so every rank starts from the same head and A
@@ -289,8 +336,9 @@ def train_task(
     drift = a_drift(A0, current_A(peft_model))
     seconds = time.perf_counter() - start
     result = TrainResult(task.name, Path(out_dir), best[1], best[0], test_score, history, drift, seconds)
+    tensors = adapter_tensors(peft_model)  # collective under FSDP
     if env.is_main:
-        _save(peft_model, tokenizer, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B,
+        _save(peft_model, tensors, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B,
               world_size=env.world_size)
     barrier_if(env)
     return result
@@ -328,7 +376,7 @@ def barrier_if(env: DistEnv) -> None:
 
 def _save(
     peft_model: nn.Module,
-    tokenizer: Any,
+    tensors: Mapping[str, torch.Tensor],
     task: Task,
     model_path: str,
     result: TrainResult,
@@ -373,9 +421,26 @@ def _save(
         "world_size": world_size,
     }
     with atomic_dir(result.out_dir) as tmp:
-        peft_model.save_pretrained(str(tmp))
-        save_head(tmp, head_state(inner), info)
+        write_peft_adapter(peft_model, tensors, tmp)
+        prefix = "base_model.model."
+        heads = tuple(f"{h}." for h in head_module_names(inner))
+        head = {n.removeprefix(prefix): v for n, v in tensors.items() if n.removeprefix(prefix).startswith(heads)}
+        save_head(tmp, head, info)
         write_json(tmp / "metrics.json", metrics)
+
+
+def write_peft_adapter(peft_model: nn.Module, tensors: Mapping[str, torch.Tensor], directory: Path) -> None:
+    """A plain PEFT adapter directory (what ``save_pretrained`` writes) from whole parameter tensors,
+    so a sharded (FSDP) model is saved the same way as a local one."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(peft_model, state_dict=dict(tensors))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
 
 
 def load_init_A(init_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
