@@ -9,7 +9,9 @@ aggregates mean +- std over seeds per (init, method): absolute merged test avera
 average, single-task test average, the selected lambda, and the normalised score at the WORST
 lambda of the grid (robustness). It checks the targets of the benchmark issue for every
 configuration and picks the recommended configuration on VALIDATION (highest merged validation
-average among configurations), then reports its test numbers. Results go to
+average among the configurations that ran with the most seeds, so that a lucky single seed cannot
+win over a 3-seed mean), then reports its test numbers. The summary table states the number of seeds
+of every row (seed runs made in parts may cover different inits). Results go to
 bench/results/quality_<preset>.json and the matching section of BENCHMARKS.md.
 """
 
@@ -108,8 +110,9 @@ def _sd(values: list[float]) -> float:
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean +- std over seeds per (init, method) of every headline number."""
+    """Mean +- std over seeds per (init, method) of every headline number, with the seeds it covers."""
     rows: dict[tuple[str, str], dict[str, list[float]]] = {}
+    row_seeds: dict[tuple[str, str], list[int]] = {}
     singles: dict[str, list[float]] = {}
     for res in runs:
         for init, per_task in res["single_task"].items():
@@ -126,8 +129,13 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             d["single"].append(single_avg)
             d["lambda"].append(rec["lambda"] if rec["lambda"] is not None else float("nan"))
             d["worst_norm"].append(worst)
-    table = {f"{i}|{m}": {k: {"mean": statistics.fmean(v), "std": _sd(v), "values": v} for k, v in d.items()}
-             for (i, m), d in rows.items()}
+            row_seeds.setdefault(key, []).append(int(res["seed"]))
+    table: dict[str, dict[str, Any]] = {}
+    for (i, m), d in rows.items():
+        entry: dict[str, Any] = {k: {"mean": statistics.fmean(v), "std": _sd(v), "values": v} for k, v in d.items()}
+        entry["seeds"] = row_seeds[(i, m)]
+        entry["n_seeds"] = len(row_seeds[(i, m)])
+        table[f"{i}|{m}"] = entry
     return {"configs": table, "single": {i: {"mean": statistics.fmean(v), "std": _sd(v)} for i, v in singles.items()}}
 
 
@@ -152,8 +160,16 @@ def check_targets(agg: dict[str, Any]) -> dict[str, Any]:
         }
         t["all_met"] = all(t["met"].values())
         out[key] = t
-    best = max(configs, key=lambda k: configs[k]["merged_val"]["mean"])
-    return {"per_config": out, "recommended_on_validation": best}
+    # only configurations with the most seeds compete: a 1-seed mean is noisier than a 3-seed one
+    max_seeds = max(c["n_seeds"] for c in configs.values())
+    pool = sorted(k for k, c in configs.items() if c["n_seeds"] == max_seeds)
+    excluded = sorted(k for k in configs if k not in pool)
+    if excluded:
+        logger.info("recommendation among %d configurations with %d seeds; %d with fewer seeds left out",
+                    len(pool), max_seeds, len(excluded))
+    best = max(pool, key=lambda k: configs[k]["merged_val"]["mean"])
+    return {"per_config": out, "recommended_on_validation": best, "recommendation_seeds": max_seeds,
+            "recommendation_pool": pool, "excluded_fewer_seeds": excluded}
 
 
 def _pm(d: dict[str, Any], digits: int = 1) -> str:
@@ -163,23 +179,39 @@ def _pm(d: dict[str, Any], digits: int = 1) -> str:
 
 
 def summary(agg: dict[str, Any], targets: dict[str, Any], description: str, seeds: list[int]) -> str:
-    headers = ["init", "method", "merged test avg", "normalised %", "single-task avg", "worst-λ normalised %",
-               "λ (validation)", "targets met"]
+    headers = ["init", "method", "seeds", "merged test avg", "normalised %", "single-task avg",
+               "worst-λ normalised %", "λ (validation)", "targets met"]
     rows = []
     for key, c in sorted(agg["configs"].items()):
         init, method = key.split("|")
         met = targets["per_config"][key]["met"]
-        rows.append([init, method, _pm(c["merged_test"]), _pm(c["normalised"]), _pm(c["single"]), _pm(c["worst_norm"]),
-                     _pm(c["lambda"], 2), f"{sum(met.values())}/4"])
+        rows.append([init, method, str(c["n_seeds"]), _pm(c["merged_test"]), _pm(c["normalised"]), _pm(c["single"]),
+                     _pm(c["worst_norm"]), _pm(c["lambda"], 2), f"{sum(met.values())}/4"])
     best = targets["recommended_on_validation"]
     tb = targets["per_config"][best]
+    n_best = targets["recommendation_seeds"]
+    excluded = targets["excluded_fewer_seeds"]
+    seeds_note = ""
+    if excluded:
+        # name the inits run with fewer seeds (every method of an init shares its seed runs)
+        fewer: dict[str, list[int]] = {}
+        for key in excluded:
+            fewer.setdefault(key.split("|")[0], agg["configs"][key]["seeds"])
+        seeds_note = (" Not every configuration ran with every seed: "
+                      + "; ".join(f"{i} only with seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}"
+                                  for i, s in sorted(fewer.items()))
+                      + " (column \"seeds\"; a single seed shows std 0).")
+    pool_text = (f"highest merged VALIDATION average among the {len(targets['recommendation_pool'])} configurations "
+                 f"with the most seeds ({n_best}); the {len(excluded)} with fewer seeds are not considered"
+                 if excluded else "highest merged VALIDATION average")
     lines = [
         f"Setting: {description}; seeds {seeds}. Scores on the TEST split (0-100), mean ± std over seeds; "
-        "λ and checkpoints chosen on validation; normalised = merged / single-task score of the same init.",
+        "λ and checkpoints chosen on validation; normalised = merged / single-task score of the same init."
+        + seeds_note,
         "",
         markdown_table(headers, rows),
         "",
-        f"Recommended configuration (highest merged VALIDATION average): **{best}**. "
+        f"Recommended configuration ({pool_text}): **{best}** ({n_best} seed{'s' if n_best > 1 else ''}). "
         f"Against the targets: merged − standard TA = {tb['merged_vs_standard_TA']:+.1f} points "
         f"({'met' if tb['met']['merged >= standard+TA + 5'] else 'missed'}, target +5); "
         f"normalised {tb['normalised']:.1f}% ({'met' if tb['met']['normalised >= 95'] else 'missed'}, target 95%); "
@@ -188,7 +220,8 @@ def summary(agg: dict[str, Any], targets: dict[str, Any], description: str, seed
         f"worst-λ normalised {tb['worst_lambda_normalised']:.1f}% "
         f"({'met' if tb['met']['worst-lambda normalised >= 90'] else 'missed'}, target 90%).",
     ]
-    all_met = [k for k, v in targets["per_config"].items() if v["all_met"]]
+    all_met = [f"{k} ({agg['configs'][k]['n_seeds']} seed{'s' if agg['configs'][k]['n_seeds'] > 1 else ''})"
+               for k, v in sorted(targets["per_config"].items()) if v["all_met"]]
     lines.append("")
     lines.append("Configurations meeting all four targets at once: " + (", ".join(all_met) if all_met else "none") + ".")
     return "\n".join(lines)
