@@ -91,7 +91,10 @@ class ProfileSettings(_Strict):
 class MergeSettings(_Strict):
     """Merging: methods, lambda grid (chosen on validation), fixed per-method parameters."""
 
-    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "emr"])
+    """Default: Task Arithmetic (the baseline) and EMR, the method of the configuration chosen on
+    validation by ``bench/quality.py --preset gpu`` (OSRM code + EMR, 3 seeds). EMR deploys one
+    masked, rescaled model per task, so it needs the task id at inference."""
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -117,8 +120,10 @@ class PipelineConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     inits: list[InitSettings] = Field(
-        default_factory=lambda: [InitSettings(name="standard"), InitSettings(name="osrm-paper", mode="paper")]
+        default_factory=lambda: [InitSettings(name="standard"), InitSettings(name="osrm-code", mode="code")]
     )
+    """Default: the standard baseline and OSRM ``code`` mode, the init of the configuration chosen on
+    validation by ``bench/quality.py --preset gpu`` (3 seeds; see BENCHMARKS.md)."""
     profile: ProfileSettings = ProfileSettings()
     merge: MergeSettings = MergeSettings()
     diagnose: bool = True

@@ -28,7 +28,7 @@ def demo_config(methods: tuple[str, ...] | None = None) -> PipelineConfig:
         train=TrainSettings(epochs=2, batch_size=16, lr=2e-3, head_lr=1e-2, max_length=48, eval_batch_size=128),
         inits=[
             InitSettings(name="standard", mode="standard"),
-            InitSettings(name="osrm-paper", mode="paper"),
+            InitSettings(name="osrm-code", mode="code"),
         ],
         profile=ProfileSettings(n_samples=100),
         merge=MergeSettings(methods=chosen, lambdas=[0.5, 1.0, 1.5]),
