@@ -196,3 +196,14 @@ def test_pipeline_on_two_processes_equals_one_process(tiny_bert: Path, tmp_path:
         assert r2["avg_test"] == pytest.approx(r1["avg_test"])
     assert (tmp_path / "run2" / "report.html").exists()
     assert not list((tmp_path / "run2").rglob("*.tmp*"))
+
+
+def test_parallel_auto_prefers_tasks_when_there_are_enough() -> None:
+    from osrm_lora.config import parse_config
+    from osrm_lora.pipeline import _parallel_mode
+
+    cfg = parse_config({"suite": "demo"})
+    assert _parallel_mode(cfg, n_tasks=4, world_size=2) == "tasks"
+    assert _parallel_mode(cfg, n_tasks=4, world_size=8) == "data"
+    forced = parse_config({"suite": "demo", "parallel": "data"})
+    assert _parallel_mode(forced, n_tasks=4, world_size=2) == "data"

@@ -10,6 +10,9 @@ Non-LoRA tensors found in the file (``modules_to_save`` copies, ``lora_B.bias`` 
 DoRA ``lora_magnitude_vector``, embedding LoRA factors) are kept verbatim in ``LoraAdapter.extra``
 (keys without the ``base_model.model.`` prefix) and written back by :func:`save_adapter`.
 
+:class:`AdapterReader` opens an adapter lazily: config and tensor shapes (safetensors header) up
+front, the factors of chosen modules on demand (streamed merging of large models).
+
 Orientation: ``LoraModule.delta()`` is always ``scaling * B @ A`` of shape (out, in). For
 ``fan_in_fan_out`` modules (GPT-2 ``Conv1D``) the stored weight is (in, out): use
 :meth:`LoraModule.weight_delta` to get the delta in the weight's own layout.
@@ -23,6 +26,7 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +82,21 @@ class LoraModule:
                           self.scaling, self.fan_in_fan_out)
 
 
-@dataclass
-class LoraAdapter:
-    """All LoRA modules of one adapter, its PEFT config and any non-LoRA tensors."""
+@dataclass(frozen=True)
+class ModuleShape:
+    """Shape of one adapted module, known without loading its factors."""
 
-    modules: dict[str, LoraModule]
+    rank: int
+    out_features: int
+    in_features: int
+    fan_in_fan_out: bool = False
+
+
+class _AdapterFlags:
+    """Properties read from the PEFT config and the names of the non-LoRA tensors (``extra``)."""
+
     config: dict[str, Any]
-    name: str = ""
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: Mapping[str, Any]
 
     @property
     def base_model(self) -> str | None:
@@ -102,6 +113,20 @@ class LoraAdapter:
     @property
     def has_modules_to_save(self) -> bool:
         return bool(self.config.get("modules_to_save")) or any(_is_saved_module_key(k) for k in self.extra)
+
+
+@dataclass
+class LoraAdapter(_AdapterFlags):
+    """All LoRA modules of one adapter, its PEFT config and any non-LoRA tensors."""
+
+    modules: dict[str, LoraModule]
+    config: dict[str, Any]
+    name: str = ""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def module_shapes(self) -> dict[str, ModuleShape]:
+        return {k: ModuleShape(m.rank, m.out_features, m.in_features, m.fan_in_fan_out)
+                for k, m in self.modules.items()}
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """Dense deltas of every module (built one by one; memory m x n per module)."""
@@ -149,6 +174,28 @@ def module_scaling(config: dict[str, Any], key: str, rank: int) -> float:
 # loading
 
 
+def _corrupt(path: Path, exc: Exception) -> AdapterError:
+    return AdapterError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); re-export the adapter")
+
+
+def _load_bin(binf: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(str(binf), map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        raise AdapterError(
+            f"{binf} cannot be loaded safely (weights_only=True failed: {type(exc).__name__}); "
+            f"convert it to {SAFETENSORS_NAME}"
+        ) from exc
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdapterError(f"{binf} is not a flat tensor state dict; convert it to {SAFETENSORS_NAME}")
+    return sd
+
+
+def _no_weights(path: Path) -> AdapterError:
+    return AdapterError(f"no {SAFETENSORS_NAME} in {path}; point to a PEFT adapter directory saved with "
+                        "save_pretrained")
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     st = path / SAFETENSORS_NAME
     if st.exists():
@@ -157,66 +204,74 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(st), device="cpu")
         except Exception as exc:  # safetensors raises several exception types for corrupt files
-            raise AdapterError(
-                f"{st} is corrupt or unreadable ({type(exc).__name__}: {exc}); re-export the adapter"
-            ) from exc
+            raise _corrupt(st, exc) from exc
     binf = path / BIN_NAME
     if binf.exists():
-        try:
-            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise AdapterError(
-                f"{binf} cannot be loaded safely (weights_only=True failed: {type(exc).__name__}); "
-                f"convert it to {SAFETENSORS_NAME}"
-            ) from exc
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise AdapterError(f"{binf} is not a flat tensor state dict; convert it to {SAFETENSORS_NAME}")
-        return sd
-    raise AdapterError(f"no {SAFETENSORS_NAME} in {path}; point to a PEFT adapter directory saved with save_pretrained")
+        return _load_bin(binf)
+    raise _no_weights(path)
 
 
 def _strip(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
-def adapter_from_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any], name: str = "",
-                            source: str = "adapter") -> LoraAdapter:
-    """Build a :class:`LoraAdapter` from a PEFT adapter state dict and config; validates shapes and values."""
+def _check_peft_type(config: dict[str, Any], source: str | Path) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in _LORA_PEFT_TYPES:
         raise AdapterError(f"{source} has peft_type={peft_type}, not LORA; only LoRA adapters can be loaded")
-    tensors = {_strip(k): v for k, v in state.items()}
-    a_keys = {k[: -len(_A_SUFFIX)] for k in tensors if k.endswith(_A_SUFFIX)}
-    b_keys = {k[: -len(_B_SUFFIX)] for k in tensors if k.endswith(_B_SUFFIX)}
+
+
+def _lora_layout(shapes: Mapping[str, Sequence[int]], config: dict[str, Any], source: str) -> dict[str, ModuleShape]:
+    """Validate the LoRA layout from tensor names (prefix stripped) and shapes alone: lora_A/lora_B
+    pairs, 2-D factors, equal ranks. Returns the modules' shapes in sorted key order."""
+    a_keys = {k[: -len(_A_SUFFIX)] for k in shapes if k.endswith(_A_SUFFIX)}
+    b_keys = {k[: -len(_B_SUFFIX)] for k in shapes if k.endswith(_B_SUFFIX)}
     if a_keys != b_keys:
         odd = sorted(a_keys ^ b_keys)[0]
         raise AdapterError(f"{source}: module {odd} has only one of lora_A/lora_B; re-export the adapter")
     fifo = bool(config.get("fan_in_fan_out", False))
-    modules: dict[str, LoraModule] = {}
+    layout: dict[str, ModuleShape] = {}
     for key in sorted(a_keys):
-        A, B = tensors[key + _A_SUFFIX], tensors[key + _B_SUFFIX]
-        if A.dim() != 2 or B.dim() != 2:
+        a, b = tuple(shapes[key + _A_SUFFIX]), tuple(shapes[key + _B_SUFFIX])
+        if len(a) != 2 or len(b) != 2:
             raise AdapterError(
-                f"{source}: module {key} is not a Linear LoRA (lora_A has shape {tuple(A.shape)}); "
+                f"{source}: module {key} is not a Linear LoRA (lora_A has shape {a}); "
                 "only Linear/Conv1D LoRA modules are supported"
             )
-        if A.shape[0] != B.shape[1]:
+        if a[0] != b[1]:
             raise AdapterError(
-                f"{source}: module {key} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} with different "
-                "ranks; re-export the adapter"
+                f"{source}: module {key} has lora_A {a} and lora_B {b} with different ranks; re-export the adapter"
             )
-        for t, part in ((A, "lora_A"), (B, "lora_B")):
-            if not torch.isfinite(t).all():
-                raise AdapterError(f"{source}: {key}.{part} contains NaN/Inf; retrain or pick an earlier checkpoint")
         r_cfg = _pattern_value(config.get("rank_pattern"), key)
         if r_cfg is None:
-            r_cfg = config.get("r", A.shape[0])
-        if int(r_cfg) != A.shape[0]:
-            logger.warning("%s: %s has rank %d but the config says %s; using the weight shape", source, key,
-                           A.shape[0], r_cfg)
-        modules[key] = LoraModule(A, B, module_scaling(config, key, int(A.shape[0])), fifo)
-    extra = {k: v for k, v in tensors.items()
-             if not (k.endswith(_A_SUFFIX) or k.endswith(_B_SUFFIX))}
+            r_cfg = config.get("r", a[0])
+        if int(r_cfg) != a[0]:
+            logger.warning("%s: %s has rank %d but the config says %s; using the weight shape", source, key, a[0],
+                           r_cfg)
+        layout[key] = ModuleShape(int(a[0]), int(b[0]), int(a[1]), fifo)
+    return layout
+
+
+def _lora_module(key: str, A: torch.Tensor, B: torch.Tensor, config: dict[str, Any], source: str) -> LoraModule:
+    for t, part in ((A, "lora_A"), (B, "lora_B")):
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{source}: {key}.{part} contains NaN/Inf; retrain or pick an earlier checkpoint")
+    return LoraModule(A, B, module_scaling(config, key, int(A.shape[0])), bool(config.get("fan_in_fan_out", False)))
+
+
+def _is_factor(key: str) -> bool:
+    return key.endswith(_A_SUFFIX) or key.endswith(_B_SUFFIX)
+
+
+def adapter_from_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any], name: str = "",
+                            source: str = "adapter") -> LoraAdapter:
+    """Build a :class:`LoraAdapter` from a PEFT adapter state dict and config; validates shapes and values."""
+    _check_peft_type(config, source)
+    tensors = {_strip(k): v for k, v in state.items()}
+    layout = _lora_layout({k: tuple(v.shape) for k, v in tensors.items()}, config, source)
+    modules = {key: _lora_module(key, tensors[key + _A_SUFFIX], tensors[key + _B_SUFFIX], config, source)
+               for key in layout}
+    extra = {k: v for k, v in tensors.items() if not _is_factor(k)}
     for k, v in extra.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise AdapterError(f"{source}: {k} contains NaN/Inf; retrain or pick an earlier checkpoint")
@@ -225,11 +280,8 @@ def adapter_from_state_dict(state: dict[str, torch.Tensor], config: dict[str, An
     return LoraAdapter(modules=modules, config=dict(config), name=name, extra=extra)
 
 
-def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
-    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-    ``adapter_model.bin`` is accepted only if ``torch.load(weights_only=True)`` can read it.
-    """
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT LoRA adapter directory, checked (exists, JSON object, LoRA)."""
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter directory {path} does not exist; check the path")
@@ -244,11 +296,99 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         raise AdapterError(f"{cfg_path} is not valid JSON ({exc}); re-export the adapter") from exc
     if not isinstance(config, dict):
         raise AdapterError(f"{cfg_path} is not a JSON object; re-export the adapter")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type not in _LORA_PEFT_TYPES:
-        raise AdapterError(f"{path} has peft_type={peft_type}, not LORA; only LoRA adapters can be loaded")
+    _check_peft_type(config, path)
+    return config
+
+
+def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``adapter_model.bin`` is accepted only if ``torch.load(weights_only=True)`` can read it. To read
+    only some modules, or shapes without tensors, use :class:`AdapterReader`.
+    """
+    path = Path(path)
+    config = read_adapter_config(path)
     state = _read_tensors(path)
     return adapter_from_state_dict(state, config, name=name if name is not None else path.name, source=str(path))
+
+
+class AdapterReader(_AdapterFlags):
+    """A PEFT LoRA adapter directory opened lazily.
+
+    The constructor reads the config and the tensor names and shapes (the safetensors header; an
+    ``adapter_model.bin`` is memory-mapped) and validates the LoRA layout like :func:`load_adapter`,
+    without loading any factor. :meth:`read` loads the factors of the requested modules only.
+    ``extra`` maps the non-LoRA tensor names (prefix stripped) to their shapes; they are never loaded.
+    ``last_read`` / ``tensors_read`` record what the latest / all calls of :meth:`read` loaded.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.config = read_adapter_config(self.path)
+        self.name = name if name is not None else self.path.name
+        self._bin: dict[str, torch.Tensor] | None = None
+        st = self.path / SAFETENSORS_NAME
+        if st.exists():
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(st), framework="pt") as fh:
+                    raw = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            except Exception as exc:
+                raise _corrupt(st, exc) from exc
+            self._file: Path | None = st
+        elif (self.path / BIN_NAME).exists():
+            self._bin = _load_bin(self.path / BIN_NAME, mmap=True)
+            raw = {k: tuple(v.shape) for k, v in self._bin.items()}
+            self._file = None
+        else:
+            raise _no_weights(self.path)
+        self._names = {_strip(k): k for k in raw}
+        self._shapes = _lora_layout({_strip(k): v for k, v in raw.items()}, self.config, str(self.path))
+        if not self._shapes:
+            raise AdapterError(f"{self.path} contains no lora_A/lora_B weights; point to a LoRA adapter")
+        self.extra: dict[str, tuple[int, ...]] = {_strip(k): v for k, v in raw.items() if not _is_factor(_strip(k))}
+        self.last_read: tuple[str, ...] = ()
+        self.tensors_read = 0
+
+    @property
+    def module_keys(self) -> list[str]:
+        """The adapted modules, sorted."""
+        return list(self._shapes)
+
+    def module_shapes(self) -> dict[str, ModuleShape]:
+        return dict(self._shapes)
+
+    def read(self, keys: Iterable[str], device: torch.device | str | None = None) -> LoraAdapter:
+        """A :class:`LoraAdapter` holding only the modules ``keys`` (no extras), factors on ``device``."""
+        keys = list(keys)
+        missing = [k for k in keys if k not in self._shapes]
+        if missing:
+            raise AdapterError(f"{self.path} has no LoRA module {missing[0]}; train all adapters with the same "
+                               "target_modules")
+        names = [self._names[k + suffix] for k in keys for suffix in (_A_SUFFIX, _B_SUFFIX)]
+        tensors: dict[str, torch.Tensor] = {}
+        if self._file is not None:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(self._file), framework="pt") as fh:
+                    for n in names:
+                        tensors[n] = fh.get_tensor(n)
+            except Exception as exc:
+                raise _corrupt(self._file, exc) from exc
+        else:
+            assert self._bin is not None
+            tensors = {n: self._bin[n].clone() for n in names}
+        self.last_read = tuple(names)
+        self.tensors_read += len(names)
+        src = str(self.path)
+        modules = {}
+        for k in keys:
+            A = tensors.pop(self._names[k + _A_SUFFIX]).to(device)
+            B = tensors.pop(self._names[k + _B_SUFFIX]).to(device)
+            modules[k] = _lora_module(k, A, B, self.config, src)
+        return LoraAdapter(modules, dict(self.config), name=self.name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,24 +473,28 @@ def save_adapter(adapter: LoraAdapter, path: str | Path) -> None:
 # compatibility
 
 
-def check_compatible(adapters: list[LoraAdapter]) -> None:
+def check_compatible(adapters: Sequence[LoraAdapter | AdapterReader]) -> None:
     """Check adapters can be merged: same base model, same module set, same shapes, finite weights.
 
-    Ranks may differ. Raises :class:`AdapterError` with a one-line message otherwise.
+    Ranks may differ. Works on loaded adapters and on :class:`AdapterReader` headers (shapes only;
+    their factors are checked when read). Raises :class:`AdapterError` with a one-line message otherwise.
     """
     if not adapters:
         raise AdapterError("no adapters given; pass at least one adapter directory")
     ref = adapters[0]
     ref_name = ref.name or "adapter 0"
+    ref_shapes = ref.module_shapes()
     for i, ad in enumerate(adapters):
         nm = ad.name or f"adapter {i}"
-        if not ad.modules:
+        shapes = ad.module_shapes()
+        if not shapes:
             raise AdapterError(f"{nm} has no LoRA modules; pass a LoRA adapter")
-        for key, mod in ad.modules.items():
-            if mod.A.shape[0] != mod.B.shape[1]:
-                raise AdapterError(f"{nm}: module {key} has mismatched lora_A/lora_B ranks; re-export the adapter")
-            if not (torch.isfinite(mod.A).all() and torch.isfinite(mod.B).all()):
-                raise AdapterError(f"{nm}: module {key} contains NaN/Inf; retrain or pick an earlier checkpoint")
+        if isinstance(ad, LoraAdapter):
+            for key, mod in ad.modules.items():
+                if mod.A.shape[0] != mod.B.shape[1]:
+                    raise AdapterError(f"{nm}: module {key} has mismatched lora_A/lora_B ranks; re-export the adapter")
+                if not (torch.isfinite(mod.A).all() and torch.isfinite(mod.B).all()):
+                    raise AdapterError(f"{nm}: module {key} contains NaN/Inf; retrain or pick an earlier checkpoint")
         if i == 0:
             continue
         if (ad.base_model or None) != (ref.base_model or None) and ad.base_model and ref.base_model:
@@ -358,14 +502,14 @@ def check_compatible(adapters: list[LoraAdapter]) -> None:
                 f"{nm} was trained on base model {ad.base_model!r} but {ref_name} on {ref.base_model!r}; "
                 "merge only adapters of the same base model"
             )
-        if set(ad.modules) != set(ref.modules):
-            diff = sorted(set(ad.modules) ^ set(ref.modules))
+        if set(shapes) != set(ref_shapes):
+            diff = sorted(set(shapes) ^ set(ref_shapes))
             raise AdapterError(
                 f"{nm} and {ref_name} adapt different modules (e.g. {diff[0]}, {len(diff)} differ); "
                 "train all adapters with the same target_modules"
             )
-        for key, mod in ad.modules.items():
-            r = ref.modules[key]
+        for key, mod in shapes.items():
+            r = ref_shapes[key]
             if (mod.out_features, mod.in_features) != (r.out_features, r.in_features):
                 raise AdapterError(
                     f"{nm}: module {key} has shape {(mod.out_features, mod.in_features)} but {ref_name} has "

@@ -301,13 +301,25 @@ def merge(
     out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="peft (adapter) or full (merged model).")] = "peft",
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated per-adapter weights.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="Base model for --format full (default: the adapters' base_model_name_or_path).")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Merge a few modules at a time (large models); automatic under torchrun.")] = False,
+    modules_per_step: Annotated[int, typer.Option(min=1, help="Modules in memory at once with --stream.")] = 1,
+    device: Annotated[str, typer.Option(help="Device for --stream: auto, cpu, cuda (under torchrun: one GPU per process).")] = "auto",
     list_: Annotated[bool, typer.Option("--list", help="List merge methods and exit.")] = False,
 ) -> None:
     """Merge LoRA adapters with a registered method; writes a PEFT adapter or a full model.
 
+    With --stream (or when started by torchrun / accelerate launch) the modules are split over the
+    processes and merged a few at a time, so peak memory stays near a few modules; --format full
+    then writes a sharded safetensors model.
+
     Example: osrm-lora merge --method ties -p density=0.2 -p scaling=0.7 a/ b/ c/ --out merged/
+
+    Example: torchrun --nproc_per_node 8 -m osrm_lora merge --method ties a/ b/ --out m/ --format full
     """
+    from osrm_lora.distributed import launched_distributed
     from osrm_lora.merge import format_method_list, run_merge
+    from osrm_lora.merge.cli import run_stream_merge
 
     if list_:
         typer.echo(format_method_list())
@@ -318,7 +330,14 @@ def merge(
         w = [float(x) for x in _csv(weights) or []] if weights else None
     except ValueError:
         raise OsrmError(f"--weights {weights!r} is not a comma-separated list of numbers; pass e.g. --weights 1.0,0.5") from None
-    run_merge([str(a) for a in adapters or []], method, list(param or []), str(out), format=fmt, weights=w)
+    dirs = [str(a) for a in adapters or []]
+    if stream or launched_distributed():
+        run_stream_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w,
+                         base_model_path=base_model, modules_per_step=modules_per_step, device=device)
+        if not _join_group(device):
+            return
+    else:
+        run_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w, base_model_path=base_model)
     typer.echo(f"merged {len(adapters or [])} adapters with {method} into {out}")
 
 

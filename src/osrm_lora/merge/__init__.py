@@ -23,6 +23,7 @@ __all__ = [
     "register_method",
     "run_merge",
     "save_merge_result",
+    "stream_merge",
 ]
 
 
@@ -31,6 +32,10 @@ def __getattr__(name: str):  # lazy: io/cli import transformers only when used
         from osrm_lora.merge.io import save_merge_result
 
         return save_merge_result
+    if name == "stream_merge":
+        from osrm_lora.merge.stream import stream_merge
+
+        return stream_merge
     if name in ("run_merge", "format_method_list"):
         from osrm_lora.merge import cli
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from typing import Any
 
 from osrm_lora.adapters import load_adapter
 from osrm_lora.errors import OsrmError
@@ -26,6 +27,19 @@ def parse_params(method: str, params: list[str] | None) -> dict[str, object]:
     return out
 
 
+def _cli_params(method: str, params: list[str] | None, weights: list[float] | None) -> dict[str, object]:
+    """Parsed ``key=value`` parameters (+ ``weights``) of a method the CLI can run (no data-aware inputs)."""
+    info = get_method(method)
+    if info.needs:
+        raise OsrmError(f"method {method} needs {', '.join(sorted(info.needs))} computed from task data; "
+                        "run it through the pipeline (osrm_lora.merge.merge with a MergeContext)")
+    parsed = parse_params(method, params)
+    if weights is not None:
+        info.param("weights")  # raises if the method has no weights
+        parsed["weights"] = list(weights)
+    return parsed
+
+
 def run_merge(adapter_dirs: list[str], method: str, params: list[str] | None, out: str, format: str = "peft",
               weights: list[float] | None = None, *, base_model_path: str | None = None,
               svd_rank: int | None = None, ignore_extra: bool = True) -> MergeResult:
@@ -35,14 +49,7 @@ def run_merge(adapter_dirs: list[str], method: str, params: list[str] | None, ou
     such as ``modules_to_save`` heads are dropped (heads stay per task) unless ``ignore_extra=False``.
     Data-aware methods (regmean, fisher, adamerging) need statistics and are run from Python/pipeline.
     """
-    info = get_method(method)
-    if info.needs:
-        raise OsrmError(f"method {method} needs {', '.join(sorted(info.needs))} computed from task data; "
-                        "run it through the pipeline (osrm_lora.merge.merge with a MergeContext)")
-    parsed = parse_params(method, params)
-    if weights is not None:
-        info.param("weights")  # raises if the method has no weights
-        parsed["weights"] = list(weights)
+    parsed = _cli_params(method, params, weights)
     if not adapter_dirs:
         raise OsrmError("no adapter directories given; pass at least one PEFT adapter directory")
     adapters = [load_adapter(d) for d in adapter_dirs]
@@ -53,6 +60,31 @@ def run_merge(adapter_dirs: list[str], method: str, params: list[str] | None, ou
     save_merge_result(result, out, base_model_path=base_model_path, format=format, svd_rank=svd_rank,
                       inputs=[str(d) for d in adapter_dirs])
     return result
+
+
+def run_stream_merge(adapter_dirs: list[str], method: str, params: list[str] | None, out: str,
+                     format: str = "peft", weights: list[float] | None = None, *, base_model_path: str | None = None,
+                     svd_rank: int | None = None, ignore_extra: bool = True, modules_per_step: int = 1,
+                     device: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Streamed merge (:func:`osrm_lora.merge.stream.stream_merge`): a few modules in memory at a time.
+
+    Same inputs as :func:`run_merge` plus ``modules_per_step``, ``device`` and ``seed``. Started by a
+    launcher (``torchrun --nproc_per_node N -m osrm_lora ...``), it joins the process group
+    (:func:`~osrm_lora.distributed.init_distributed`; NCCL on GPUs, gloo on CPU) and spreads the
+    modules over the processes; the group stays up for the rest of the process. Returns the
+    contents of ``merge_info.json``. Methods needing a model or task data (adamerging, regmean,
+    fisher) are refused.
+    """
+    from osrm_lora import distributed
+    from osrm_lora.merge.stream import check_streamable, stream_merge
+
+    check_streamable(method)
+    parsed = _cli_params(method, params, weights)
+    if distributed.launched_distributed():
+        distributed.init_distributed(device)
+    return stream_merge(adapter_dirs, method, parsed, out, format=format, base_model_path=base_model_path,
+                        svd_rank=svd_rank, modules_per_step=modules_per_step, device=device, seed=seed,
+                        ignore_extra=ignore_extra)
 
 
 def format_method_list(width: int = 120) -> str:

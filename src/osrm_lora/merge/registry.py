@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from osrm_lora.adapters import LoraAdapter, check_compatible
+from osrm_lora.adapters import AdapterReader, LoraAdapter, check_compatible
 from osrm_lora.errors import AdapterError, OsrmError
 
 logger = logging.getLogger(__name__)
@@ -132,12 +132,32 @@ class MergeContext:
       tasks and return the mean prediction entropy (summed or averaged over tasks). It is called once
       per optimisation step and must not detach the deltas.
     - ``seed``: seed of random methods (DARE) unless the method's own ``seed`` parameter is given.
+
+    Fields for merging a model a few modules at a time (:mod:`osrm_lora.merge.stream`), where the
+    adapters passed to a method hold only some of the modules:
+
+    - ``task_thresholds``: per task, the magnitude threshold of a task-wide top-``density`` trim
+      (``threshold="task"``), computed beforehand over all modules; used instead of the threshold
+      over the modules at hand.
+    - ``task_rescalers``: per task, EMR's task-wide rescaler (``rescale="task"``), computed beforehand.
+    - ``per_module_seed``: DARE draws each module's masks from a generator seeded with
+      ``module_seed(seed, key)`` (so they do not depend on which other modules are merged in the
+      same call) instead of one generator run over all modules in sorted order (PEFT parity).
+    - ``streaming``: the adapters are a subset of the modules; a method that needs a task-wide
+      statistic that was not given raises instead of computing it over the subset.
+    - ``magnitude_probe``: pre-pass hook. When set, a task-wide magnitude trim hands every tensor
+      it would trim to ``magnitude_probe(task, tensor)`` and merges nothing (all-zero result).
     """
 
     grams: list[dict[str, torch.Tensor]] | None = None
     fisher: list[dict[str, torch.Tensor]] | None = None
     entropy_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     seed: int = 0
+    task_thresholds: list[float] | None = None
+    task_rescalers: list[float] | None = None
+    per_module_seed: bool = False
+    streaming: bool = False
+    magnitude_probe: Callable[[int, torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -259,7 +279,7 @@ def resolve_params(info: MethodInfo, params: Mapping[str, Any] | None, n_adapter
     return out
 
 
-def _check_extras(adapters: list[LoraAdapter], method: str, ignore_extra: bool) -> None:
+def _check_extras(adapters: Sequence[LoraAdapter | AdapterReader], method: str, ignore_extra: bool) -> None:
     for i, ad in enumerate(adapters):
         nm = ad.name or f"adapter {i}"
         if ad.uses_dora:

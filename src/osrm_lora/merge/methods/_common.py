@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from osrm_lora.adapters import LoraAdapter, LoraModule
+from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
 from osrm_lora.merge.registry import MergeContext, Param
 
@@ -64,24 +66,64 @@ def dense_getter(adapters: Sequence[LoraAdapter]) -> TensorGetter:
     return lambda t, key: adapters[t].modules[key].delta()
 
 
+def module_seed(seed: int, key: str) -> int:
+    """Seed of module ``key``'s DARE generator with per-module seeding: ``(seed << 32) + crc32(key)``
+    (mod 2^63), stable across processes, runs and Python versions."""
+    return ((int(seed) << 32) + zlib.crc32(key.encode("utf-8"))) % (1 << 63)
+
+
+def _task_thresholds(keys: Sequence[str], get: TensorGetter, n_tasks: int, density: float,
+                     ctx: MergeContext) -> list[float]:
+    if ctx.task_thresholds is not None:
+        if len(ctx.task_thresholds) != n_tasks:
+            raise OsrmError(f"context.task_thresholds has {len(ctx.task_thresholds)} values for {n_tasks} adapters; "
+                            "give one per adapter in the same order")
+        return [float(x) for x in ctx.task_thresholds]
+    if ctx.streaming:
+        raise OsrmError("a task-wide magnitude threshold is needed but the merge sees only some modules; "
+                        "compute context.task_thresholds over all modules first (merge.stream does)")
+    out = []
+    for t in range(n_tasks):
+        total = sum(get(t, k).numel() for k in keys)
+        out.append(ops.kth_largest_abs(lambda t=t: (get(t, k) for k in keys), int(density * total)))
+    return out
+
+
 def sparse_combine(keys: Sequence[str], get: TensorGetter, n_tasks: int, *, sparsify: str | None,
                    consensus: str, weights: torch.Tensor, density: float = 1.0, p: float = 0.0,
                    threshold: str = "task", sign_method: str = "total",
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator | None = None,
+                   ctx: MergeContext | None = None) -> dict[str, torch.Tensor]:
     """Sparsify each task's tensors, then combine them per key (one key at a time).
 
     ``sparsify``: None, "magnitude" (top-``density`` by ``|x|``; threshold per task over all keys
     together or per matrix) or "dare" (random drop with probability ``p``, rescaled).
     ``consensus``: "sum" (weighted sum) or "ties" (sign election + disjoint mean of weighted values).
-    DARE masks are drawn key by key (sorted order as given), task by task, from ``generator``.
+    DARE masks are drawn key by key (sorted order as given), task by task, from ``generator``; with
+    ``ctx.per_module_seed`` the generator is re-seeded per key with ``module_seed(initial seed, key)``.
+    ``ctx.task_thresholds`` / ``ctx.magnitude_probe`` replace the task-wide thresholds (see
+    :class:`~osrm_lora.merge.registry.MergeContext`).
     """
+    ctx = ctx or MergeContext()
     thresholds: list[float | None] = [None] * n_tasks
     if sparsify == "magnitude" and threshold == "task" and density < 1:
-        for t in range(n_tasks):
-            total = sum(get(t, k).numel() for k in keys)
-            thresholds[t] = ops.kth_largest_abs(lambda t=t: (get(t, k) for k in keys), int(density * total))
+        if ctx.magnitude_probe is not None:
+            zeros = {}
+            for key in keys:
+                for t in range(n_tasks):
+                    x = get(t, key)
+                    ctx.magnitude_probe(t, x)
+                zeros[key] = torch.zeros_like(x)
+            return zeros
+        thresholds = list(_task_thresholds(keys, get, n_tasks, density, ctx))
+    reseed = sparsify == "dare" and generator is not None and ctx.per_module_seed
+    if sparsify == "dare" and ctx.streaming and not reseed:
+        raise OsrmError("DARE over a subset of the modules needs per-module seeding; set context.per_module_seed")
+    base_seed = generator.initial_seed() if reseed and generator is not None else 0
     out: dict[str, torch.Tensor] = {}
     for key in keys:
+        if reseed and generator is not None:
+            generator.manual_seed(module_seed(base_seed, key))
         tensors = []
         for t in range(n_tasks):
             x = get(t, key)

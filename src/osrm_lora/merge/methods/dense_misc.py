@@ -55,7 +55,7 @@ def do_merging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
     sparsify, consensus = (None, "sum") if params["base"] == "ta" else ("magnitude", "ties")
     merged = sparse_combine(keys, lambda t, k: dirs[k][t], T, sparsify=sparsify, consensus=consensus, weights=w,
                             density=params["density"], threshold=params["threshold"],
-                            sign_method=params["sign_method"])
+                            sign_method=params["sign_method"], ctx=ctx)
     lam = float(params["scaling"])
     deltas = {}
     for key in keys:

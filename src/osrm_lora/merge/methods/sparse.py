@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from osrm_lora.adapters import LoraAdapter
+from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
 from osrm_lora.merge.methods._common import (
     DENSITY,
@@ -34,7 +35,7 @@ def _dense(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContex
         module_keys(adapters), dense_getter(adapters), len(adapters), sparsify=sparsify, consensus=consensus,
         weights=task_weights(params, len(adapters), dev), density=params.get("density", 1.0),
         p=params.get("p", 0.0), threshold=params.get("threshold", "matrix"),
-        sign_method=params.get("sign_method", "total"), generator=gen)
+        sign_method=params.get("sign_method", "total"), generator=gen, ctx=ctx)
     lam = float(params["scaling"])
     return {k: lam * v for k, v in merged.items()}
 
@@ -106,6 +107,9 @@ def emr(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext) 
     that agree with it; task mask ``M_t = [sign(tau_t) == elected]``; rescaler
     ``l_t = sum|tau_t| / sum|M_t * unified|`` (over all of the task's modules, or per matrix).
     Task ``t`` is deployed as ``lambda * l_t * M_t * unified``: needs the task id at inference.
+    ``info`` reports the task-wide rescalers and their numerators/denominators over the modules
+    merged (``rescaler_num``/``rescaler_den``); ``context.task_rescalers`` replaces the task-wide
+    rescalers (streamed merging computes them over all modules first).
     """
     keys, T = module_keys(adapters), len(adapters)
     unified: dict[str, torch.Tensor] = {}
@@ -125,6 +129,14 @@ def emr(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext) 
         den += d_t
         per_matrix[key] = torch.where(d_t > 0, n_t / d_t.clamp(min=1e-30), torch.zeros_like(n_t))
     glob = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+    if params["rescale"] == "task" and ctx.task_rescalers is not None:
+        if len(ctx.task_rescalers) != T:
+            raise OsrmError(f"context.task_rescalers has {len(ctx.task_rescalers)} values for {T} adapters; "
+                            "give one per adapter in the same order")
+        glob = torch.tensor([float(x) for x in ctx.task_rescalers], dtype=torch.float64)
+    elif params["rescale"] == "task" and ctx.streaming:
+        raise OsrmError("emr rescale=task needs rescalers over all modules but the merge sees only some; "
+                        "compute context.task_rescalers first (merge.stream does)")
     lam = float(params["scaling"])
     per_task: list[dict[str, torch.Tensor]] = []
     for t in range(T):
@@ -133,4 +145,5 @@ def emr(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext) 
             r = float(glob[t] if params["rescale"] == "task" else per_matrix[key][t])
             d[key] = (lam * r) * masks[key][t] * unified[key]
         per_task.append(d)
-    return MergeResult("emr", params, per_task_deltas=per_task, info={"rescalers": glob.tolist()})
+    return MergeResult("emr", params, per_task_deltas=per_task,
+                       info={"rescalers": glob.tolist(), "rescaler_num": num.tolist(), "rescaler_den": den.tolist()})

@@ -203,7 +203,8 @@ def knots(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext
     merged = sparse_combine(keys, lambda t, k: V[k][t], T, sparsify=sparsify, consensus=consensus,
                             weights=task_weights(params, T, dev), density=params["density"], p=params["p"],
                             threshold=params["threshold"], sign_method=params["sign_method"],
-                            generator=ops.make_generator(seed_of(params, ctx), dev) if sparsify == "dare" else None)
+                            generator=ops.make_generator(seed_of(params, ctx), dev) if sparsify == "dare" else None,
+                            ctx=ctx)
     lam = float(params["scaling"])
     ad = factor_adapter(adapters, {k: (lam * US[k], merged[k]) for k in keys}, "knots")
     return MergeResult("knots", params, adapter=ad, info={"rank": _rank_info(ad)})
@@ -261,7 +262,8 @@ def core_space(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
         merged = sparse_combine(keys, lambda t, k: cores[k][t], T, sparsify=sparsify, consensus=consensus, weights=w,
                                 density=params["density"], p=params["p"], threshold=params["threshold"],
                                 sign_method=params["sign_method"],
-                                generator=ops.make_generator(seed_of(params, ctx), dev) if sparsify == "dare" else None)
+                                generator=ops.make_generator(seed_of(params, ctx), dev) if sparsify == "dare" else None,
+                                ctx=ctx)
     lam = float(params["scaling"])
     ad = factor_adapter(adapters, {k: (lam * bases[k][0] @ merged[k], bases[k][1].T) for k in keys}, "core_space")
     return MergeResult("core_space", params, adapter=ad, info={"rank": _rank_info(ad)})

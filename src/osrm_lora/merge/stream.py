@@ -1,0 +1,718 @@
+"""Streamed, multi-process merging of large models: a few modules in memory at a time.
+
+:func:`stream_merge` merges PEFT LoRA adapters without ever holding a whole model's worth of
+factors, dense deltas or base weights. The sorted module keys are split round robin across the
+processes (:func:`osrm_lora.distributed.shard`; one process is the same code with world size 1), and
+each process works through its share ``modules_per_step`` modules at a time on
+:func:`~osrm_lora.distributed.rank_device`: read those modules' factors lazily
+(:class:`~osrm_lora.adapters.AdapterReader`), merge them with the registered method through
+:func:`~osrm_lora.merge.registry.merge`, hand the result (moved to CPU) to the writer, free it. Peak
+memory is about ``modules_per_step`` modules' dense deltas times the number of tasks (plus, for
+``format="full"``, one output shard of at most ``max_shard_bytes``).
+
+Output, written atomically (rank 0 creates the temporary directory next to ``out`` and renames it
+once every rank has written its part; on any rank's failure every rank raises and no output remains):
+
+- ``format="peft"``: a PEFT adapter directory (``adapter_config.json`` with ``rank_pattern`` where
+  ranks differ, ``adapter_model.safetensors``) + ``merge_info.json`` + ``README.md``, exactly as
+  :func:`~osrm_lora.merge.io.save_merge_result` writes it. Dense results are factorised by truncated
+  SVD on the rank that merged the module. Per-task results (emr) get one sub-directory per task.
+- ``format="full"``: an HF model directory in the sharded safetensors layout
+  (``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json``): every base tensor is
+  read lazily from the base model's safetensors (one file or sharded with an index), the merged
+  modules' weights get their delta folded in, all other tensors are copied through; ``config.json``
+  and tokenizer files are copied. Every rank writes its own shards; rank 0 writes the index.
+
+Methods that couple modules get their task-wide statistics from a collective pre-pass (each rank
+over its modules, sums all-reduced), handed to the per-step merges through
+:class:`~osrm_lora.merge.registry.MergeContext`. Every registered method, in streaming mode:
+
+- ``task_arithmetic``, ``cat``: per module (exact factor concatenation); same output as in memory.
+- ``tsv_m``, ``iso_c``, ``iso_cts``: per module (SVDs from the factors); same output.
+- ``opcm``: per module (one running matrix per module); same output.
+- ``ties``, ``magnitude_prune``: ``threshold="matrix"`` is per module. ``threshold="task"`` with
+  ``density < 1`` needs each task's k-th largest ``|tau|`` over ALL modules: computed exactly by a
+  distributed bisection on the float32 bit patterns of ``|tau|``, many bits per round: two counting
+  passes (the top 16 bits, then the low 15 inside the selected bucket; per task a count histogram,
+  all-reduced), passed as ``context.task_thresholds``. Same output.
+- ``do_merging``: ``base="ta"`` per module; ``base="ties"`` with ``threshold="task"`` gets the
+  thresholds of the row directions from the same pre-pass. Same output.
+- ``knots``, ``core_space``: the decomposition is per module; ``variant="ties"`` with
+  ``threshold="task"`` gets the thresholds of the task coordinates / cores from the pre-pass;
+  ``variant="dare_ties"`` uses per-module DARE seeds (below); ``ta``/``tsv`` are per module.
+- ``dare_linear``, ``dare_ties`` (and the DARE variants above): in memory the masks come from one
+  generator run over all modules in sorted order (PEFT parity), which depends on every module
+  before. Streamed, module ``key`` draws from a generator seeded with
+  ``module_seed(seed, key) = (seed << 32) + crc32(key)`` (``context.per_module_seed``), so the
+  output does not depend on the number of processes or ``modules_per_step``. It equals the
+  in-memory merge with ``MergeContext(per_module_seed=True)``, not the default one; recorded in
+  ``merge_info.json["stream"]["dare_seeding"]``. Masks are drawn on the compute device, so CPU and
+  GPU runs differ.
+- ``emr``: per-task output (one sub-directory per task). ``rescale="matrix"`` is per module;
+  ``rescale="task"`` needs per-task sums over all modules (``sum|tau_t|``, ``sum|M_t * unified|``):
+  a pre-pass all-reduces them and passes ``context.task_rescalers``. Same output.
+- ``fisher``, ``regmean``: per module, given their statistics (``context=MergeContext(grams=...)``
+  or ``fisher=...``; any Mapping, read per module, so a lazy store works). Refused without them
+  (the CLI has no way to pass them).
+- ``adamerging``: refused; it optimises coefficients with the model in the loop over all modules
+  at once. Merge it in memory (:func:`osrm_lora.merge.merge`).
+
+A method that needs a task-wide statistic the streamed merge did not provide raises (the context's
+``streaming`` flag) instead of silently computing it over a subset of the modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from osrm_lora import distributed as D
+from osrm_lora.adapters import (
+    AdapterReader,
+    LoraAdapter,
+    LoraModule,
+    ModuleShape,
+    check_compatible,
+    write_adapter_files,
+)
+from osrm_lora.errors import OsrmError
+from osrm_lora.fsutil import atomic_dir, read_json
+from osrm_lora.merge import io
+from osrm_lora.merge import registry as R
+from osrm_lora.merge.methods._common import merged_config
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_SHARD_BYTES = 1 << 30
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_PARTS = ".stream-parts"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
+_NOT_COPIED = {INDEX_NAME, "pytorch_model.bin.index.json", "README.md", io.MERGE_INFO}
+
+# methods whose magnitude trim (threshold="task", density < 1) needs task-wide thresholds
+_MAGNITUDE_TRIM: dict[str, Callable[[Mapping[str, Any]], bool]] = {
+    "ties": lambda p: True,
+    "magnitude_prune": lambda p: True,
+    "do_merging": lambda p: p.get("base") == "ties",
+    "knots": lambda p: p.get("variant") == "ties",
+    "core_space": lambda p: p.get("variant") == "ties",
+}
+_DARE = {"dare_linear", "dare_ties"}
+
+
+def stream_requirements(method: str, params: Mapping[str, Any]) -> frozenset[str]:
+    """What a streamed merge of ``method`` with resolved ``params`` needs besides per-module work:
+    ``"task_thresholds"`` (task-wide magnitude trim), ``"task_rescalers"`` (emr rescale=task) and
+    ``"per_module_seed"`` (DARE masks)."""
+    needs = set()
+    if (method in _MAGNITUDE_TRIM and _MAGNITUDE_TRIM[method](params) and params.get("threshold") == "task"
+            and float(params.get("density", 1.0)) < 1):
+        needs.add("task_thresholds")
+    if method == "emr" and params.get("rescale") == "task":
+        needs.add("task_rescalers")
+    if method in _DARE or params.get("variant") == "dare_ties":
+        needs.add("per_module_seed")
+    return frozenset(needs)
+
+
+def check_streamable(method: str, context: R.MergeContext | None = None) -> R.MethodInfo:
+    """The method's info if it can be streamed with ``context``; OsrmError naming the fix otherwise."""
+    info = R.get_method(method)
+    if "adamerging_eval" in info.needs:
+        raise OsrmError(f"method {method} optimises its coefficients with the model in the loop over all modules "
+                        "at once and cannot be streamed; merge it in memory with osrm_lora.merge.merge")
+    for need in sorted(info.needs):
+        if getattr(context, need, None) is None:
+            raise OsrmError(f"method {method} needs {need} computed from task data; pass "
+                            f"context=MergeContext({need}=...) to stream_merge from Python, or run it through the "
+                            "pipeline")
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ base model
+
+
+class BaseCheckpoint:
+    """The safetensors weights of an HF model directory, read one tensor at a time.
+
+    ``model.safetensors.index.json`` (sharded) or a single ``model.safetensors``; names and shapes
+    come from the headers, tensors are loaded on demand with ``safetensors.safe_open``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        fix = "re-save the base model with save_pretrained(safe_serialization=True)"
+        if (self.path / INDEX_NAME).exists():
+            index = read_json(self.path / INDEX_NAME)
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise OsrmError(f"{self.path / INDEX_NAME} has no weight_map; {fix}")
+            files = sorted({str(f) for f in wm.values()})
+        elif (self.path / SINGLE_NAME).exists():
+            wm, files = None, [SINGLE_NAME]
+        else:
+            raise OsrmError(f"base model {self.path} has no {SINGLE_NAME} or {INDEX_NAME}; {fix}")
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for fname in files:
+            fpath = self.path / fname
+            for name, shape in _header(fpath, fix).items():
+                if wm is None or wm.get(name) == fname:
+                    self.files[name], self.shapes[name] = fpath, shape
+        if wm is not None:
+            missing = sorted(set(wm) - set(self.files))
+            if missing:
+                raise OsrmError(f"{self.path / INDEX_NAME} lists {missing[0]} in {wm[missing[0]]} but that file has no "
+                                f"such tensor; {fix}")
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def aux_files(self) -> list[Path]:
+        """Top-level files other than weights (config, generation config, tokenizer, ...)."""
+        return [p for p in sorted(self.path.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_COPIED
+                and not p.name.endswith(_WEIGHT_SUFFIXES)]
+
+
+def _header(path: Path, fix: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise OsrmError(f"base model weights file {path} is missing; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several exception types for corrupt files
+        raise OsrmError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); {fix}") from exc
+
+
+def resolve_base_model(path_or_id: str) -> Path:
+    """A local model directory for ``path_or_id`` (a directory, or a Hub id already in the local cache
+    or downloadable: config, tokenizer and safetensors files only)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise OsrmError(f"base model {path_or_id} is a file; pass the HF model directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                   "*.jinja", "tokenizer*"])
+    except Exception as exc:
+        raise OsrmError(f"base model {path_or_id!r} is not a local directory and cannot be fetched "
+                        f"({type(exc).__name__}); pass base_model_path pointing to an HF model directory") from exc
+    return Path(local)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass
+class _Plan:
+    method: str
+    params: dict[str, Any]
+    readers: list[AdapterReader]
+    keys: list[str]
+    shapes: dict[str, ModuleShape]
+    groups: list[int | None]
+    stub: R.MergeResult  # method, params, config and task names of the result (no payload)
+    format: str
+    svd_rank: int | None
+    base_model_path: str | None
+    base: BaseCheckpoint | None
+    needs: frozenset[str]
+    seed: int
+    user_context: R.MergeContext | None
+    inputs: list[str]
+    dropped_extra: list[str]
+
+
+def _make_plan(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[str, Any] | None,
+               weights: Sequence[float] | None, *, format: str, svd_rank: int | None, base_model_path: str | None,
+               base_dir: str | None, modules_per_step: int, max_shard_bytes: int, seed: int,
+               context: R.MergeContext | None, ignore_extra: bool) -> _Plan:
+    info = check_streamable(method, context)
+    if isinstance(modules_per_step, bool) or not isinstance(modules_per_step, int) or modules_per_step < 1:
+        raise OsrmError(f"modules_per_step must be a positive integer, got {modules_per_step!r}; pass e.g. 1")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise OsrmError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    given = dict(params or {})
+    if weights is not None:
+        info.param("weights")  # raises if the method has no weights
+        given["weights"] = list(weights)
+    if not adapter_dirs:
+        raise OsrmError("no adapter directories given; pass at least one PEFT adapter directory")
+    readers = [AdapterReader(d) for d in adapter_dirs]
+    check_compatible(readers)
+    if len(readers) < info.min_adapters:
+        raise OsrmError(f"method {method} needs at least {info.min_adapters} adapters, got {len(readers)}")
+    R._check_extras(readers, method, ignore_extra)
+    resolved = R.resolve_params(info, given, len(readers))
+    for need in ("grams", "fisher"):
+        val = getattr(context, need, None)
+        if need in info.needs and val is not None and len(val) != len(readers):
+            raise OsrmError(f"method {method}: context.{need} has {len(val)} entries for {len(readers)} adapters; "
+                            "give one per adapter in the same order")
+    config = merged_config([LoraAdapter({}, readers[0].config)])
+    base_model_path = io.check_output_options(format, svd_rank, base_model_path, config)
+    shapes = readers[0].module_shapes()
+    keys = sorted(shapes)
+    base = None
+    if format == "full":
+        base = BaseCheckpoint(base_dir or str(base_model_path))
+        for key in keys:
+            name = key + ".weight"
+            if name not in base.shapes:
+                raise OsrmError(f"base model {base_model_path} has no tensor {name}; use the base model the adapters "
+                                "were trained on")
+            s = shapes[key]
+            io.check_weight_shape(key, base.shapes[name], (s.out_features, s.in_features), s.fan_in_fan_out)
+    names = [r.name or f"task{i}" for i, r in enumerate(readers)]
+    stub = R.MergeResult(method, resolved, config=config, task_names=names)
+    eff_seed = int(resolved["seed"]) if resolved.get("seed") is not None else int(seed)
+    dropped = sorted({k for r in readers for k in r.extra}) if ignore_extra else []
+    return _Plan(method, resolved, readers, keys, shapes, list(range(len(readers))) if info.per_task else [None],
+                 stub, format, svd_rank, base_model_path, base, stream_requirements(method, resolved), eff_seed,
+                 context, [str(d) for d in adapter_dirs], dropped)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _context_slice(ctx: R.MergeContext | None, keys: Sequence[str]) -> dict[str, Any]:
+    """grams / fisher of the modules ``keys`` only (Mappings are read per module)."""
+    out: dict[str, Any] = {}
+    if ctx is None:
+        return out
+    if ctx.grams is not None:
+        out["grams"] = [{k: g[k] for k in keys if k in g} for g in ctx.grams]
+    if ctx.fisher is not None:
+        out["fisher"] = [{n: f[n] for k in keys for n in (k, k + ".lora_A", k + ".lora_B") if n in f}
+                         for f in ctx.fisher]
+    return out
+
+
+def _merge_step(plan: _Plan, keys: Sequence[str], device: torch.device, ctx: R.MergeContext) -> R.MergeResult:
+    subs = [r.read(keys, device) for r in plan.readers]
+    step_ctx = dataclasses.replace(ctx, **_context_slice(plan.user_context, keys))
+    return R.merge(subs, plan.method, plan.params, context=step_ctx, ignore_extra=True)
+
+
+_SUMMED = ("rescaler_num", "rescaler_den")
+
+
+def _accumulate_info(acc: dict[str, Any], new: Mapping[str, Any]) -> None:
+    """Fold one step's ``result.info`` into ``acc``: per-module dicts are joined, times and the EMR
+    rescaler sums are added, anything else keeps its first value."""
+    for k, v in new.items():
+        if isinstance(v, dict):
+            acc.setdefault(k, {}).update(v)
+        elif k == "seconds":
+            acc[k] = acc.get(k, 0.0) + float(v)
+        elif k in _SUMMED:
+            prev = acc.get(k)
+            acc[k] = list(v) if prev is None else [a + b for a, b in zip(prev, v)]
+        else:
+            acc.setdefault(k, v)
+
+
+def _merge_pass(plan: _Plan, steps: list[list[str]], device: torch.device, ctx: R.MergeContext,
+                writer: _PeftWriter | _FullWriter | None = None) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for i, keys in enumerate(steps):
+        result = _merge_step(plan, keys, device, ctx)
+        if writer is not None:
+            writer.add(result)
+        _accumulate_info(info, result.info)
+        del result  # free this step's deltas before the next read
+        logger.debug("rank %d: step %d/%d (%s)", D.get_env().rank, i + 1, len(steps), ", ".join(keys))
+    return info
+
+
+def _collectively(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it fails on any rank, every rank raises (nobody waits forever)."""
+    err: Exception | None = None
+    out: Any = None
+    try:
+        out = fn()
+    except Exception as exc:
+        err = exc
+    D.raise_if_any_failed(err)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pre-passes
+
+_HI_BITS, _LO_BITS = 16, 15  # |x| as float32 has 31 significant bits (sign is 0)
+
+
+def _abs_bits(x: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of ``|x|`` as float32 (non-negative floats order like their int32 patterns)."""
+    return x.detach().abs().float().contiguous().view(torch.int32).reshape(-1)
+
+
+def _select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """For a count histogram over ordered buckets: the bucket holding the ``k``-th largest item and
+    that item's rank ``k'`` inside the bucket (``k`` minus the items in higher buckets)."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
+    above = int(from_top[i - 1]) if i > 0 else 0
+    return hist.numel() - 1 - i, k - above
+
+
+def _task_thresholds(plan: _Plan, steps: list[list[str]], device: torch.device, ctx: R.MergeContext) -> list[float]:
+    """Each task's ``int(density * N_t)``-th largest ``|x|`` over every tensor its magnitude trim sees
+    (all modules, all ranks), exactly: a bisection on float32 bit patterns, 16 then 15 bits a round.
+
+    Round 1 counts the values per top-16-bit bucket, round 2 per low-15-bit bucket inside the
+    selected one; counts are all-reduced, so every rank gets the same thresholds. Equals
+    :func:`osrm_lora.merge.ops.kth_largest_abs` over all modules.
+    """
+    n_tasks = len(plan.readers)
+    hist = torch.zeros(n_tasks, 1 << _HI_BITS, dtype=torch.int64, device=device)
+
+    def count_hi(t: int, x: torch.Tensor) -> None:
+        hist[t] += torch.bincount(_abs_bits(x) >> _LO_BITS, minlength=1 << _HI_BITS).to(device)
+
+    _collectively(lambda: _merge_pass(plan, steps, device, dataclasses.replace(ctx, magnitude_probe=count_hi)))
+    hist_all = D.all_reduce_sum(hist).cpu()
+    density = float(plan.params["density"])
+    ks = [int(density * int(hist_all[t].sum())) for t in range(n_tasks)]
+    hi_sel = [_select_bucket(hist_all[t], k) if k > 0 else None for t, k in enumerate(ks)]
+    lo_hist = torch.zeros(n_tasks, 1 << _LO_BITS, dtype=torch.int64, device=device)
+
+    def count_lo(t: int, x: torch.Tensor) -> None:
+        sel = hi_sel[t]
+        if sel is None:
+            return
+        bits = _abs_bits(x)
+        inside = bits[(bits >> _LO_BITS) == sel[0]] & ((1 << _LO_BITS) - 1)
+        lo_hist[t] += torch.bincount(inside, minlength=1 << _LO_BITS).to(device)
+
+    if any(s is not None for s in hi_sel):
+        _collectively(lambda: _merge_pass(plan, steps, device, dataclasses.replace(ctx, magnitude_probe=count_lo)))
+    lo_all = D.all_reduce_sum(lo_hist).cpu()
+    out = []
+    for t, sel in enumerate(hi_sel):
+        if sel is None:
+            out.append(float("inf"))
+            continue
+        lo, _ = _select_bucket(lo_all[t], sel[1])
+        bits = (sel[0] << _LO_BITS) | lo
+        out.append(float(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()))
+    return out
+
+
+def _rescaler_sums(info: Mapping[str, Any], n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    zeros = [0.0] * n_tasks
+    num = torch.tensor(info.get("rescaler_num", zeros), dtype=torch.float64)
+    den = torch.tensor(info.get("rescaler_den", zeros), dtype=torch.float64)
+    return num, den
+
+
+def _rescalers(num: torch.Tensor, den: torch.Tensor) -> list[float]:
+    """EMR's task-wide rescalers from the summed numerators/denominators (as the method computes them)."""
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).tolist()
+
+
+def _task_rescalers(plan: _Plan, steps: list[list[str]], device: torch.device, ctx: R.MergeContext) -> list[float]:
+    n_tasks = len(plan.readers)
+    dummy = dataclasses.replace(ctx, task_rescalers=[1.0] * n_tasks)
+    info = _collectively(lambda: _merge_pass(plan, steps, device, dummy))
+    num, den = _rescaler_sums(info, n_tasks)
+    return _rescalers(D.all_reduce_sum(num), D.all_reduce_sum(den))
+
+
+# ------------------------------------------------------------------------------------------------ writers
+
+
+def _group_dir(plan: _Plan, tmp: Path, g: int | None) -> Path:
+    return tmp if g is None else tmp / io.task_dir_name(plan.stub, g)
+
+
+class _PeftWriter:
+    """Collects this rank's merged factors (dense results: truncated SVD, on this rank) for a part file."""
+
+    def __init__(self, plan: _Plan, parts_dir: Path, rank: int) -> None:
+        self.plan, self.parts_dir, self.rank = plan, parts_dir, rank
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.modules: dict[int | None, dict[str, tuple[float, bool]]] = {g: {} for g in plan.groups}
+        self.written: dict[int | None, dict[str, Any]] = {g: {} for g in plan.groups}
+
+    def add(self, result: R.MergeResult) -> None:
+        for g in self.plan.groups:
+            deltas = None if g is None else result.deltas_for(g)
+            adapter, written = io.peft_adapter_for(result, deltas, self.plan.svd_rank)
+            for key, mod in adapter.modules.items():
+                self.tensors[f"{g}/{key}/A"] = mod.A.detach().to("cpu", copy=True).contiguous()
+                self.tensors[f"{g}/{key}/B"] = mod.B.detach().to("cpu", copy=True).contiguous()
+                self.modules[g][key] = (float(mod.scaling), bool(mod.fan_in_fan_out))
+            _accumulate_info(self.written[g], written)
+
+    def finish(self) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        fname = None
+        if self.tensors:
+            fname = f"peft-r{self.rank:05d}.safetensors"
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            save_file(self.tensors, str(self.parts_dir / fname))
+            self.tensors = {}
+        return {"file": fname, "modules": self.modules, "written": self.written}
+
+
+def _finish_written(written: dict[str, Any]) -> dict[str, Any]:
+    """The output fields of merge_info.json for one adapter, module maps in sorted key order."""
+    out: dict[str, Any] = {"output": written.get("output", "exact factors")}
+    if out["output"] != "exact factors":
+        out["svd_rank"] = dict(sorted(written.get("svd_rank", {}).items()))
+        errors = dict(sorted(written.get("svd_relative_error", {}).items()))
+        out["svd_relative_error"] = errors
+        out["svd_relative_error_max"] = max(errors.values()) if errors else 0.0
+    return out
+
+
+def _combine_peft(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    from safetensors.torch import load_file
+
+    parts_dir = tmp / _PARTS
+    tensors: dict[str, torch.Tensor] = {}
+    for part in parts:
+        if part["file"]:
+            tensors.update(load_file(str(parts_dir / part["file"])))
+    for g in plan.groups:
+        written: dict[str, Any] = {}
+        flags: dict[str, tuple[float, bool]] = {}
+        for part in parts:
+            flags.update(part["modules"][g])
+            _accumulate_info(written, part["written"][g])
+        mods = {k: LoraModule(tensors[f"{g}/{k}/A"], tensors[f"{g}/{k}/B"], *flags[k]) for k in plan.keys}
+        write_adapter_files(LoraAdapter(mods, copy.deepcopy(plan.stub.config or {}), name=plan.method),
+                            _group_dir(plan, tmp, g))
+        fields = _finish_written(written)
+        if "svd_relative_error" in fields:
+            plan.stub.info.setdefault("svd_relative_error", {}).update(fields["svd_relative_error"])
+        if g is None:
+            meta.update(fields)
+        else:
+            meta.setdefault("per_task", []).append({"task": io.task_name(plan.stub, g),
+                                                    "dir": _group_dir(plan, tmp, g).name, **fields})
+    shutil.rmtree(parts_dir, ignore_errors=True)
+
+
+class _FullWriter:
+    """Writes this rank's tensors of the merged model(s) into shard files of at most ``max_bytes``."""
+
+    def __init__(self, plan: _Plan, tmp: Path, rank: int, max_bytes: int) -> None:
+        self.plan, self.tmp, self.rank, self.max_bytes = plan, tmp, rank, max_bytes
+        self.buffers: dict[int | None, dict[str, torch.Tensor]] = {g: {} for g in plan.groups}
+        self.sizes: dict[int | None, int] = {g: 0 for g in plan.groups}
+        self.files: list[tuple[int | None, str, list[str], int]] = []
+
+    def add(self, result: R.MergeResult) -> None:
+        assert self.plan.base is not None
+        for g in self.plan.groups:
+            for key, d in result.deltas_for(g).items():
+                name = key + ".weight"
+                w = self.plan.base.get(name)
+                io.fold_delta(w, d.detach().cpu(), key, self.plan.shapes[key].fan_in_fan_out)
+                self._put(g, name, w)
+
+    def copy_through(self, names: Sequence[str]) -> None:
+        assert self.plan.base is not None
+        for name in names:
+            t = self.plan.base.get(name)
+            for g in self.plan.groups:
+                self._put(g, name, t)
+
+    def _put(self, g: int | None, name: str, t: torch.Tensor) -> None:
+        self.buffers[g][name] = t.contiguous()
+        self.sizes[g] += t.numel() * t.element_size()
+        if self.sizes[g] >= self.max_bytes:
+            self._flush(g)
+
+    def _flush(self, g: int | None) -> None:
+        from safetensors.torch import save_file
+
+        buf = self.buffers[g]
+        if not buf:
+            return
+        fname = f".part-r{self.rank:05d}-{len(self.files):05d}.safetensors"
+        target = _group_dir(self.plan, self.tmp, g)
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(buf, str(target / fname), metadata={"format": "pt"})
+        self.files.append((g, fname, sorted(buf), self.sizes[g]))
+        self.buffers[g], self.sizes[g] = {}, 0
+
+    def finish(self) -> dict[str, Any]:
+        for g in self.plan.groups:
+            self._flush(g)
+        return {"files": self.files}
+
+
+def _combine_full(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    assert plan.base is not None
+    files = [f for part in parts for f in part["files"]]  # rank order, then write order
+    for g in plan.groups:
+        target = _group_dir(plan, tmp, g)
+        mine = [f for f in files if f[0] == g]
+        n = len(mine)
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, (_, fname, names, nbytes) in enumerate(mine, start=1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(target / fname, target / final)
+            weight_map.update({name: final for name in names})
+            total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (target / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        for aux in plan.base.aux_files():
+            shutil.copyfile(aux, target / aux.name)
+        fields = {"output": "full model", "base_model_path": str(plan.base_model_path), "shards": n}
+        if g is None:
+            meta.update(fields)
+        else:
+            meta.setdefault("per_task", []).append({"task": io.task_name(plan.stub, g), "dir": target.name, **fields})
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _write_parts(plan: _Plan, steps: list[list[str]], device: torch.device, ctx: R.MergeContext, tmp: Path,
+                 max_shard_bytes: int) -> dict[str, Any]:
+    env = D.get_env()
+    writer: _PeftWriter | _FullWriter
+    if plan.format == "peft":
+        writer = _PeftWriter(plan, tmp / _PARTS, env.rank)
+    else:
+        writer = _FullWriter(plan, tmp, env.rank, max_shard_bytes)
+    info = _merge_pass(plan, steps, device, ctx, writer)
+    if isinstance(writer, _FullWriter):
+        assert plan.base is not None
+        merged = {k + ".weight" for k in plan.keys}
+        writer.copy_through(D.shard([n for n in plan.base.names if n not in merged], env))
+    return {"info": info, **writer.finish()}
+
+
+def _combine(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], stream_info: dict[str, Any]) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    for part in parts:
+        _accumulate_info(info, part["info"])
+    for k, v in list(info.items()):
+        if isinstance(v, dict):
+            info[k] = dict(sorted(v.items()))
+    info["adapters"] = [r.name for r in plan.readers]
+    if "rescaler_num" in info:
+        num, den = _rescaler_sums(info, len(plan.readers))
+        info["rescalers"] = stream_info.get("task_rescalers") or _rescalers(num, den)
+    if plan.dropped_extra:
+        info["dropped_extra"] = plan.dropped_extra
+    plan.stub.info = info
+    meta = io.base_meta(plan.stub, plan.format)
+    if plan.format == "peft":
+        _combine_peft(plan, tmp, parts, meta)
+    else:
+        _combine_full(plan, tmp, parts, meta)
+    meta["stream"] = stream_info
+    io.write_merge_metadata(tmp, plan.stub, meta, base_model_path=plan.base_model_path, inputs=plan.inputs,
+                            scores=None, format=plan.format)
+    return io._jsonable(meta)
+
+
+def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[str, Any] | None,
+                 out: str | Path, *, format: str = "peft", base_model_path: str | None = None,
+                 svd_rank: int | None = None, weights: Sequence[float] | None = None, modules_per_step: int = 1,
+                 device: str | None = "auto", seed: int = 0, context: R.MergeContext | None = None,
+                 ignore_extra: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+    """Merge the PEFT adapters in ``adapter_dirs`` with ``method`` a few modules at a time; write ``out``.
+
+    Call it on every rank of a process group (or in a single process): each rank merges its round
+    robin share of the sorted modules, ``modules_per_step`` at a time, on
+    :func:`~osrm_lora.distributed.rank_device` (``device``). ``params`` are the method's parameters
+    (validated as by :func:`~osrm_lora.merge.registry.merge`); ``weights`` (one per adapter) sets
+    the ``weights`` parameter; ``seed`` is the default seed of DARE (per-module seeding, see the
+    module docstring). ``context`` supplies grams / fisher for regmean / fisher (other fields are
+    ignored). Non-LoRA tensors (modules_to_save heads) are refused unless ``ignore_extra`` (dropped).
+    ``format``, ``svd_rank`` and ``base_model_path`` are as in
+    :func:`~osrm_lora.merge.io.save_merge_result`; ``format="full"`` writes shards of at most
+    ``max_shard_bytes`` (a larger single tensor gets a shard of its own). With several nodes, ``out``
+    and the inputs must be on a filesystem that every rank sees.
+
+    Returns the contents of ``merge_info.json`` (the same on every rank). Bad input raises a
+    one-line :class:`~osrm_lora.errors.OsrmError` on every rank and leaves nothing behind.
+    """
+    t0 = time.perf_counter()
+    env = D.get_env()
+    base_dir: str | None = None
+    if format == "full":  # rank 0 resolves (and maybe downloads) the base model, the others use its path
+        def resolve() -> str | None:
+            bmp = base_model_path
+            if bmp is None and adapter_dirs:
+                with contextlib.suppress(OsrmError):
+                    bmp = AdapterReader(adapter_dirs[0]).base_model
+            return str(resolve_base_model(bmp)) if (env.is_main and bmp) else None
+
+        base_dir = D.broadcast_object(_collectively(resolve))
+    plan = _collectively(lambda: _make_plan(
+        adapter_dirs, method, params, weights, format=format, svd_rank=svd_rank, base_model_path=base_model_path,
+        base_dir=base_dir, modules_per_step=modules_per_step, max_shard_bytes=max_shard_bytes, seed=seed,
+        context=context, ignore_extra=ignore_extra))
+    device_t = D.rank_device(device)
+    mine = D.shard(plan.keys, env)
+    steps = [mine[i:i + modules_per_step] for i in range(0, len(mine), modules_per_step)]
+    ctx = R.MergeContext(seed=seed, per_module_seed=True, streaming=True)
+    stream_info: dict[str, Any] = {"world_size": env.world_size, "modules_per_step": modules_per_step,
+                                   "device": device_t.type, "modules": len(plan.keys)}
+    if "per_module_seed" in plan.needs:
+        stream_info["dare_seeding"] = "per module: generator seeded with (seed << 32) + crc32(module key)"
+        stream_info["seed"] = plan.seed
+    stack = contextlib.ExitStack()
+    body_done = False
+    rename_error: BaseException | None = None
+    try:
+        with stack:
+            tmp_name = _collectively(lambda: str(stack.enter_context(atomic_dir(out))) if env.is_main else None)
+            tmp = Path(D.broadcast_object(tmp_name))
+            if "task_thresholds" in plan.needs:
+                ctx.task_thresholds = _task_thresholds(plan, steps, device_t, ctx)
+                stream_info["task_thresholds"] = ctx.task_thresholds
+            if "task_rescalers" in plan.needs:
+                ctx.task_rescalers = _task_rescalers(plan, steps, device_t, ctx)
+                stream_info["task_rescalers"] = ctx.task_rescalers
+            part = _collectively(lambda: _write_parts(plan, steps, device_t, ctx, tmp, max_shard_bytes))
+            parts = D.all_gather_objects(part)
+            stream_info["seconds"] = time.perf_counter() - t0
+            meta = _collectively(lambda: _combine(plan, tmp, parts, stream_info) if env.is_main else None)
+            meta = D.broadcast_object(meta)
+            body_done = True
+    except BaseException as exc:
+        if not body_done:
+            raise
+        rename_error = exc  # only rank 0 renames: tell the others
+    D.raise_if_any_failed(rename_error)
+    logger.info("streamed %s merge of %d modules on %d process(es) into %s", method, len(plan.keys),
+                env.world_size, out)
+    return meta
