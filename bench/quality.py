@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -74,6 +75,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             "merge": {"methods": ["task_arithmetic", "ties", "dare_ties", "emr", "regmean", "tsv_m", "iso_c",
                                   "knots", "core_space"],
                       "lambdas": LAMBDAS},
+        },
+    },
+    "gpu-mpnet": {
+        "description": "REDUCED, BIGGER MODEL: all-mpnet-base-v2 (110M, 12 layers, hidden 768; LoRA on q/v) on mr, "
+                       "hedge, bbc, spam with training capped at 1000 examples per task (validation/test at full "
+                       "size), 128 tokens, 3 epochs, lr 1e-3 / head 1e-2 (fixed a priori, NOT tuned for this model), "
+                       "1 seed, 3 inits, TA/TIES/EMR, one GPU (bf16 autocast); model path from $OSRM_QUALITY_MODEL",
+        "seeds": [0],
+        "config": {
+            "model": os.environ.get("OSRM_QUALITY_MODEL", "sentence-transformers/all-mpnet-base-v2"),
+            "tasks": [{"name": n, "max_train": 1000} for n in ("mr", "hedge", "bbc", "spam")],
+            "train": {"epochs": 3, "batch_size": 32, "lr": 1e-3, "head_lr": 1e-2, "max_length": 128,
+                      "eval_batch_size": 256},
+            "inits": [INITS[0], INITS[1], INITS[2]],
+            "merge": {"methods": ["task_arithmetic", "ties", "emr"], "lambdas": LAMBDAS},
         },
     },
 }

@@ -55,8 +55,9 @@ class DistEnv:
 
 
 def launched_distributed() -> bool:
-    """True when a launcher (torchrun / accelerate launch) started this process as one of several."""
-    return all(v in os.environ for v in _LAUNCH_VARS) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when a launcher (torchrun / accelerate launch) started this process (also as the only one:
+    ``--nproc_per_node 1`` still joins a process group, so the backend is exercised)."""
+    return all(v in os.environ for v in _LAUNCH_VARS)
 
 
 def get_env() -> DistEnv:

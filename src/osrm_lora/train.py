@@ -67,6 +67,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     drift: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    train_seconds: float = 0.0  # optimisation steps only (no loading, no evaluation)
 
 
 def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str, train_pooler: bool = True) -> nn.Module:
@@ -295,6 +296,7 @@ def train_task(
 
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
+    train_seconds = 0.0
     progress = Progress(f"train {task.name} [{init_name}]", total,
                         {"loss": "loss {:.4f}", "rate": "{:.0f} ex/s"})
     try:
@@ -320,6 +322,7 @@ def train_task(
                 running += batch_loss * len(idx)
                 seen += len(idx)
                 progress.advance(loss=batch_loss, rate=seen / max(time.perf_counter() - t0, 1e-9))
+            train_seconds += time.perf_counter() - t0
             val = evaluate(peft_model, tokenizer, task, enc_val, train.eval_batch_size, distributed=env.active)
             history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "validation": val})
             logger.info("%s [%s] epoch %d: loss %.4f, validation %s %.2f", task.name, init_name, epoch, running / max(seen, 1), task.metric, val)
@@ -335,7 +338,8 @@ def train_task(
         test_score = evaluate(peft_model, tokenizer, task, enc_test, train.eval_batch_size, distributed=env.active)
     drift = a_drift(A0, current_A(peft_model))
     seconds = time.perf_counter() - start
-    result = TrainResult(task.name, Path(out_dir), best[1], best[0], test_score, history, drift, seconds)
+    result = TrainResult(task.name, Path(out_dir), best[1], best[0], test_score, history, drift, seconds,
+                         train_seconds)
     tensors = adapter_tensors(peft_model)  # collective under FSDP
     if env.is_main:
         _save(peft_model, tensors, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B,
