@@ -406,3 +406,27 @@ def test_get_method_flags():
     assert get_method("emr").per_task
     assert get_method("regmean").needs == {"grams"}
     assert get_method("adamerging").needs == {"adamerging_eval"}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 400), st.booleans())
+def test_radix_selection_equals_sorting(seed, k, with_ties):
+    """The two-pass radix selection (large inputs, or with a reducer) returns exactly the k-th
+    largest |x|, also with repeated values, zeros and tensors of different sizes."""
+    from osrm_lora.merge import ops
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=g) * 10 ** float(torch.randint(-6, 3, (1,), generator=g))
+               for n in (7, 130, 64, 1)]
+    if with_ties:
+        tensors.append(torch.tensor([0.5, -0.5, 0.5, 0.0, 0.0, 2.0]))
+    flat = torch.cat([t.abs() for t in tensors])
+    k = min(k, flat.numel())
+    want = float(torch.sort(flat, descending=True).values[k - 1])
+    # an identity reducer forces the radix path (the concatenating path is for small, local inputs)
+    assert ops.kth_largest_abs(lambda: iter(tensors), k, reduce=lambda h: h) == want
+    assert ops.kth_largest_abs(lambda: iter(tensors), k) == want
+    # a reducer that sums the counts of two "processes" holding the same tensors: the 2k-th largest
+    double = torch.cat([flat, flat])
+    want2 = float(torch.sort(double, descending=True).values[2 * k - 1])
+    assert ops.kth_largest_abs(lambda: iter(tensors), 2 * k, reduce=lambda h: 2 * h) == want2

@@ -79,7 +79,12 @@ def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the ``int(density * numel)`` largest-magnitude entries (PEFT's per-matrix rule)."""
+    """Boolean mask of the ``int(density * numel)`` largest-magnitude entries (PEFT's per-matrix rule).
+
+    ``torch.topk`` on purpose: the radix selection below was measured slower per matrix on an H100
+    (dense TIES 8.8 s vs 5.6 s at Llama-3-8B shapes); it pays off for task-wide thresholds, where it
+    replaces 31 counting passes over all modules by 2.
+    """
     if density >= 1:
         return torch.ones_like(t, dtype=torch.bool)
     k = int(density * t.numel())
@@ -90,30 +95,78 @@ def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(t.shape)
 
 
-def kth_largest_abs(provider: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
+# Radix selection on float32 bit patterns: |x| >= 0, and non-negative floats order like their int32
+# patterns, which have 31 significant bits. Two counting passes find the exact k-th largest value:
+# a histogram over the top 16 bits, then one over the low 15 bits inside the selected bucket.
+HI_BITS, LO_BITS = 16, 15
+
+
+def abs_bits(x: torch.Tensor) -> torch.Tensor:
+    """Bit patterns (int32, flat) of ``|x|`` as float32."""
+    return x.detach().abs().float().contiguous().view(torch.int32).reshape(-1)
+
+
+def high_histogram(x: torch.Tensor) -> torch.Tensor:
+    """Counts of ``|x|`` per top-16-bit bucket (``2**16`` int64 counts, on ``x``'s device)."""
+    return torch.bincount(abs_bits(x) >> LO_BITS, minlength=1 << HI_BITS)
+
+
+def low_histogram(x: torch.Tensor, high: int) -> torch.Tensor:
+    """Counts of the low 15 bits of the entries of ``|x|`` that lie in top-16-bit bucket ``high``."""
+    bits = abs_bits(x)
+    inside = bits[(bits >> LO_BITS) == high] & ((1 << LO_BITS) - 1)
+    return torch.bincount(inside, minlength=1 << LO_BITS)
+
+
+def select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """For counts over ordered buckets: the bucket holding the ``k``-th largest item (``k >= 1``) and
+    that item's rank inside the bucket (``k`` minus the items in higher buckets)."""
+    from_top = torch.flip(hist.cpu(), [0]).cumsum(0)
+    i = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
+    above = int(from_top[i - 1]) if i > 0 else 0
+    return hist.numel() - 1 - i, k - above
+
+
+def bits_value(high: int, low: int) -> float:
+    """The float32 value of the bit pattern ``high << 15 | low``."""
+    return float(torch.tensor((high << LO_BITS) | low, dtype=torch.int32).view(torch.float32).item())
+
+
+def kth_largest_abs(provider: Callable[[], Iterable[torch.Tensor]], k: int,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """The ``k``-th largest ``|x|`` over all tensors yielded by ``provider()`` (called more than once).
 
-    Small inputs are concatenated; large ones use an exact bisection on the float32 bit patterns
-    (31 counting passes, memory of one tensor at a time). Returns +inf for ``k <= 0``.
+    Small inputs are concatenated (one top-k); large ones use the exact two-pass radix selection
+    above (memory of one tensor and two histograms at a time). ``reduce`` sums the histograms over
+    processes (then ``k`` counts over all processes' tensors and every process gets the same
+    value). Returns +inf for ``k <= 0``.
     """
     if k <= 0:
         return float("inf")
-    total = sum(t.numel() for t in provider())
-    k = min(k, total)
-    if total <= _EXACT_CONCAT_LIMIT:
-        flat = torch.cat([t.detach().abs().float().reshape(-1).cpu() for t in provider()])
-        return float(torch.topk(flat, k, largest=True).values[-1])
-    # non-negative float32 values order like their int32 bit patterns
-    lo, hi = 0, 0x7F800000  # [0, +inf]
-    while lo < hi:  # smallest bit pattern b with count(|x| > value(b)) < k  ->  k-th largest
-        mid = (lo + hi) // 2
-        thr = torch.tensor(mid, dtype=torch.int32).view(torch.float32).item()
-        count = sum(int((t.detach().abs().float() > thr).sum()) for t in provider())
-        if count < k:
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(torch.tensor(lo, dtype=torch.int32).view(torch.float32).item())
+    if reduce is None:
+        total = sum(t.numel() for t in provider())
+        if total <= _EXACT_CONCAT_LIMIT:
+            flat = torch.cat([t.detach().abs().float().reshape(-1).cpu() for t in provider()])
+            return float(torch.topk(flat, min(k, total), largest=True).values[-1])
+    reduce = reduce or (lambda h: h)
+    hist: torch.Tensor | None = None
+    for t in provider():
+        h = high_histogram(t)
+        hist = h if hist is None else hist + h.to(hist.device)
+    if hist is None:
+        hist = torch.zeros(1 << HI_BITS, dtype=torch.int64)
+    hist = reduce(hist)
+    k = min(k, int(hist.sum()))
+    if k <= 0:
+        return float("inf")
+    high, rank = select_bucket(hist, k)
+    low_hist: torch.Tensor | None = None
+    for t in provider():
+        h = low_histogram(t, high)
+        low_hist = h if low_hist is None else low_hist + h.to(low_hist.device)
+    assert low_hist is not None
+    low, _ = select_bucket(reduce(low_hist), rank)
+    return bits_value(high, low)
 
 
 def magnitude_keep(t: torch.Tensor, density: float, threshold: float | None) -> torch.Tensor:

@@ -88,7 +88,7 @@ from osrm_lora.adapters import (
 )
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import atomic_dir, read_json
-from osrm_lora.merge import io
+from osrm_lora.merge import io, ops
 from osrm_lora.merge import registry as R
 from osrm_lora.merge.methods._common import merged_config
 
@@ -366,23 +366,6 @@ def _collectively(fn: Callable[[], T]) -> T:
 
 # ------------------------------------------------------------------------------------------------ pre-passes
 
-_HI_BITS, _LO_BITS = 16, 15  # |x| as float32 has 31 significant bits (sign is 0)
-
-
-def _abs_bits(x: torch.Tensor) -> torch.Tensor:
-    """Bit patterns of ``|x|`` as float32 (non-negative floats order like their int32 patterns)."""
-    return x.detach().abs().float().contiguous().view(torch.int32).reshape(-1)
-
-
-def _select_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """For a count histogram over ordered buckets: the bucket holding the ``k``-th largest item and
-    that item's rank ``k'`` inside the bucket (``k`` minus the items in higher buckets)."""
-    from_top = torch.flip(hist, [0]).cumsum(0)
-    i = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
-    above = int(from_top[i - 1]) if i > 0 else 0
-    return hist.numel() - 1 - i, k - above
-
-
 def _task_thresholds(plan: _Plan, steps: list[list[str]], device: torch.device, ctx: R.MergeContext) -> list[float]:
     """Each task's ``int(density * N_t)``-th largest ``|x|`` over every tensor its magnitude trim sees
     (all modules, all ranks), exactly: a bisection on float32 bit patterns, 16 then 15 bits a round.
@@ -392,25 +375,22 @@ def _task_thresholds(plan: _Plan, steps: list[list[str]], device: torch.device, 
     :func:`osrm_lora.merge.ops.kth_largest_abs` over all modules.
     """
     n_tasks = len(plan.readers)
-    hist = torch.zeros(n_tasks, 1 << _HI_BITS, dtype=torch.int64, device=device)
+    hist = torch.zeros(n_tasks, 1 << ops.HI_BITS, dtype=torch.int64, device=device)
 
     def count_hi(t: int, x: torch.Tensor) -> None:
-        hist[t] += torch.bincount(_abs_bits(x) >> _LO_BITS, minlength=1 << _HI_BITS).to(device)
+        hist[t] += ops.high_histogram(x).to(device)
 
     _collectively(lambda: _merge_pass(plan, steps, device, dataclasses.replace(ctx, magnitude_probe=count_hi)))
     hist_all = D.all_reduce_sum(hist).cpu()
     density = float(plan.params["density"])
     ks = [int(density * int(hist_all[t].sum())) for t in range(n_tasks)]
-    hi_sel = [_select_bucket(hist_all[t], k) if k > 0 else None for t, k in enumerate(ks)]
-    lo_hist = torch.zeros(n_tasks, 1 << _LO_BITS, dtype=torch.int64, device=device)
+    hi_sel = [ops.select_bucket(hist_all[t], k) if k > 0 else None for t, k in enumerate(ks)]
+    lo_hist = torch.zeros(n_tasks, 1 << ops.LO_BITS, dtype=torch.int64, device=device)
 
     def count_lo(t: int, x: torch.Tensor) -> None:
         sel = hi_sel[t]
-        if sel is None:
-            return
-        bits = _abs_bits(x)
-        inside = bits[(bits >> _LO_BITS) == sel[0]] & ((1 << _LO_BITS) - 1)
-        lo_hist[t] += torch.bincount(inside, minlength=1 << _LO_BITS).to(device)
+        if sel is not None:
+            lo_hist[t] += ops.low_histogram(x, sel[0]).to(device)
 
     if any(s is not None for s in hi_sel):
         _collectively(lambda: _merge_pass(plan, steps, device, dataclasses.replace(ctx, magnitude_probe=count_lo)))
@@ -420,9 +400,8 @@ def _task_thresholds(plan: _Plan, steps: list[list[str]], device: torch.device, 
         if sel is None:
             out.append(float("inf"))
             continue
-        lo, _ = _select_bucket(lo_all[t], sel[1])
-        bits = (sel[0] << _LO_BITS) | lo
-        out.append(float(torch.tensor(bits, dtype=torch.int32).view(torch.float32).item()))
+        lo, _ = ops.select_bucket(lo_all[t], sel[1])
+        out.append(ops.bits_value(sel[0], lo))
     return out
 
 
