@@ -14,7 +14,7 @@ from tinymodels import keyword_task
 
 
 def _no_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "merge_seconds"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("merge_seconds", "merge_peak_mb")} for r in records]
 
 
 def _write_tasks(root: Path) -> list[dict]:
@@ -70,6 +70,8 @@ def test_run_directory_layout_and_results(run: tuple[Path, dict, dict]) -> None:
     # every merged record names method, init, seed and split
     for rec in results["merged"]:
         assert {"init", "method", "seed", "lambda", "test", "validation", "normalised_test"} <= rec.keys()
+        assert rec["merge_peak_mb"] >= 0.0 and rec["merge_seconds"] > 0.0  # merge cost is measured
+    assert "peak memory MB" in (run_dir / "report.md").read_text()  # the merge-cost table shows it
     # the pre-trained MiniLM learns these keyword tasks
     for init in results["single_task"].values():
         assert all(v["test"] >= 70 for v in init.values()), init

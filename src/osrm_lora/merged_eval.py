@@ -121,6 +121,7 @@ class SweepPoint:
     validation: dict[str, float]
     test: dict[str, float]
     merge_seconds: float
+    merge_peak_mb: float | None = None  # peak memory of the merge above the level before it
 
     @property
     def avg_validation(self) -> float:
@@ -133,12 +134,17 @@ def sweep(
     lambdas: Sequence[float],
     *,
     with_test_curve: bool = True,
+    merge_device: str = "cpu",
 ) -> tuple[list[SweepPoint], Any, SweepPoint]:
     """Merge at each lambda, score on validation (and test, for the robustness curve only).
 
     Returns the curve, the merge result at the selected lambda and the selected point. Selection
-    uses the average VALIDATION score only; ties go to the smaller lambda.
+    uses the average VALIDATION score only; ties go to the smaller lambda. Each point records the
+    merge's time and peak memory (:func:`osrm_lora.benchutil.measure_peak` on ``merge_device``: exact
+    on CUDA; sampled resident memory on CPU, where memory freed by an earlier merge is reused, so the
+    first point shows the peak best).
     """
+    from osrm_lora.benchutil import measure_peak
     from osrm_lora.logutil import Progress
 
     curve: list[SweepPoint] = []
@@ -147,12 +153,12 @@ def sweep(
     for lam in lambdas:
         progress.advance(0, lam=lam)
         t0 = time.perf_counter()
-        result = merge_fn(lam)
+        peak, result = measure_peak(lambda lam=lam: merge_fn(lam), device=merge_device)
         seconds = time.perf_counter() - t0
         per_task = bool(getattr(result, "per_task_deltas", None))
         val = evaluator.evaluate(result.deltas_for, "validation", per_task=per_task)
         test = evaluator.evaluate(result.deltas_for, "test", per_task=per_task) if with_test_curve else {}
-        point = SweepPoint(lam, val, test, seconds)
+        point = SweepPoint(lam, val, test, seconds, peak.bytes / 2**20)
         curve.append(point)
         logger.debug("lambda %.2f: validation avg %.2f", lam, point.avg_validation)
         if best is None or point.avg_validation > best[0]:

@@ -541,6 +541,7 @@ def merge_and_sweep(
         "normalised_test": norm,
         "avg_normalised_test": mean(norm.values()),
         "merge_seconds": selected.merge_seconds,
+        "merge_peak_mb": max((p.merge_peak_mb or 0.0 for p in curve), default=None),
         "curve": [
             {"lambda": p.lam, "validation": p.validation, "test": p.test, "avg_validation": p.avg_validation,
              "avg_test": mean(p.test.values()), "avg_normalised_test": mean(normalised(p.test, single_test).values())}

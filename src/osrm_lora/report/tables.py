@@ -329,8 +329,9 @@ def merge_cost_table(results: Mapping[str, Any]) -> Table:
         rows.append(row)
     mark_best(rows, [2] + ([3] if has_mem else []), lower_is_better=[2, 3])
     return Table("merge-cost-table", "Merge cost",
-                 "Wall time of one merge at the selected λ; the stage time covers the whole λ sweep with validation "
-                 "and test evaluation. Fastest in bold.", header, rows)
+                 "Wall time of one merge at the selected λ; peak memory of the merges above the level before them "
+                 "(largest over the λ sweep; resident memory sampled on CPU, exact on CUDA); the stage time covers "
+                 "the whole λ sweep with validation and test evaluation. Best in bold.", header, rows)
 
 
 def _kv(key: str, title: str, caption: str, pairs: Sequence[tuple[str, Any]]) -> Table:
