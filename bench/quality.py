@@ -240,7 +240,21 @@ def summary(agg: dict[str, Any], targets: dict[str, Any], description: str, seed
                for k, v in sorted(targets["per_config"].items()) if v["all_met"]]
     lines.append("")
     lines.append("Configurations meeting all four targets at once: " + (", ".join(all_met) if all_met else "none") + ".")
+    front = pareto_front(agg)
+    lines.append("")
+    lines.append("Front of single-task vs merged score (configurations no other beats on both the single-task and "
+                 "the merged TEST average; reported, not used for selection): "
+                 + ", ".join(f"{k} (single {agg['configs'][k]['single']['mean']:.1f}, merged "
+                             f"{agg['configs'][k]['merged_test']['mean']:.1f})" for k in front) + ".")
     return "\n".join(lines)
+
+
+def pareto_front(agg: dict[str, Any]) -> list[str]:
+    """Configurations not dominated on (single-task mean, merged test mean), best merged first."""
+    pts = {k: (c["single"]["mean"], c["merged_test"]["mean"]) for k, c in agg["configs"].items()}
+    front = [k for k, (s, m) in pts.items()
+             if not any(s2 >= s and m2 >= m and (s2, m2) != (s, m) for s2, m2 in pts.values())]
+    return sorted(front, key=lambda k: -pts[k][1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     subset = [i for i in args.inits.split(",") if i] if args.inits else None
     tag = "-" + "+".join(subset) if subset else ""
+    n_parts = 0
     for seed in seeds:
         base = Path(args.runs) / f"quality-{args.preset}"
         if args.aggregate_only:
@@ -270,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("seed %d has no results yet under %s", seed, base)
                 continue
             runs.append(merge_parts(parts))
+            n_parts += len(parts)
         else:
             runs.append(run_pipeline(_config(args.preset, seed, subset), base / f"seed{seed}{tag}"))
     if not runs:
@@ -293,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                    "platform": manifest.get("platform"),
                    "gpu_memory_gib": manifest.get("gpu_memory_gib", "not recorded"),
                    "cuda": manifest.get("cuda") or "not recorded"}
-        notes.append(f"seed runs were made on {manifest.get('device_name')} with `python bench/quality.py --preset "
-                     f"{args.preset} --seeds K --inits PART --no-write` (one call per part of the inits), then "
-                     "aggregated from their results.json by the command above")
+        how = (f"`python bench/quality.py --preset {args.preset} --seeds K --inits PART --no-write` (one call per "
+               "part of the inits)" if n_parts > len(runs) else f"`python bench/quality.py --preset {args.preset}`")
+        notes.append(f"seed runs were made on {manifest.get('device_name')} with {how}, then aggregated from their "
+                     "results.json by the command above")
     rec = BenchRecord(
         name="quality",
         preset=args.preset,
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds={f"seed{i}": s for i, s in enumerate(done_seeds)},
         machine=machine,
         settings={"description": preset["description"], "config": preset["config"], "seeds_done": done_seeds},
-        results={"aggregate": agg, "targets": targets,
+        results={"aggregate": agg, "targets": targets, "front": pareto_front(agg),
                  "per_seed": [{"seed": r["seed"], "single_task": r["single_task"],
                                "merged": [{k: v for k, v in m.items() if k != "inputs"} for m in r["merged"]]}
                               for r in runs]},

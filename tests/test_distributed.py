@@ -21,7 +21,7 @@ from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import read_json
 from osrm_lora.stats import StatsStore
 from osrm_lora.train import local_share, train_task
-from tinymodels import keyword_task
+from tinymodels import write_keyword_tasks
 
 HERE = Path(__file__).parent
 
@@ -142,26 +142,14 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(worker_run: Path) -> None
     assert "rank 1 failed" in other and "job 1 broke" in other
 
 
-def _write_jsonl_tasks(root: Path) -> list[dict]:
-    specs = []
-    for name, kws, seed in (("colours", ["red", "green"], 1), ("polar", ["good", "bad"], 2), ("x", ["xray"], 3)):
-        t = keyword_task(name, kws, n=48, seed=seed)
-        path = root / f"{name}.jsonl"
-        with path.open("w") as fh:
-            for split in ("train", "validation", "test"):
-                s = t.split(split)
-                for x, y in zip(s.texts, s.labels):
-                    fh.write(json.dumps({"text": x, "label": ["no", "yes"][y]}) + "\n")
-        specs.append({"name": name, "source": "local", "path": str(path)})
-    return specs
-
-
 def test_pipeline_on_two_processes_equals_one_process(tiny_bert: Path, tmp_path: Path) -> None:
     from osrm_lora.config import parse_config
     from osrm_lora.pipeline import run_pipeline
 
     raw = {
-        "name": "dist", "model": str(tiny_bert), "device": "cpu", "tasks": _write_jsonl_tasks(tmp_path),
+        "name": "dist", "model": str(tiny_bert), "device": "cpu",
+        "tasks": write_keyword_tasks(tmp_path, [("colours", ["red", "green"], 1), ("polar", ["good", "bad"], 2),
+                                                ("x", ["xray"], 3)], n=48),
         "lora": {"rank": 2, "alpha": 4}, "parallel": "tasks",
         "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 16},
         "inits": ["standard", {"name": "osrm-paper", "mode": "paper"}],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from osrm_lora.config import parse_config
 from osrm_lora.fsutil import read_json
 from osrm_lora.pipeline import run_pipeline
-from tinymodels import keyword_task
+from tinymodels import write_keyword_tasks
 
 
 def _no_timing(records: list[dict]) -> list[dict]:
@@ -18,17 +17,7 @@ def _no_timing(records: list[dict]) -> list[dict]:
 
 
 def _write_tasks(root: Path) -> list[dict]:
-    specs = []
-    for name, kws, seed in (("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2)):
-        t = keyword_task(name, kws, n=96, seed=seed)
-        path = root / f"{name}.jsonl"
-        with path.open("w") as fh:
-            for split in ("train", "validation", "test"):
-                s = t.split(split)
-                for x, y in zip(s.texts, s.labels):
-                    fh.write(json.dumps({"text": x, "label": ["no", "yes"][y]}) + "\n")
-        specs.append({"name": name, "source": "local", "path": str(path)})
-    return specs
+    return write_keyword_tasks(root, [("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2)], n=96)
 
 
 @pytest.fixture(scope="module")

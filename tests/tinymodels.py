@@ -73,3 +73,21 @@ def keyword_task(name: str, keywords: list[str], n: int = 120, seed: int = 0):
         return Split(tuple(texts), tuple(labels))
 
     return Task(name, "classification", "accuracy", ("no", "yes"), make(n), make(n // 2), make(n // 2), source="toy")
+
+
+def write_keyword_tasks(root: Path, tasks: list[tuple[str, list[str], int]], n: int) -> list[dict]:
+    """Write ``keyword_task(name, keywords, n, seed)`` for each ``(name, keywords, seed)`` as a local JSONL
+    file (all splits in one file, labels "no"/"yes") and return the pipeline task specs."""
+    import json
+
+    specs = []
+    for name, kws, seed in tasks:
+        t = keyword_task(name, kws, n=n, seed=seed)
+        path = root / f"{name}.jsonl"
+        with path.open("w") as fh:
+            for split in ("train", "validation", "test"):
+                s = t.split(split)
+                for x, y in zip(s.texts, s.labels):
+                    fh.write(json.dumps({"text": x, "label": ["no", "yes"][y]}) + "\n")
+        specs.append({"name": name, "source": "local", "path": str(path)})
+    return specs
