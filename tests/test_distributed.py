@@ -195,3 +195,49 @@ def test_parallel_auto_prefers_tasks_when_there_are_enough() -> None:
     assert _parallel_mode(cfg, n_tasks=4, world_size=8) == "data"
     forced = parse_config({"suite": "demo", "parallel": "data"})
     assert _parallel_mode(forced, n_tasks=4, world_size=2) == "data"
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: pytest.fail("must not join a group"))
+    with pytest.raises(OsrmError, match=r"LOCAL_RANK 1 has no GPU \(1 visible\).*--nproc_per_node 1"):
+        D.init_distributed("auto")
+
+
+def test_pipeline_data_parallel_equals_one_process(no_dropout_bert: Path, tmp_path: Path) -> None:
+    """parallel: data — every adapter trained by both processes (DDP), the same global batch."""
+    from osrm_lora.config import parse_config
+    from osrm_lora.pipeline import run_pipeline
+
+    raw = {
+        "name": "ddp", "model": str(no_dropout_bert), "device": "cpu", "parallel": "data", "diagnose": False,
+        "tasks": write_keyword_tasks(tmp_path, [("colours", ["red", "green"], 1), ("polar", ["good", "bad"], 2)],
+                                     n=48),
+        "lora": {"rank": 2, "alpha": 4}, "train": {"epochs": 1, "batch_size": 8, "lr": 5e-3, "max_length": 16},
+        "inits": ["standard"], "merge": {"methods": ["task_arithmetic"], "lambdas": [1.0]},
+    }
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    proc = torchrun(["osrm_lora", "-q", "run", str(cfg_path), "--out", str(tmp_path / "run2")], nproc=2,
+                    module=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    two = read_json(tmp_path / "run2" / "results.json")
+    one = run_pipeline(parse_config(raw), tmp_path / "run1")
+    for task in ("colours", "polar"):
+        m2 = read_json(tmp_path / "run2" / "adapters" / "standard" / task / "metrics.json")
+        assert m2["world_size"] == 2
+        got, want = two["single_task"]["standard"][task]["test"], one["single_task"]["standard"][task]["test"]
+        assert got == pytest.approx(want)
+        a = load_file(str(tmp_path / "run1/adapters/standard" / task / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "run2/adapters/standard" / task / "adapter_model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-3)
+    assert two["merged"][0]["avg_test"] == pytest.approx(one["merged"][0]["avg_test"])
