@@ -269,6 +269,13 @@ def test_malformed_merge_parameters(env: Env, capsys: pytest.CaptureFixture[str]
     fails(capsys, [*base, "--weights", "1,x"], r"--weights .* not a comma-separated list of numbers", out)
     fails(capsys, [*base, "--weights", "1"], r"1 values but 2 adapters", out)
     fails(capsys, [*base, "--format", "onnx"], r"unknown output format 'onnx'", out)
+    fails(capsys, [*base, "--stream", "--format", "onnx"], r"unknown output format 'onnx'", out)
+    fails(capsys, [*base, "--stream", "-p", "desnity=0.2"], r"no parameter 'desnity'; valid parameters", out)
+
+
+def test_unknown_training_strategy(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    out = env.root / "out-strategy"
+    fails(capsys, ["train", "--task", "mr", "--out", out, "--strategy", "zero3"], r"unknown --strategy 'zero3'; use ddp or fsdp", out)
 
 
 # ---------------------------------------------------------------------------------------------- configs

@@ -160,10 +160,16 @@ def train(
     freeze_b: Annotated[bool, typer.Option("--freeze-b", help="Keep B fixed.")] = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    strategy: Annotated[str, typer.Option(help="Under torchrun: ddp (a model copy per process) or fsdp (sharded).")] = "ddp",
 ) -> None:
     """Fine-tune one LoRA adapter + head on a task; keeps the best epoch on validation.
 
+    Under torchrun / accelerate launch all processes train the adapter together (data parallel);
+    --batch-size stays the global batch.
+
     Example: osrm-lora train --task mr --out runs/mr-lora --epochs 3
+
+    Example: torchrun --nproc_per_node 4 -m osrm_lora train --task mr --out runs/mr --strategy fsdp
     """
     from osrm_lora.config import LoraSettings, TrainSettings
     from osrm_lora.data import load_task
@@ -172,7 +178,9 @@ def train(
     from osrm_lora.distributed import main_first
 
     lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=_csv(target_modules))
-    tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length)
+    if strategy not in ("ddp", "fsdp"):
+        raise OsrmError(f"unknown --strategy {strategy!r}; use ddp or fsdp")
+    tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, strategy=strategy)
     main_rank = _join_group(device)  # under torchrun: data parallel, --batch-size is the global batch
     A = load_init_A(init) if init else None
     with main_first():
