@@ -181,3 +181,60 @@ def test_bad_inputs(setup):
         collect_statistics(model, tok, texts, ["nope"])
     with pytest.raises(OsrmError, match="has no texts"):
         collect_statistics(model, tok, {"a": []}, ["query"])
+
+
+def test_a_module_called_twice_per_forward_counts_both_calls() -> None:
+    """Shared layers (ALBERT-style): one Linear applied twice per forward. Every call's tokens count,
+    per-sample means cover both calls, and the per-batch counts shared by modules stay correct."""
+    from torch import nn
+
+    from osrm_lora.stats import collect_statistics
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(20, 4)
+            self.shared = nn.Linear(4, 4)
+            self.other = nn.Linear(4, 3)
+            self.seen: list[tuple[torch.Tensor, ...]] = []
+
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            h0 = self.emb(input_ids)
+            h1 = torch.tanh(self.shared(h0))
+            h2 = self.shared(h1)
+            self.seen.append((h0.detach().clone(), h1.detach().clone(), h2.detach().clone()))
+            return self.other(h2)
+
+    class Tok:
+        def __call__(self, a, b=None, padding=True, truncation=True, max_length=8, return_tensors="pt"):  # noqa: ANN001, ANN204
+            ids = [[int(w) for w in t.split()][:max_length] for t in a]
+            width = max(len(i) for i in ids)
+            return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
+                    "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])}
+
+    model = Shared()
+    texts = {"t": ["1 2 3", "4 5", "6 7 8 9", "3"], "u": ["2 2", "9 8 7"]}
+    store = collect_statistics(model, Tok(), texts, ["shared", "other"], n_samples=4, batch_size=3,
+                               dtype=torch.float64, seed=0)
+    # recompute task t by hand from the inputs the forward passes saw (both calls of "shared")
+    idx = sample_indices(4, 4, 0)
+    toks, per_sample, other_means = [], [], []
+    for start, (h0, h1, h2) in zip(range(0, 4, 3), model.seen[:2]):
+        chunk = [texts["t"][i] for i in idx[start:start + 3]]
+        for row, text in enumerate(chunk):
+            n = len(text.split())
+            rows = torch.cat([h0[row, :n], h1[row, :n]]).double()
+            toks.append(rows)
+            per_sample.append(rows.mean(0))
+            other_means.append(h2[row, :n].double().mean(0))
+    X = torch.cat(toks)
+    group = store.meta["module_to_group"]["shared"]
+    assert int(store.tensors[f"t::{group}::count"]) == X.shape[0]
+    torch.testing.assert_close(store.tensors[f"t::{group}::gram"], X.T @ X)
+    torch.testing.assert_close(store.tensors[f"t::{group}::sum"], X.sum(0))
+    torch.testing.assert_close(store.tensors[f"t::{group}::sample_means"], torch.stack(per_sample))
+    # the other module (called once) still counts each token once
+    other = store.meta["module_to_group"]["other"]
+    assert int(store.tensors[f"t::{other}::count"]) == X.shape[0] // 2
+    torch.testing.assert_close(store.tensors[f"t::{other}::sample_means"], torch.stack(other_means))

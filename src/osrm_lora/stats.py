@@ -313,6 +313,9 @@ class _Collector:
         self.dtype = dtype
         self.device = device
         self.mask: torch.Tensor | None = None
+        # per batch, shared by every module: the mask as weights and its token counts
+        self._weights: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
+        self._counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # grouping: module -> leader, fixed by the first forward pass
         self.leader_of: dict[str, str] | None = None
         self._pass_leader: dict[str, str] = {}
@@ -324,6 +327,8 @@ class _Collector:
 
     def start_batch(self, mask: torch.Tensor) -> None:
         self.mask = mask.to(self.device).bool()
+        self._weights = {}
+        self._counts = {}
         self._pass_leader = {}
         self._last = None
         self.batch_sum = {}
@@ -358,6 +363,13 @@ class _Collector:
         self._last = (parent, x, leader)
         self._accumulate(leader, name, x.detach())
 
+    def _batch_counts(self, key: str, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token count of the batch and per sample, computed once per batch for ``key``."""
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts.setdefault(key, (keep.sum(), keep.sum(dim=1)))
+        return counts
+
     def _accumulate(self, leader: str, name: str, x: torch.Tensor) -> None:
         assert self.mask is not None
         mask = self.mask
@@ -366,18 +378,25 @@ class _Collector:
         x = x.to(self.device, self.dtype)
         if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             x3 = x.reshape(bsz, mask.shape[1], n)
-            keep = torch.ones_like(mask) if self.include_padding else mask
+            if self.include_padding:
+                xw, counts = x3, self._batch_counts("all", torch.ones_like(mask))
+            else:
+                # masked multiply instead of boolean indexing: padded rows become zero rows, which add
+                # nothing to the sum or the Gram matrix, and nothing forces a device-host
+                # synchronisation; the weights and counts are made once per batch, not per module
+                weights = self._weights.get((True, x3.dtype))
+                if weights is None:
+                    weights = self._weights.setdefault((True, x3.dtype), mask.unsqueeze(-1).to(x3.dtype))
+                xw, counts = x3 * weights, self._batch_counts("mask", mask)
         elif x.shape[0] == bsz:
             if name not in self.warned_unmasked:
                 logger.warning("input of %s does not have a (batch, seq) layout; all its positions are used", name)
                 self.warned_unmasked.add(name)
-            x3 = x.reshape(bsz, -1, n)
-            keep = torch.ones(x3.shape[:2], dtype=torch.bool, device=x3.device)
+            xw = x.reshape(bsz, -1, n)
+            keep = torch.ones(xw.shape[:2], dtype=torch.bool, device=xw.device)
+            counts = (keep.sum(), keep.sum(dim=1))
         else:
             raise OsrmError(f"cannot match the input of {name} (shape {tuple(x.shape)}) to the batch; unsupported module")
-        # masked multiply instead of boolean indexing: padded rows become zero rows, which add nothing
-        # to the sum or the Gram matrix, and nothing forces a device-host synchronisation
-        xw = x3 * keep.unsqueeze(-1).to(x3.dtype)
         flat = xw.reshape(-1, n)
         acc = self.acc.get(leader)
         if acc is None:
@@ -388,14 +407,14 @@ class _Collector:
                 "sample_means": [],
             }
             self.acc[leader] = acc
-        acc["count"] += keep.sum()
-        acc["sum"] += flat.sum(dim=0)
+        psum = xw.sum(dim=1)  # per sample; the total sum follows from it without another pass over x
+        pcnt = counts[1]
+        acc["count"] += counts[0]
+        acc["sum"] += psum.sum(dim=0)
         acc["gram"].addmm_(flat.T, flat)
-        psum = xw.sum(dim=1)
-        pcnt = keep.sum(dim=1)
         if leader in self.batch_sum:  # module called several times in one forward (shared layers)
             self.batch_sum[leader] += psum
-            self.batch_cnt[leader] += pcnt
+            self.batch_cnt[leader] = self.batch_cnt[leader] + pcnt  # not in place: pcnt is shared per batch
         else:
             self.batch_sum[leader] = psum
             self.batch_cnt[leader] = pcnt
