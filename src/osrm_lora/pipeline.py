@@ -407,6 +407,27 @@ def _parallel_mode(cfg: PipelineConfig, n_tasks: int, world_size: int) -> str:
     return "tasks" if n_tasks >= world_size else "data"
 
 
+def _from_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` computed on rank 0 and broadcast; an error there is raised on every rank (no hang)."""
+    env = get_env()
+    if not env.active:
+        return fn()
+    outcome: tuple[str, Any] | None = None
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:
+            error, outcome = exc, ("error", f"{type(exc).__name__}: {exc}")
+    outcome = broadcast_object(outcome)
+    assert outcome is not None
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        raise OsrmError(f"rank 0 failed ({outcome[1]}); see its log")
+    return outcome[1]
+
+
 def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -> None:
     """Train every (init, task) adapter: in one process one after the other; with several processes
     either spread over them (``parallel: tasks``) or each with all of them (``parallel: data``)."""
@@ -426,7 +447,12 @@ def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -
 
         def _do() -> None:
             if init.mode != "standard" and init.name not in subspaces:
-                subspaces[init.name] = init_subspaces(cfg, init, ctx.tasks, stats_dir)
+                if mode == "data":  # every rank must train with the same subspace: rank 0's, broadcast
+                    subspaces[init.name] = _from_rank0(lambda: {
+                        t: {k: U.cpu() for k, U in b.items()}
+                        for t, b in init_subspaces(cfg, init, ctx.tasks, stats_dir).items()})
+                else:
+                    subspaces[init.name] = init_subspaces(cfg, init, ctx.tasks, stats_dir)
             basis = subspaces.get(init.name, {}).get(task.name)
             init_A = {k: U[: cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
             train_task(task, adir, model=ctx.model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed,
