@@ -142,10 +142,23 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(worker_run: Path) -> None
     assert "rank 1 failed" in other and "job 1 broke" in other
 
 
-def test_pipeline_on_two_processes_equals_one_process(tiny_bert: Path, tmp_path: Path) -> None:
+def _one_and_two_processes(raw: dict, tmp_path: Path) -> tuple[dict, dict]:
+    """The pipeline of ``raw`` run by ``torchrun -m osrm_lora run`` with 2 processes (into run2) and in
+    this process (into run1); their results."""
     from osrm_lora.config import parse_config
     from osrm_lora.pipeline import run_pipeline
 
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    proc = torchrun(["osrm_lora", "-q", "run", str(cfg_path), "--out", str(tmp_path / "run2")], nproc=2,
+                    module=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    two = read_json(tmp_path / "run2" / "results.json")
+    one = run_pipeline(parse_config(raw), tmp_path / "run1")
+    return one, two
+
+
+def test_pipeline_on_two_processes_equals_one_process(tiny_bert: Path, tmp_path: Path) -> None:
     raw = {
         "name": "dist", "model": str(tiny_bert), "device": "cpu",
         "tasks": write_keyword_tasks(tmp_path, [("colours", ["red", "green"], 1), ("polar", ["good", "bad"], 2),
@@ -156,13 +169,7 @@ def test_pipeline_on_two_processes_equals_one_process(tiny_bert: Path, tmp_path:
         "profile": {"n_samples": 20, "batch_size": 4, "dtype": "float64"},
         "merge": {"methods": ["task_arithmetic"], "lambdas": [0.5, 1.0]},
     }
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    proc = torchrun(["osrm_lora", "-q", "run", str(cfg_path), "--out", str(tmp_path / "run2")], nproc=2,
-                    module=True)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    two = read_json(tmp_path / "run2" / "results.json")
-    one = run_pipeline(parse_config(raw), tmp_path / "run1")
+    one, two = _one_and_two_processes(raw, tmp_path)
     assert two["manifest"]["processes"] == 2 and one["manifest"]["processes"] == 1
     # every training job ran exactly once, on one of the ranks; stage timings of both ranks are kept
     assert sum(k.startswith("train/") for k in two["manifest"]["stage_seconds"]) == 6
@@ -214,9 +221,6 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPat
 
 def test_pipeline_data_parallel_equals_one_process(no_dropout_bert: Path, tmp_path: Path) -> None:
     """parallel: data — every adapter trained by both processes (DDP), the same global batch."""
-    from osrm_lora.config import parse_config
-    from osrm_lora.pipeline import run_pipeline
-
     raw = {
         "name": "ddp", "model": str(no_dropout_bert), "device": "cpu", "parallel": "data", "diagnose": False,
         "tasks": write_keyword_tasks(tmp_path, [("colours", ["red", "green"], 1), ("polar", ["good", "bad"], 2)],
@@ -227,13 +231,7 @@ def test_pipeline_data_parallel_equals_one_process(no_dropout_bert: Path, tmp_pa
         "profile": {"n_samples": 16, "batch_size": 4, "dtype": "float64"},
         "merge": {"methods": ["task_arithmetic"], "lambdas": [1.0]},
     }
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(raw))
-    proc = torchrun(["osrm_lora", "-q", "run", str(cfg_path), "--out", str(tmp_path / "run2")], nproc=2,
-                    module=True)
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    two = read_json(tmp_path / "run2" / "results.json")
-    one = run_pipeline(parse_config(raw), tmp_path / "run1")
+    one, two = _one_and_two_processes(raw, tmp_path)
     for init in ("standard", "own-k4"):
         for task in ("colours", "polar"):
             m2 = read_json(tmp_path / "run2" / "adapters" / init / task / "metrics.json")
