@@ -66,6 +66,16 @@ def main(model: str, out: Path) -> None:
         run_jobs([0, 1], job)
     except OsrmError as exc:
         (out / f"error_rank{env.rank}.txt").write_text(str(exc))
+    # rank 0's value on every rank; a failure on rank 0 raised on every rank
+    assert D.from_rank0(lambda: env.rank + 10) == 10
+
+    def broken() -> int:
+        raise OsrmError("rank 0 broke")
+
+    try:
+        D.from_rank0(broken)
+    except OsrmError as exc:
+        (out / f"from_rank0_rank{env.rank}.txt").write_text(str(exc))
     D.barrier()
     D.shutdown()
 

@@ -61,6 +61,7 @@ def test_collectives_are_no_ops_in_one_process() -> None:
     assert not D.get_env().active and D.get_env().is_main
     with pytest.raises(OsrmError, match="boom"):
         D.raise_if_any_failed(OsrmError("boom"))
+    assert D.from_rank0(lambda: 7) == 7
     D.raise_if_any_failed(None)
 
 
@@ -140,6 +141,9 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(worker_run: Path) -> None
     assert (worker_run / "error_rank1.txt").read_text() == "job 1 broke"
     other = (worker_run / "error_rank0.txt").read_text()
     assert "rank 1 failed" in other and "job 1 broke" in other
+    # the same for work done on rank 0 alone and broadcast (distributed.from_rank0)
+    assert (worker_run / "from_rank0_rank0.txt").read_text() == "rank 0 broke"
+    assert "rank 0 failed (OsrmError: rank 0 broke)" in (worker_run / "from_rank0_rank1.txt").read_text()
 
 
 def _one_and_two_processes(raw: dict, tmp_path: Path) -> tuple[dict, dict]:

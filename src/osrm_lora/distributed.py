@@ -19,7 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -197,6 +197,30 @@ def check_same(value: Any, what: str) -> None:
     values = all_gather_objects(value)
     if any(v != values[0] for v in values):
         raise OsrmError(f"the processes disagree on {what}; start every process with the same config and data")
+
+
+def from_rank0(fn: Callable[[], T]) -> T:
+    """``fn()`` computed on rank 0 only and broadcast to every rank (``fn()`` itself in one process).
+
+    A failure on rank 0 is raised on every rank: rank 0 re-raises its own error, the others an
+    :class:`OsrmError` naming it, so no rank waits forever for the broadcast.
+    """
+    env = get_env()
+    if not env.active:
+        return fn()
+    outcome: tuple[bool, Any] | None = None
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            outcome = (True, fn())
+        except Exception as exc:
+            error, outcome = exc, (False, f"{type(exc).__name__}: {exc}")
+    ok, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if not ok:
+        raise OsrmError(f"rank 0 failed ({value}); see its log")
+    return value
 
 
 def raise_if_any_failed(error: BaseException | None) -> None:

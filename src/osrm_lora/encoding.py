@@ -49,9 +49,7 @@ def collate(tokenizer: Any, features: Sequence[dict[str, list[int]]]) -> dict[st
     return batch
 
 
-def train_batches(
-    encoded: Encoded, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[list[int], torch.Tensor]]:
+def train_batches(encoded: Encoded, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Shuffled index batches of similar length (seeded generator).
 
     Examples are shuffled, cut into pools of ``50 * batch_size``, sorted by length inside each pool
@@ -65,8 +63,7 @@ def train_batches(
         chunk = sorted(order[start : start + pool], key=lambda i: len(encoded.features[i]["input_ids"]))
         batches.extend(chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size))
     for b in torch.randperm(len(batches), generator=generator).tolist():
-        idx = batches[b]
-        yield idx, encoded.labels[idx]
+        yield batches[b]
 
 
 def sorted_batches(encoded: Encoded, batch_size: int) -> Iterator[list[int]]:

@@ -152,9 +152,11 @@ def sweep(
     progress = Progress(f"merge + evaluate ({len(evaluator.slots)} tasks)", len(lambdas), {"lam": "λ={:g}"})
     for lam in lambdas:
         progress.advance(0, lam=lam)
-        t0 = time.perf_counter()
-        peak, result = measure_peak(lambda lam=lam: merge_fn(lam), device=merge_device)
-        seconds = time.perf_counter() - t0
+        def timed(lam: float = lam) -> tuple[Any, float]:  # the merge alone, not measure_peak's clean-up
+            t0 = time.perf_counter()
+            return merge_fn(lam), time.perf_counter() - t0
+
+        peak, (result, seconds) = measure_peak(timed, device=merge_device)
         per_task = bool(getattr(result, "per_task_deltas", None))
         val = evaluator.evaluate(result.deltas_for, "validation", per_task=per_task)
         test = evaluator.evaluate(result.deltas_for, "test", per_task=per_task) if with_test_curve else {}

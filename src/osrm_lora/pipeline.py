@@ -47,6 +47,7 @@ from osrm_lora.distributed import (
     barrier,
     broadcast_object,
     check_same,
+    from_rank0,
     get_env,
     main_first,
     raise_if_any_failed,
@@ -407,27 +408,6 @@ def _parallel_mode(cfg: PipelineConfig, n_tasks: int, world_size: int) -> str:
     return "tasks" if n_tasks >= world_size else "data"
 
 
-def _from_rank0(fn: Callable[[], Any]) -> Any:
-    """``fn()`` computed on rank 0 and broadcast; an error there is raised on every rank (no hang)."""
-    env = get_env()
-    if not env.active:
-        return fn()
-    outcome: tuple[str, Any] | None = None
-    error: BaseException | None = None
-    if env.is_main:
-        try:
-            outcome = ("ok", fn())
-        except Exception as exc:
-            error, outcome = exc, ("error", f"{type(exc).__name__}: {exc}")
-    outcome = broadcast_object(outcome)
-    assert outcome is not None
-    if error is not None:
-        raise error
-    if outcome[0] == "error":
-        raise OsrmError(f"rank 0 failed ({outcome[1]}); see its log")
-    return outcome[1]
-
-
 def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -> None:
     """Train every (init, task) adapter: in one process one after the other; with several processes
     either spread over them (``parallel: tasks``) or each with all of them (``parallel: data``)."""
@@ -448,7 +428,7 @@ def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -
         def _do() -> None:
             if init.mode != "standard" and init.name not in subspaces:
                 if mode == "data":  # every rank must train with the same subspace: rank 0's, broadcast
-                    subspaces[init.name] = _from_rank0(lambda: {
+                    subspaces[init.name] = from_rank0(lambda: {
                         t: {k: U.cpu() for k, U in b.items()}
                         for t, b in init_subspaces(cfg, init, ctx.tasks, stats_dir).items()})
                 else:
@@ -488,7 +468,7 @@ def adapter_dirs(run_dir: Path, init: str, tasks: Sequence[Task]) -> list[Path]:
     return [run_dir / "adapters" / init / task_dirname(t.name) for t in tasks]
 
 
-def _diagnose_init(ctx: RunContext, init: InitSettings, stats_dir: Path) -> dict[str, Any]:
+def _diagnose_init(ctx: RunContext, init: InitSettings, stats_dir: Path) -> None:
     from osrm_lora.diagnose import run_diagnose
 
     out = ctx.run_dir / "diagnostics" / init.name
@@ -496,10 +476,9 @@ def _diagnose_init(ctx: RunContext, init: InitSettings, stats_dir: Path) -> dict
     payload = {"adapters": ctx.adapter_hashes[init.name], "stats": ctx.stats_hash}
     ctx.ledger.run("diagnose", f"diagnose/{init.name}", payload, [out / "interference.json"],
                    lambda: run_diagnose([str(d) for d in dirs], str(stats_dir), str(out)))
-    return read_json(out / "interference.json")
 
 
-def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Path) -> dict[str, Any]:
+def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Path) -> None:
     cfg = ctx.cfg
     out = ctx.run_dir / "merges" / init.name / method
     dirs = adapter_dirs(ctx.run_dir, init.name, ctx.tasks)
@@ -511,7 +490,6 @@ def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Pat
                                            max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
                                            device=cfg.device, seed=cfg.seed, init_name=init.name,
                                            stats_dir=stats_dir if stats_dir.exists() else None))
-    return read_json(out / "sweep.json")
 
 
 def merge_and_sweep(

@@ -314,7 +314,7 @@ class _Collector:
         self.device = device
         self.mask: torch.Tensor | None = None
         # per batch, shared by every module: the mask as weights and its token counts
-        self._weights: dict[tuple[bool, torch.dtype], torch.Tensor] = {}
+        self._weights: dict[torch.dtype, torch.Tensor] = {}
         self._counts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # grouping: module -> leader, fixed by the first forward pass
         self.leader_of: dict[str, str] | None = None
@@ -363,6 +363,15 @@ class _Collector:
         self._last = (parent, x, leader)
         self._accumulate(leader, name, x.detach())
 
+    def new_accumulator(self, n: int) -> dict[str, Any]:
+        """Empty statistics of one module-input group of width ``n``."""
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=self.device),
+            "sum": torch.zeros(n, dtype=self.dtype, device=self.device),
+            "gram": torch.zeros(n, n, dtype=self.dtype, device=self.device),
+            "sample_means": [],
+        }
+
     def _batch_counts(self, key: str, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token count of the batch and per sample, computed once per batch for ``key``."""
         counts = self._counts.get(key)
@@ -384,9 +393,9 @@ class _Collector:
                 # masked multiply instead of boolean indexing: padded rows become zero rows, which add
                 # nothing to the sum or the Gram matrix, and nothing forces a device-host
                 # synchronisation; the weights and counts are made once per batch, not per module
-                weights = self._weights.get((True, x3.dtype))
+                weights = self._weights.get(x3.dtype)
                 if weights is None:
-                    weights = self._weights.setdefault((True, x3.dtype), mask.unsqueeze(-1).to(x3.dtype))
+                    weights = self._weights.setdefault(x3.dtype, mask.unsqueeze(-1).to(x3.dtype))
                 xw, counts = x3 * weights, self._batch_counts("mask", mask)
         elif x.shape[0] == bsz:
             if name not in self.warned_unmasked:
@@ -400,13 +409,7 @@ class _Collector:
         flat = xw.reshape(-1, n)
         acc = self.acc.get(leader)
         if acc is None:
-            acc = {
-                "count": torch.zeros((), dtype=torch.int64, device=self.device),
-                "sum": torch.zeros(n, dtype=self.dtype, device=self.device),
-                "gram": torch.zeros(n, n, dtype=self.dtype, device=self.device),
-                "sample_means": [],
-            }
-            self.acc[leader] = acc
+            acc = self.acc[leader] = self.new_accumulator(n)
         psum = xw.sum(dim=1)  # per sample; the total sum follows from it without another pass over x
         pcnt = counts[1]
         acc["count"] += counts[0]
@@ -430,13 +433,8 @@ def _reduce_task(collector: _Collector, modules: dict[str, nn.Linear], mine: lis
     leaders = list(dict.fromkeys(collector.leader_of.values()))
     for leader in leaders:
         acc = collector.acc.get(leader)
-        n = int(modules[leader].in_features)
         if acc is None:  # this rank had no batch of the task
-            acc = {"count": torch.zeros((), dtype=torch.int64, device=collector.device),
-                   "sum": torch.zeros(n, dtype=collector.dtype, device=collector.device),
-                   "gram": torch.zeros(n, n, dtype=collector.dtype, device=collector.device),
-                   "sample_means": []}
-            collector.acc[leader] = acc
+            acc = collector.acc[leader] = collector.new_accumulator(int(modules[leader].in_features))
         acc["count"] = all_reduce_sum(acc["count"])
         acc["sum"] = all_reduce_sum(acc["sum"])
         acc["gram"] = all_reduce_sum(acc["gram"])

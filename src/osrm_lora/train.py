@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from osrm_lora.adapters import PREFIX
 from osrm_lora.backbone import (
     HeadInfo,
     default_target_modules,
@@ -101,7 +102,7 @@ def lora_parameters(peft_model: nn.Module, which: str) -> dict[str, nn.Parameter
 
 def lora_module_key(param_name: str) -> str:
     """Module path in the un-wrapped model of a PEFT LoRA parameter name."""
-    return re.split(r"\.lora_[AB]\.", param_name)[0].removeprefix("base_model.model.")
+    return re.split(r"\.lora_[AB]\.", param_name)[0].removeprefix(PREFIX)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ def current_A(peft_model: nn.Module) -> dict[str, torch.Tensor]:
             for n, p in lora_parameters(peft_model, "lora_A").items()}
 
 
-def shard_model(peft_model: nn.Module, device: torch.device) -> None:
+def shard_model(peft_model: nn.Module) -> None:
     """FSDP2 (``fully_shard``): one unit per transformer block (the model's ``_no_split_modules``),
     then the rest. Parameters become DTensors sharded over the process group."""
     from torch.distributed.fsdp import fully_shard
@@ -136,11 +137,15 @@ def shard_model(peft_model: nn.Module, device: torch.device) -> None:
     fully_shard(peft_model)
 
 
+def _head_prefixes(peft_model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the task head (classifier, pooler) inside the PEFT model."""
+    return tuple(f"{PREFIX}{h}." for h in head_module_names(peft_model.base_model.model))
+
+
 def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole CPU copies of every LoRA factor and head parameter, keyed by parameter name (collective
     when the model is FSDP-sharded: every rank must call it)."""
-    inner_prefix = "base_model.model."
-    heads = tuple(f"{inner_prefix}{h}." for h in head_module_names(peft_model.base_model.model))
+    heads = _head_prefixes(peft_model)
     return {n: full_tensor(p.detach()).cpu().clone() for n, p in peft_model.named_parameters()
             if ".lora_" in n or n.startswith(heads)}
 
@@ -267,6 +272,10 @@ def train_task(
     if len(enc_train) == 0 or len(enc_val) == 0:
         raise OsrmError(f"task {task.name} has an empty train or validation split; provide more data")
 
+    if env.active and train.strategy == "fsdp":
+        # every rank built the same seeded model, so the shards agree; sharding comes before the
+        # optimizer and the subspace projectors, which must hold the sharded parameters
+        shard_model(peft_model)
     steps_per_epoch = math.ceil(len(enc_train) / train.batch_size)
     total = steps_per_epoch * train.epochs
     optimizer = _optimizer(peft_model, train)
@@ -280,15 +289,7 @@ def train_task(
                 len(enc_train), train.epochs, n_trainable,
                 f", data parallel over {env.world_size} processes" if env.active else "")
     forward: nn.Module = peft_model
-    if env.active and train.strategy == "fsdp":
-        # every rank built the same seeded model, so the shards agree; the optimizer must see the
-        # sharded parameters, so it is rebuilt after sharding
-        shard_model(peft_model, dev)
-        optimizer = _optimizer(peft_model, train)
-        scheduler = _linear_schedule(optimizer, int(round(train.warmup_ratio * total)), total)
-        projectors = [(p, U) for (_, U), p in zip(projectors, lora_parameters(peft_model, "lora_A").values())]
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    elif env.active:
+    if env.active and train.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         # DDP broadcasts rank 0's parameters, so every rank starts from the same head and A
@@ -303,7 +304,7 @@ def train_task(
         for epoch in range(1, train.epochs + 1):
             peft_model.train()
             running, seen, t0 = 0.0, 0, time.perf_counter()
-            for idx, _labels in train_batches(enc_train, train.batch_size, generator):
+            for idx in train_batches(enc_train, train.batch_size, generator):
                 local, weight = local_share(idx, env)
                 batch = {k: v.to(dev) for k, v in collate(tokenizer, [enc_train.features[i] for i in local]).items()}
                 labels = enc_train.labels[local].to(dev)
@@ -426,10 +427,8 @@ def _save(
     }
     with atomic_dir(result.out_dir) as tmp:
         write_peft_adapter(peft_model, tensors, tmp)
-        prefix = "base_model.model."
-        heads = tuple(f"{h}." for h in head_module_names(inner))
-        head = {n.removeprefix(prefix): v for n, v in tensors.items() if n.removeprefix(prefix).startswith(heads)}
-        save_head(tmp, head, info)
+        heads = _head_prefixes(peft_model)
+        save_head(tmp, {n.removeprefix(PREFIX): v for n, v in tensors.items() if n.startswith(heads)}, info)
         write_json(tmp / "metrics.json", metrics)
 
 
