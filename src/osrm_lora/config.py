@@ -5,7 +5,9 @@ Unknown keys and out-of-range values are errors (``extra="forbid"`` everywhere).
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from osrm_lora.data.spec import TaskSpec
-from osrm_lora.errors import ConfigError
+from osrm_lora.data.suites import load_suite
+from osrm_lora.errors import ConfigError, OsrmError
+from osrm_lora.merge.registry import get_method, resolve_params
 
 InitMode = Literal["standard", "code", "paper", "own"]
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
@@ -62,6 +66,19 @@ class InitSettings(_Strict):
     subspace_dim: int | None = Field(None, gt=0)
     """OSRM subspace of dimension k >= rank: A starts as its best r directions and is projected
     back onto it after every optimizer step (between frozen A, k = rank, and free A)."""
+    b_sparsity: float | None = Field(None, gt=0, lt=1)
+    """LoRI (Zhang et al. 2025, arXiv 2504.07448): train B under a fixed sparse mask that keeps the
+    ``1 - b_sparsity`` share of B's entries of largest magnitude over all modules together (LoRI
+    uses 0.9 with a frozen random A: ``mode: standard, freeze_A: true``). The mask comes from a
+    calibration pass of ``calibration_epochs`` of dense training; the adapter and head are then reset
+    to their initial values and trained with the mask from the start."""
+    calibration_epochs: int = Field(1, gt=0, le=1000)
+    interference_penalty: float = Field(0.0, ge=0)
+    """Weight of the interference penalty added to the training loss: the output shift the adapter
+    causes on the OTHER tasks' inputs over the shift on its own task's inputs,
+    ``sum_m tr(B A S_others A^T B^T) / sum_m tr(B A S_own A^T B^T)`` over the LoRA modules m, with the
+    second moments S from the run's activation statistics (S_others: mean over the other tasks).
+    0 trains without it."""
 
     @field_validator("name")
     @classmethod
@@ -76,6 +93,8 @@ class InitSettings(_Strict):
             raise ValueError("freeze_A and freeze_B together leave nothing to train")
         if self.subspace_dim is not None and self.mode == "standard":
             raise ValueError("subspace_dim needs an OSRM mode (code, paper or own), not standard")
+        if self.b_sparsity is not None and self.freeze_B:
+            raise ValueError("b_sparsity masks B, so B must be trainable; drop freeze_B")
         return self
 
 
@@ -96,7 +115,12 @@ class MergeSettings(_Strict):
     validation by ``bench/quality.py --preset gpu`` (OSRM code + EMR, 3 seeds). EMR deploys one
     masked, rescaled model per task, so it needs the task id at inference."""
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
+    """The lambda grid: the merge is redone at every lambda (its ``scaling``) and the lambda with the
+    best average validation score is kept."""
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Fixed parameters per method (names and ranges as in ``osrm-lora merge --list``), checked when
+    the config is loaded. A ``scaling`` given here is used as is: that method is merged at that
+    scaling only, with no lambda sweep (the other methods still sweep ``lambdas``)."""
 
     @field_validator("lambdas")
     @classmethod
@@ -134,6 +158,15 @@ class PipelineConfig(_Strict):
     as many tasks as processes. Profiling is always sharded; merges and diagnostics are spread over
     the processes. Ignored in a single process."""
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_entries(cls, value: Any) -> Any:
+        """Validate mapping entries as :class:`TaskSpec` here, so an error names the task and the key
+        (not the ``str`` branch of the union)."""
+        if not isinstance(value, list):
+            return value
+        return [_task_entry(i, item) for i, item in enumerate(value)]
+
     @field_validator("inits", mode="before")
     @classmethod
     def _inits_from_strings(cls, value: Any) -> Any:
@@ -156,23 +189,98 @@ class PipelineConfig(_Strict):
             raise ValueError(f"duplicate init names {names}")
         if not self.inits:
             raise ValueError("list at least one init")
+        check_merge_settings(self.merge, _task_count(self))
         return self
+
+
+TASK_KEYS: tuple[str, ...] = tuple(TaskSpec.model_fields)
+PATH_KEYS: tuple[str, ...] = ("path", "train_file", "validation_file", "test_file")
+"""Task keys holding file paths; relative ones are resolved against the config file's directory."""
+
+
+def _task_entry(index: int, item: Any) -> Any:
+    """One entry of ``tasks``: a name stays a name; a mapping becomes a :class:`TaskSpec` or a
+    ValueError naming the task, the problem and (for unknown keys) the allowed keys."""
+    if isinstance(item, (str, TaskSpec)):
+        return item
+    if not isinstance(item, Mapping):
+        raise ValueError(f"task {index} must be a task name or a mapping of task keys, got {type(item).__name__}")
+    label = f"task {index} ({item['name']!r})" if isinstance(item.get("name"), str) else f"task {index}"
+    unknown = [str(k) for k in item if k not in TASK_KEYS]
+    if unknown:
+        raise ValueError(f"{label}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(TASK_KEYS)}")
+    try:
+        return TaskSpec.model_validate(dict(item))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise ValueError(f"{label}: {where + ': ' if where else ''}{msg}") from None
+
+
+def _task_count(cfg: "PipelineConfig") -> int:
+    """Number of adapters a merge will see: the suite's tasks plus the listed ones."""
+    try:
+        suite = len(load_suite(cfg.suite)) if cfg.suite else 0
+    except OsrmError as exc:
+        raise ValueError(str(exc)) from None
+    return suite + len(cfg.tasks)
+
+
+def check_merge_settings(merge: MergeSettings, n_tasks: int) -> None:
+    """Every method and every ``merge.params`` entry against the merge registry (names, types, ranges,
+    one value per task for list parameters); ValueError with the registry's one-line message."""
+    try:
+        for method in merge.params:
+            get_method(method)  # a typo in merge.params is an error, not silently ignored
+        for method in merge.methods:
+            resolve_params(get_method(method), merge.params.get(method, {}), n_tasks)
+    except OsrmError as exc:
+        raise ValueError(f"merge: {exc}") from None
+    dups = sorted({m for m in merge.methods if merge.methods.count(m) > 1})
+    if dups:
+        raise ValueError(f"merge: methods {dups} are listed twice; list each method once")
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-    msg = err.get("msg", "invalid value")
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown key"
     extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{extra}; fix the config (see configs/*.yaml for examples)"
+    where = f"{loc}: " if loc else ""
+    return f"{source}: {where}{msg}{extra}; fix the config (see configs/*.yaml for examples)"
 
 
-def parse_config(data: Any, source: str = "config") -> PipelineConfig:
-    """Validate a mapping as a :class:`PipelineConfig` (ConfigError with a one-line message)."""
+def resolve_task_paths(data: Mapping[str, Any], base_dir: str | Path) -> dict[str, Any]:
+    """A copy of a raw config whose relative task file paths (:data:`PATH_KEYS`) are made absolute
+    against ``base_dir`` (the config file's directory); absolute and ``~`` paths are kept."""
+    out = dict(data)
+    tasks = out.get("tasks")
+    if isinstance(tasks, list):
+        out["tasks"] = [_resolve_entry_paths(t, Path(base_dir)) if isinstance(t, Mapping) else t for t in tasks]
+    return out
+
+
+def _resolve_entry_paths(entry: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+    out = dict(entry)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not value.startswith("~") and not os.path.isabs(value):
+            out[key] = os.path.normpath(os.path.join(base_dir.absolute(), value))
+    return out
+
+
+def parse_config(data: Any, source: str = "config", base_dir: str | Path | None = None) -> PipelineConfig:
+    """Validate a mapping as a :class:`PipelineConfig` (ConfigError with a one-line message).
+
+    With ``base_dir``, relative task file paths are resolved against it (see :func:`resolve_task_paths`).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values; fix the config")
+    if base_dir is not None:
+        data = resolve_task_paths(data, base_dir)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
@@ -180,7 +288,8 @@ def parse_config(data: Any, source: str = "config") -> PipelineConfig:
 
 
 def load_config(path: str | Path) -> PipelineConfig:
-    """Read and validate a YAML pipeline config."""
+    """Read and validate a YAML pipeline config. Relative task file paths (``path``, ``train_file``,
+    ``validation_file``, ``test_file``) are relative to the config file's directory."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist; check the path")
@@ -192,7 +301,7 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path} is not valid YAML{where}; fix its syntax") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    return parse_config(data, source=str(path))
+    return parse_config(data, source=str(path), base_dir=path.parent)
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:

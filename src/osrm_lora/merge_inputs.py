@@ -11,15 +11,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
+from osrm_lora.backbone import resolve_module_key, set_head
 from osrm_lora.data.task import Task
-from osrm_lora.encoding import collate
+from osrm_lora.encoding import collate, encode_split
 from osrm_lora.errors import OsrmError
 from osrm_lora.train import lora_module_key
 
@@ -44,17 +46,15 @@ def grams_from_store(stats_dir: Path, adapters: Sequence[Any], tasks: Sequence[T
 def _peft_on(evaluator: Any, adapter_dir: Path, slot: Any) -> nn.Module:
     from peft import PeftModel
 
-    from osrm_lora.backbone import set_head
-
     evaluator._restore()
     set_head(evaluator.model, slot.head, slot.info.num_labels, slot.info.problem_type)
     return PeftModel.from_pretrained(evaluator.model, str(adapter_dir), is_trainable=True)
 
 
-def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Diagonal Fisher of each task's lora_A / lora_B on up to ``n_samples`` of its TRAIN inputs."""
-    from osrm_lora.encoding import encode_split
-
+def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: int = 64, seed: int = 0,
+                     max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Diagonal Fisher of each task's lora_A / lora_B on up to ``n_samples`` of its TRAIN inputs,
+    truncated to ``max_length`` tokens (the pipeline passes ``train.max_length``)."""
     out: list[dict[str, torch.Tensor]] = []
     gen = torch.Generator().manual_seed(seed)
     for slot, adir in zip(evaluator.slots, adapter_dirs):
@@ -63,7 +63,7 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
         try:
             params = {n: p for n, p in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
             acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-            enc = encode_split(evaluator.tokenizer, task.train, 128, task.problem_type == "regression")
+            enc = encode_split(evaluator.tokenizer, task.train, max_length, task.problem_type == "regression")
             idx = torch.randperm(len(enc), generator=gen)[: n_samples].tolist()
             dev = next(peft_model.parameters()).device
             peft_model.eval()
@@ -91,12 +91,9 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
     return out
 
 
-def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
+def entropy_function(evaluator: Any, n_per_task: int = 32,
+                     seed: int = 0) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """AdaMerging objective: mean over tasks of the mean prediction entropy on unlabeled VALIDATION inputs."""
-    from torch.func import functional_call
-
-    from osrm_lora.backbone import resolvelora_module_key
-
     model = evaluator.model
     gen = torch.Generator().manual_seed(seed)
     batches = []
@@ -115,7 +112,7 @@ def entropy_function(evaluator: Any, n_per_task: int = 32, seed: int = 0):
         total = torch.zeros((), device=dev)
         weights = {}
         for key, delta in deltas.items():
-            name = resolvelora_module_key(model, key) + ".weight"
+            name = resolve_module_key(model, key) + ".weight"
             weights[name] = base[name] + delta.to(dev)
         count = 0
         for batch, head, problem in batches:
@@ -153,7 +150,7 @@ def build_merge_context(
             raise OsrmError("this merge method needs activation statistics; run `osrm-lora profile` first")
         ctx.grams = grams_from_store(stats_dir, adapters, tasks)
     if "fisher" in needs:
-        ctx.fisher = fisher_diagonals(evaluator, adapter_dirs, seed=seed)
+        ctx.fisher = fisher_diagonals(evaluator, adapter_dirs, seed=seed, max_length=max_length)
     if "entropy_fn" in needs or "adamerging_eval" in needs:
         ctx.entropy_fn = entropy_function(evaluator, seed=seed)
     return ctx

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,29 @@ def _group_A(store: StatsStore, task: str, others: Sequence[str], group: str, ra
         return paper_mode_A(S_other, rank).cpu()
     S_own = store.second_moment(task, group)
     return own_mode_A(S_own.to(S_other.device), S_other, rank, ridge=ridge).cpu()
+
+
+def interference_grams(store: StatsStore, task: str, tasks: Sequence[str]
+                       ) -> Callable[[str], tuple[torch.Tensor, torch.Tensor]]:
+    """Module key -> (``S_own``, ``S_others``) in float32 for the training penalty of ``task``:
+    its own input second moment and the MEAN of the other tasks' (so that an adapter that treats
+    every task's inputs alike has ratio about 1). Keys resolve as the store resolves them; each
+    input group is computed once."""
+    others = [t for t in dict.fromkeys(tasks) if t != task]
+    if task not in store.tasks or not others or any(t not in store.tasks for t in others):
+        raise OsrmError(f"the interference penalty of {task!r} needs statistics of it and of at least one other "
+                        f"task; the store has {store.tasks}")
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        group = store.group_of(store.resolve_module(key))
+        if group not in cache:
+            S_others = sum(store.second_moment(j, group) for j in others) / len(others)
+            assert isinstance(S_others, torch.Tensor)
+            cache[group] = (store.second_moment(task, group).float(), S_others.float())
+        return cache[group]
+
+    return lookup
 
 
 def compute_osrm_A(
@@ -416,6 +439,6 @@ def _write_projected(adapter: Any, src: Path, target: Path) -> None:
 
 __all__ = [
     "A_drift", "CODE_MEANS", "INIT_MODES", "OSRM_MODES", "adapter_A_drift", "adapter_task_name", "apply_A_to_peft",
-    "code_mode_A", "compute_osrm_A", "fix_row_signs", "lora_energy", "own_mode_A", "paper_mode_A", "project_adapter",
+    "code_mode_A", "compute_osrm_A", "fix_row_signs", "interference_grams", "lora_energy", "own_mode_A", "paper_mode_A", "project_adapter",
     "project_lora", "run_project", "standard_A",
 ]

@@ -19,8 +19,10 @@ config into the same directory skips finished stages and redoes unfinished ones.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import re
 import shutil
 import sys
 import time
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 import yaml
+from huggingface_hub import try_to_load_from_cache
 
 from osrm_lora.backbone import (
     default_target_modules,
@@ -39,8 +42,14 @@ from osrm_lora.backbone import (
     resolve_model_path,
     select_device,
 )
-from osrm_lora.config import InitSettings, PipelineConfig, config_to_dict
+from osrm_lora.config import InitSettings, MergeSettings, PipelineConfig, config_to_dict
 from osrm_lora.data import load_suite, load_task
+from osrm_lora.data.canonical import canonical_paths
+from osrm_lora.data.metrics import METRICS
+from osrm_lora.data.sources.builtin import builtin_task, canonical_stem
+from osrm_lora.data.sources.hf import GLUE_DATASET, glue_preset
+from osrm_lora.data.sources.local import load_local_source
+from osrm_lora.data.spec import TaskSpec
 from osrm_lora.data.task import Task
 from osrm_lora.distributed import (
     all_gather_objects,
@@ -55,26 +64,53 @@ from osrm_lora.distributed import (
 )
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.evaluate import mean, normalised
-from osrm_lora.fsutil import atomic_file, read_json, sha256_json, write_json
+from osrm_lora.fsutil import atomic_file, cache_dir, claim_output, read_json, sha256_json, write_json
+from osrm_lora.merge.registry import MethodInfo, get_method, resolve_params
+from osrm_lora.report.tables import grid_edge
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("data", "profile", "init", "train", "diagnose", "merge", "report")
+LEDGER_STAGES: tuple[str, ...] = ("profile", "train", "diagnose", "merge")
+"""The stages the :class:`StageLedger` records, skips when finished and re-runs under ``--force``."""
+STAGES = LEDGER_STAGES
+"""What ``--force`` accepts (plus ``all``). Task data is read every run (the download cache is kept:
+delete it to fetch again), the OSRM initialisation is computed inside ``train`` and the report is
+rewritten at the end of every run, so none of them is a stage of its own. Forcing a stage re-runs
+it; the stages after it re-run when its outputs changed (their inputs hash those outputs)."""
+
+_STAGE_HINT = "data is read every run, the OSRM init is part of train, the report is rewritten every run"
+
+
+def validate_force(force: Sequence[str]) -> frozenset[str]:
+    """The ``--force`` stage names as a set; ConfigError naming unknown ones."""
+    bad = sorted(set(force) - set(STAGES) - {"all"})
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad} for --force; choose from {', '.join(STAGES)} or all "
+                          f"({_STAGE_HINT})")
+    return frozenset(force)
 
 
 # --------------------------------------------------------------------------- stage bookkeeping
 @dataclass
 class StageLedger:
-    """Records finished stages (by input hash) so reruns skip them; ``force`` names stages to redo."""
+    """Records finished stages (by input hash) so reruns skip them; ``force`` names stages to redo.
+
+    ``timings`` holds the seconds of every stage of this invocation by stage id, in the order met:
+    measured for those that ran and, for those skipped as finished, the time recorded when they ran
+    (``previous``: the last manifest's ``stage_seconds``, else the stage's marker).
+    """
 
     run_dir: Path
     force: frozenset[str] = frozenset()
     timings: dict[str, float] = field(default_factory=dict)
+    previous: dict[str, float] = field(default_factory=dict)
 
     def _marker(self, stage_id: str) -> Path:
         return self.run_dir / ".stages" / f"{stage_id.replace('/', '__')}.json"
 
     def done(self, stage: str, stage_id: str, payload: Any, outputs: Sequence[Path]) -> bool:
+        if stage not in LEDGER_STAGES:
+            raise ValueError(f"stage {stage!r} is not one of the ledger's stages {LEDGER_STAGES}")
         if stage in self.force or "all" in self.force:
             return False
         marker = self._marker(stage_id)
@@ -89,10 +125,22 @@ class StageLedger:
         self.timings[stage_id] = round(seconds, 3)
         write_json(self._marker(stage_id), {"stage": stage, "id": stage_id, "inputs": sha256_json(payload), "seconds": seconds})
 
+    def skip(self, stage_id: str) -> None:
+        """Record a stage skipped as finished, with the seconds it took when it ran (if known)."""
+        logger.info("skipping %s (finished, inputs unchanged)", stage_id)
+        seconds = self.previous.get(stage_id)
+        if seconds is None:
+            try:
+                seconds = read_json(self._marker(stage_id)).get("seconds")
+            except OsrmError:
+                seconds = None
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            self.timings[stage_id] = round(float(seconds), 3)
+
     def run(self, stage: str, stage_id: str, payload: Any, outputs: Sequence[Path], fn: Callable[[], Any]) -> bool:
         """Run ``fn`` unless the stage is done with the same inputs. Returns True if it ran."""
         if self.done(stage, stage_id, payload, outputs):
-            logger.info("skipping %s (finished, inputs unchanged)", stage_id)
+            self.skip(stage_id)
             return False
         t0 = time.perf_counter()
         fn()
@@ -106,7 +154,8 @@ class StageLedger:
         env = get_env()
         done = broadcast_object(self.done(stage, stage_id, payload, outputs) if env.is_main else None)
         if done:
-            logger.info("skipping %s (finished, inputs unchanged)", stage_id)
+            if env.is_main:
+                self.skip(stage_id)
             return False
         t0 = time.perf_counter()
         error: BaseException | None = None
@@ -219,6 +268,129 @@ def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task
                           device=select_device(cfg.device))
 
 
+# --------------------------------------------------------------------------- run --check
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+"""The form of a Hugging Face Hub model id (``name`` or ``owner/name``)."""
+
+
+def _model_type(config_json: Path) -> str | None:
+    try:
+        value = json.loads(config_json.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_model(name: str) -> tuple[str, str | None]:
+    """Resolve the config's model without the network: ``(description, model_type or None)``.
+
+    A local directory (or the embedded default) must exist and hold a ``config.json``; a Hub id is
+    looked up in the local Hugging Face cache only. An id that is not cached is checked for its form
+    (``owner/name``) alone: whether it exists on the Hub is learnt on the first run.
+    """
+    path = resolve_model_path(name)  # OsrmError for a missing path or a directory without config.json
+    if Path(path).is_dir():
+        return f"{path} (local directory)", _model_type(Path(path) / "config.json")
+    if not HUB_ID.fullmatch(path) or ".." in path or "--" in path:
+        raise ConfigError(f"model {name!r} is neither an existing model directory nor a Hugging Face Hub id "
+                          "(owner/name); fix model in the config")
+    cached = try_to_load_from_cache(path, "config.json")
+    if isinstance(cached, str):
+        return f"{path} (Hugging Face Hub id, in the local cache)", _model_type(Path(cached))
+    return f"{path} (Hugging Face Hub id, not cached: downloaded on the first run, not checked offline)", None
+
+
+def _metric_for(spec: TaskSpec, default: str, problem_type: str) -> str:
+    metric = spec.metric or default
+    if METRICS[metric].problem_type != problem_type:
+        raise ConfigError(f"task {spec.name}: metric {metric} is for {METRICS[metric].problem_type} but the task is "
+                          f"{problem_type}; choose another metric")
+    return metric
+
+
+def check_task(spec: TaskSpec, cache_root: Path) -> str:
+    """Describe one task without fetching anything: built-in tasks are looked up in the data cache,
+    local files are read (and their columns and labels checked), HF/GLUE tasks are named only."""
+    if spec.source == "builtin":
+        bt = builtin_task(spec.data_name)
+        data_path, meta_path = canonical_paths(canonical_stem(cache_root, bt.name))
+        state = ("in the data cache" if data_path.is_file() and meta_path.is_file() else
+                 f"not cached: fetched on the first run ({bt.source.registry} package {bt.source.package})")
+        metric = _metric_for(spec, bt.metric, bt.problem_type)
+        return f"{spec.name}: built-in {bt.name}, {bt.problem_type}, metric {metric}; {state}"
+    if spec.source == "local":
+        data = load_local_source(spec)
+        metric = _metric_for(spec, data.metric, data.problem_type)
+        files = spec.path or ", ".join(f for f in (spec.train_file, spec.validation_file, spec.test_file) if f)
+        sizes = ", ".join(f"{split} {len(ex.texts)}" for split, ex in data.given.items())
+        labels = f", labels {list(data.label_names)}" if data.label_names else ""
+        return f"{spec.name}: local {files}, {data.problem_type}{labels}, metric {metric}; {sizes} examples"
+    if spec.source == "glue":
+        task = spec.dataset or spec.name.removeprefix("glue/")
+        preset = glue_preset(task)
+        metric = _metric_for(spec, preset.metric, preset.problem_type)
+        return (f"{spec.name}: GLUE {task} ({GLUE_DATASET}), {preset.problem_type}, metric {metric}; "
+                "loaded from Hugging Face at run time, not checked offline")
+    if not spec.dataset:
+        raise ConfigError(f"task {spec.name}: source hf needs dataset (a Hugging Face dataset name); set it in the task spec")
+    where = spec.dataset + (f"/{spec.config}" if spec.config else "")
+    return f"{spec.name}: Hugging Face dataset {where}; loaded at run time, not checked offline"
+
+
+def task_specs(cfg: PipelineConfig) -> list[TaskSpec]:
+    """The suite's and the listed task specs, in run order; ConfigError on duplicate names."""
+    specs = (list(load_suite(cfg.suite)) if cfg.suite else []) + [TaskSpec.parse(t) for t in cfg.tasks]
+    names = [s.name for s in specs]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ConfigError(f"duplicate task names {dups}; give each task a unique name")
+    return specs
+
+
+def describe_merge(merge: MergeSettings, n_tasks: int) -> list[str]:
+    """One line per merge method: its resolved parameters and the scalings it is merged at."""
+    lines = []
+    for method in merge.methods:
+        info = get_method(method)
+        given = merge.params.get(method, {})
+        resolved = resolve_params(info, given, n_tasks)
+        grid, source = lambda_grid(info, given, merge.lambdas)
+        how = {"validation": f"lambda chosen on validation from {grid}",
+               "config": f"scaling {grid[0]:g} from merge.params (no lambda sweep)",
+               None: "no scaling (one merge)"}[source]
+        shown = ", ".join(f"{k}={v}" for k, v in resolved.items() if k != "scaling" and v is not None) or "defaults"
+        needs = f"; needs {', '.join(sorted(info.needs))}" if info.needs else ""
+        lines.append(f"{method}: {shown}; {how}{needs}")
+    return lines
+
+
+def check_run(cfg: PipelineConfig, *, force: Sequence[str] = (), cache: str | None = None) -> list[str]:
+    """What ``osrm-lora run CONFIG --check`` prints: the resolved tasks, model, LoRA targets, inits and
+    merge methods with their parameters, as lines. Raises the run's one-line OsrmError on the first
+    problem. Touches no network and writes nothing: built-in data and Hub models are looked up in
+    their caches (not cached = fetched on the first run), local data files are read."""
+    forced = validate_force(force)
+    specs = task_specs(cfg)
+    root = cache_dir(cache)
+    task_lines = [check_task(s, root) for s in specs]
+    model, model_type = check_model(cfg.model)
+    if cfg.lora.target_modules:
+        targets = ", ".join(cfg.lora.target_modules)
+    elif model_type:
+        targets = ", ".join(default_target_modules(model_type)) + f" (default for {model_type})"
+    else:
+        targets = "the architecture's default, resolved when the model is downloaded"
+    lines = [f"config {cfg.name}: OK ({len(specs)} tasks, {len(cfg.inits)} inits, {len(cfg.merge.methods)} merge methods)",
+             f"model: {model}", f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {targets}"]
+    lines += [f"task {t}" for t in task_lines]
+    lines += [f"init {i.name}: mode {i.mode}" + (", A frozen" if i.freeze_A else "") + (", B frozen" if i.freeze_B else "")
+              for i in cfg.inits]
+    lines += [f"merge {m}" for m in describe_merge(cfg.merge, len(specs))]
+    if forced:
+        lines.append(f"force: {', '.join(sorted(forced))}")
+    return lines
+
+
 # --------------------------------------------------------------------------- the run
 @dataclass
 class RunContext:
@@ -279,14 +451,48 @@ def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
     }
 
 
-def check_merge_settings(cfg: PipelineConfig, n_tasks: int) -> None:
-    """Validate merge methods and their parameters before any work (ConfigError/OsrmError, one line)."""
-    from osrm_lora.merge.registry import get_method, resolve_params
+def previous_stage_seconds(run_dir: Path) -> dict[str, float]:
+    """``stage_seconds`` of the run directory's last manifest (empty when there is none or it is unreadable)."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        seconds = read_json(path).get("stage_seconds") or {}
+    except (OsrmError, AttributeError):
+        return {}
+    return {str(k): float(v) for k, v in seconds.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)} if isinstance(seconds, dict) else {}
 
-    for method in cfg.merge.params:
-        get_method(method)  # a typo in merge.params is an error, not silently ignored
-    for method in cfg.merge.methods:
-        resolve_params(get_method(method), cfg.merge.params.get(method, {}), n_tasks)
+
+def _needs_grams(method: str) -> bool:
+    """True when ``method`` merges with the tasks' activation statistics (RegMean's Gram matrices)."""
+    return "grams" in get_method(method).needs
+
+
+def lambda_grid(info: MethodInfo, params: dict[str, Any], lambdas: Sequence[float]) -> tuple[list[float], str | None]:
+    """The scalings a method is merged at and where they come from: ``validation`` (the lambda grid,
+    one chosen on validation), ``config`` (a ``scaling`` in ``merge.params``: used as is, no sweep), or
+    None (the method has no scaling: one merge)."""
+    if "scaling" not in {p.name for p in info.params}:
+        return [1.0], None
+    if params.get("scaling") is not None:
+        return [float(params["scaling"])], "config"
+    return list(lambdas), "validation"
+
+
+def edge_lambda_warnings(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per merged record whose lambda, chosen on validation, is the smallest or largest of
+    its grid (so the best lambda may lie outside the grid)."""
+    lines = []
+    for rec in records:
+        grid = [float(p["lambda"]) for p in rec.get("curve", []) if isinstance(p.get("lambda"), (int, float))]
+        edge = grid_edge(grid, rec.get("lambda")) if rec.get("lambda_source", "validation") == "validation" else None
+        if edge:
+            word = "largest" if edge == "upper" else "smallest"
+            lines.append(f"{rec.get('init')}/{rec.get('method')}: lambda {rec['lambda']:g} chosen on validation is the "
+                         f"{word} of the grid {[round(g, 6) for g in sorted(grid)]}; the best lambda may lie beyond "
+                         "it: extend merge.lambdas")
+    return lines
 
 
 def run_pipeline(
@@ -305,13 +511,17 @@ def run_pipeline(
     directory is removed again, so bad input leaves no partial run behind.
     """
     run_dir = Path(run_dir)
+    force = tuple(validate_force(force))  # before claiming the directory: a typo leaves nothing behind
     fresh = not run_dir.exists()
     env = get_env()
     if env.active:
         check_same(sha256_json(config_to_dict(cfg)), "the pipeline config")
         fresh = all(all_gather_objects(fresh))
     try:
-        return _run_pipeline(cfg, run_dir, force=force, cache=cache, hf_loader=hf_loader)
+        # one writer per run directory (lock naming PID and host); resumes an earlier run of ours,
+        # refuses a file or a non-empty directory osrm-lora did not write (.stages: runs from before the marker)
+        with claim_output(run_dir, resume=True, ours_if=(".stages",)):
+            return _run_pipeline(cfg, run_dir, force=force, cache=cache, hf_loader=hf_loader)
     except OsrmError:
         if env.is_main and fresh and run_dir.is_dir() and not any((run_dir / ".stages").glob("*.json")):
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -326,9 +536,7 @@ def _run_pipeline(
     cache: str | None = None,
     hf_loader: Any = None,
 ) -> dict[str, Any]:
-    bad = sorted(set(force) - set(STAGES) - {"all"})
-    if bad:
-        raise ConfigError(f"unknown stage(s) {bad} for --force; choose from {', '.join(STAGES)} or all")
+    forced = validate_force(force)
     started = time.perf_counter()
     if run_dir.exists() and not run_dir.is_dir():
         raise OsrmError(f"{run_dir} is a file; choose a directory for the run")
@@ -337,13 +545,12 @@ def _run_pipeline(
     model_path = resolve_model_path(cfg.model)
     with main_first():  # a first-time download into the shared cache happens once
         tasks = resolve_tasks(cfg, cache, hf_loader)
-    check_merge_settings(cfg, len(tasks))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OsrmError(f"cannot create run directory {run_dir}: {exc.strerror}; choose a writable path") from None
-    ctx = RunContext(cfg, run_dir, StageLedger(run_dir, frozenset(force)), model_path, tasks,
-                     {t.name: task_fingerprint(t) for t in tasks})
+    ledger = StageLedger(run_dir, forced, previous=previous_stage_seconds(run_dir))
+    ctx = RunContext(cfg, run_dir, ledger, model_path, tasks, {t.name: task_fingerprint(t) for t in tasks})
     if env.active:
         check_same(ctx.fingerprints, "the task data")
     if env.is_main:
@@ -355,7 +562,8 @@ def _run_pipeline(
         logger.info("task %-12s %-14s train %5d  validation %4d  test %4d  (%s)", t.name, t.metric, len(t.train),
                     len(t.validation), len(t.test), t.source or "local")
 
-    needs_stats = any(i.mode != "standard" for i in cfg.inits) or cfg.diagnose
+    needs_stats = (any(i.mode != "standard" or i.interference_penalty > 0 for i in cfg.inits) or cfg.diagnose
+                   or any(_needs_grams(m) for m in cfg.merge.methods))
     stats_dir = run_dir / "stats"
     base_payload = {"model": model_path, "tasks": ctx.fingerprints, "seed": cfg.seed, "max_length": cfg.train.max_length,
                     "targets": cfg.lora.target_modules}
@@ -380,8 +588,10 @@ def _run_pipeline(
     merge_jobs = [(init, method) for init in cfg.inits for method in cfg.merge.methods]
     run_jobs(merge_jobs, lambda job: _merge_init(ctx, job[0], job[1], stats_dir))
     merged = [read_json(run_dir / "merges" / init.name / method / "sweep.json") for init, method in merge_jobs]
+    for line in edge_lambda_warnings(merged):
+        logger.warning("%s", line)
 
-    for timings in all_gather_objects(ctx.ledger.timings):
+    for timings in all_gather_objects(ctx.ledger.timings):  # stages skipped as finished keep their earlier time
         ctx.stage_seconds.update(timings)
     results: dict[str, Any] | None = None
     if env.is_main:
@@ -423,7 +633,7 @@ def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -
         adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
         payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
                    "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                   "stats": ctx.stats_hash if init.mode != "standard" else None}
+                   "stats": ctx.stats_hash if init.mode != "standard" or init.interference_penalty > 0 else None}
 
         def _do() -> None:
             if init.mode != "standard" and init.name not in subspaces:
@@ -435,10 +645,18 @@ def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -
                     subspaces[init.name] = init_subspaces(cfg, init, ctx.tasks, stats_dir)
             basis = subspaces.get(init.name, {}).get(task.name)
             init_A = {k: U[: cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
+            grams = None
+            if init.interference_penalty > 0:
+                from osrm_lora.osrm import interference_grams
+                from osrm_lora.stats import StatsStore
+
+                grams = interference_grams(StatsStore.load(stats_dir), task.name, [t.name for t in ctx.tasks])
             train_task(task, adir, model=ctx.model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed,
                        device=cfg.device, init_A=init_A, freeze_A=init.freeze_A,
                        freeze_B=init.freeze_B, init_name=init.name,
-                       A_subspace=basis if init.subspace_dim else None, data_parallel=mode == "data")
+                       A_subspace=basis if init.subspace_dim else None, data_parallel=mode == "data",
+                       b_sparsity=init.b_sparsity, calibration_epochs=init.calibration_epochs,
+                       interference_grams=grams, interference_penalty=init.interference_penalty)
 
         run = ctx.ledger.run_collective if mode == "data" else ctx.ledger.run
         run("train", f"train/{init.name}/{task.name}", payload, [adir / "metrics.json"], _do)
@@ -485,6 +703,8 @@ def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Pat
     params = dict(cfg.merge.params.get(method, {}))
     payload = {"adapters": ctx.adapter_hashes[init.name], "method": method, "params": params,
                "lambdas": cfg.merge.lambdas, "seed": cfg.seed, "tasks": ctx.fingerprints}
+    if _needs_grams(method):  # RegMean merges with the statistics: re-merge when they change
+        payload["stats"] = ctx.stats_hash
     ctx.ledger.run("merge", f"merge/{init.name}/{method}", payload, [out / "sweep.json"],
                    lambda: merge_and_sweep(ctx.model_path, ctx.tasks, dirs, method, params, cfg.merge.lambdas, out,
                                            max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
@@ -519,12 +739,13 @@ def merge_and_sweep(
     evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device)
     context = build_merge_context(info.needs, adapters, tasks, dirs, evaluator, stats_dir=stats_dir, seed=seed,
                                   max_length=max_length)
-    takes_scaling = "scaling" in {p.name for p in getattr(info, "params", [])}
-    grid = list(lambdas) if takes_scaling else [1.0]
+    grid, lambda_source = lambda_grid(info, params, lambdas)
+    if lambda_source == "config":
+        logger.info("%s/%s: scaling %g from merge.params, no lambda sweep", init_name, method, grid[0])
 
     def merge_fn(lam: float) -> Any:
         p = dict(params)
-        if takes_scaling:
+        if lambda_source is not None:
             p["scaling"] = lam
         return merge(adapters, method, p, context=context)
 
@@ -537,7 +758,9 @@ def merge_and_sweep(
         "params": params,
         "seed": seed,
         "selected_on": "validation",
-        "lambda": selected.lam if takes_scaling else None,
+        "lambda": selected.lam if lambda_source is not None else None,
+        "lambda_source": lambda_source,
+        "lambda_at_edge": grid_edge(grid, selected.lam) if lambda_source == "validation" else None,
         "validation": selected.validation,
         "test": selected.test,
         "avg_validation": mean(selected.validation.values()),

@@ -37,7 +37,7 @@ from torch import nn
 
 from osrm_lora.distributed import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object, get_env, shard
 from osrm_lora.errors import ConfigError, OsrmError
-from osrm_lora.fsutil import atomic_dir, read_json, write_json
+from osrm_lora.fsutil import CHECKSUM_FILE, atomic_dir, read_json, verify_checksums, write_checksums, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -265,13 +265,15 @@ class StatsStore:
 
     # ---- I/O -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Atomically write ``path/`` with ``stats.safetensors`` and ``stats.json``."""
+        """Atomically write ``path/`` with ``stats.safetensors``, ``stats.json`` and their sha256 in
+        ``SHA256SUMS`` (verified by :meth:`load`)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         with atomic_dir(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, str(tmp / STATS_FILE))
             write_json(tmp / META_FILE, self.meta)
+            write_checksums(tmp, [STATS_FILE, META_FILE])
         logger.info("saved statistics for %d tasks, %d groups to %s", len(self.tasks), len(self.groups), path)
         return path
 
@@ -284,6 +286,7 @@ class StatsStore:
         path = Path(path)
         if not (path / STATS_FILE).exists() or not (path / META_FILE).exists():
             raise OsrmError(f"{path} is not a statistics store ({STATS_FILE} + {META_FILE}); run `osrm-lora profile` first")
+        _verify_store_checksums(path)
         meta = read_json(path / META_FILE)
         if not isinstance(meta, dict) or meta.get("version") != STORE_VERSION:
             raise OsrmError(f"{path / META_FILE} has an unknown format; recompute the statistics")
@@ -297,6 +300,17 @@ class StatsStore:
                     if f"{task}{_SEP}{group}{_SEP}{kind}" not in tensors:
                         raise OsrmError(f"{path / STATS_FILE} lacks {kind} of {task}/{group}; recompute the statistics")
         return cls(tensors=tensors, meta=meta)
+
+
+def _verify_store_checksums(path: Path) -> None:
+    """Raise if a file of the store differs from its sha256 in ``SHA256SUMS`` (stores written before
+    checksums were recorded have none and are read as they are)."""
+    bad = verify_checksums(path)
+    if bad is None:
+        logger.debug("%s has no %s; reading it unverified", path, CHECKSUM_FILE)
+    elif bad:
+        raise OsrmError(f"statistics store {path} is corrupt: {', '.join(bad)} does not match its sha256 in "
+                        f"{CHECKSUM_FILE}; recompute it (osrm-lora profile, or run --force profile)")
 
 
 # --------------------------------------------------------------------------------------------------

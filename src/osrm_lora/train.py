@@ -16,7 +16,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,140 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def sparsity_masks(tensors: Mapping[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """LoRI's masks: keep the ``1 - sparsity`` share of entries of largest magnitude over ALL tensors
+    together (one global ranking across layers and projections); exactly ``ceil((1 - sparsity) N)``
+    entries are kept, ties broken by position. Boolean masks of the tensors' shapes."""
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+    if not tensors:
+        return {}
+    flat = torch.cat([t.detach().abs().float().flatten().cpu() for t in tensors.values()])
+    keep = max(1, math.ceil((1 - sparsity) * flat.numel() - 1e-9))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat, keep, sorted=False).indices] = True
+    masks, start = {}, 0
+    for name, t in tensors.items():
+        masks[name] = chosen[start : start + t.numel()].reshape(t.shape)
+        start += t.numel()
+    return masks
+
+
+def output_energy(A: torch.Tensor, B: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``tr(B A S A^T B^T)`` = E ||B A h||^2 for inputs h of second moment ``S`` (n x n)."""
+    return ((B @ (A @ S @ A.T)) * B).sum()
+
+
+def interference_ratio(factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``sum_m tr(B A S_others A^T B^T) / sum_m tr(B A S_own A^T B^T)`` over ``(A, B, S_own, S_others)``
+    per module: the output shift an adapter causes on the other tasks' inputs relative to its own
+    (the LoRA scaling cancels). 0 while B = 0."""
+    others = torch.stack([output_energy(A, B, Sx) for A, B, _, Sx in factors]).sum()
+    own = torch.stack([output_energy(A, B, So) for A, B, So, _ in factors]).sum()
+    positive = own > 0  # B = 0 gives 0 / 0: ratio 0 with finite gradients (no division by zero at all)
+    return torch.where(positive, others / torch.where(positive, own, torch.ones_like(own)), torch.zeros_like(others))
+
+
+GramLookup = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
+"""Module key -> (second moment of the task's own inputs, mean second moment of the other tasks')."""
+
+
+def _penalty_fn(peft_model: nn.Module, grams: GramLookup, device: torch.device) -> Callable[[], torch.Tensor]:
+    B = lora_parameters(peft_model, "lora_B")
+    factors = []
+    for name, a in lora_parameters(peft_model, "lora_A").items():
+        own, others = grams(lora_module_key(name))
+        factors.append((a, B[name.replace(".lora_A.", ".lora_B.")], own.to(device, torch.float32),
+                        others.to(device, torch.float32)))
+
+    def penalty() -> torch.Tensor:
+        return interference_ratio([(a.float(), b.float(), so, sx) for a, b, so, sx in factors])
+
+    return penalty
+
+
+@dataclass
+class _Loop:
+    """What one pass over the training data needs; ``masks`` keep B sparse (LoRI), ``penalty`` adds
+    the weighted interference ratio to the loss."""
+
+    forward: nn.Module
+    tokenizer: Any
+    enc: Any
+    task: Task
+    dev: torch.device
+    env: DistEnv
+    loss_fn: nn.Module
+    batch_size: int
+    max_grad_norm: float
+    trainable: list[nn.Parameter]
+    projectors: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    penalty: Callable[[], torch.Tensor] | None = None
+    penalty_weight: float = 0.0
+
+
+def _apply_masks(masks: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for param, mask in masks:
+            param.mul_(mask)
+
+
+def _train_epoch(loop: _Loop, optimizer: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator,
+                 progress: Progress) -> tuple[float, float]:
+    """One epoch of optimizer steps; returns (mean training loss, seconds)."""
+    regression = loop.task.problem_type == "regression"
+    running, seen, t0 = 0.0, 0, time.perf_counter()
+    for idx in train_batches(loop.enc, loop.batch_size, generator):
+        local, weight = local_share(idx, loop.env)
+        batch = {k: v.to(loop.dev) for k, v in collate(loop.tokenizer, [loop.enc.features[i] for i in local]).items()}
+        labels = loop.enc.labels[local].to(loop.dev)
+        with autocast_context(loop.dev):
+            logits = loop.forward(**batch).logits.float()
+        loss = loop.loss_fn(logits[:, 0], labels) if regression else loop.loss_fn(logits, labels)
+        batch_loss = _global_loss(loss, len(local) if weight else 0, loop.env)
+        if not math.isfinite(batch_loss):
+            raise OsrmError(f"training {loop.task.name} diverged (loss {batch_loss}); lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        total = loss * weight
+        if loop.penalty is not None and loop.penalty_weight > 0:
+            total = total + loop.penalty_weight * loop.penalty()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(loop.trainable, loop.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        _project_A(loop.projectors)
+        _apply_masks(loop.masks)
+        running += batch_loss * len(idx)
+        seen += len(idx)
+        progress.advance(loss=batch_loss, rate=seen / max(time.perf_counter() - t0, 1e-9))
+    return running / max(seen, 1), time.perf_counter() - t0
+
+
+def _calibrate_masks(loop: _Loop, peft_model: nn.Module, train: TrainSettings, epochs: int, sparsity: float,
+                     seed: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """LoRI calibration: ``epochs`` of dense training, masks from the trained B, then every trainable
+    parameter (adapter and head) back to its initial value."""
+    initial = _trainable_state(peft_model)
+    peft_model.train()
+    total = math.ceil(len(loop.enc) / train.batch_size) * epochs
+    optimizer = _optimizer(peft_model, train)
+    scheduler = _linear_schedule(optimizer, int(round(train.warmup_ratio * total)), total)
+    generator = torch.Generator().manual_seed(seed)
+    progress = Progress(f"calibrate {loop.task.name}", total, {"loss": "loss {:.4f}", "rate": "{:.0f} ex/s"})
+    try:
+        for _ in range(epochs):
+            _train_epoch(loop, optimizer, scheduler, generator, progress)
+    finally:
+        progress.close()
+    B = lora_parameters(peft_model, "lora_B")
+    masks = sparsity_masks(B, sparsity)
+    _load_trainable_state(peft_model, initial)
+    kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
+    logger.info("%s: LoRI masks keep %.1f%% of B after %d calibration epoch(s)", loop.task.name, 100 * kept, epochs)
+    return [(B[n], m.to(B[n].device)) for n, m in masks.items()]
+
+
 def train_task(
     task: Task,
     out_dir: str | os.PathLike[str],
@@ -228,6 +362,10 @@ def train_task(
     evaluate_test: bool = True,
     A_subspace: Mapping[str, torch.Tensor] | None = None,
     data_parallel: bool | None = None,
+    b_sparsity: float | None = None,
+    calibration_epochs: int = 1,
+    interference_grams: GramLookup | None = None,
+    interference_penalty: float = 0.0,
 ) -> TrainResult:
     """Fine-tune one LoRA adapter + head on ``task``; keep the best epoch by validation score.
 
@@ -242,9 +380,18 @@ def train_task(
     the single-process gradient of the same global batch; validation and test are scored with the
     examples split over the ranks. Rank 0 writes the output. ``data_parallel=False`` trains in this
     process alone (one task per process, as the pipeline does for many tasks).
+
+    ``b_sparsity`` trains B under LoRI's sparse mask (see :func:`sparsity_masks`), found by
+    ``calibration_epochs`` of dense training from the same start. ``interference_grams`` (module key
+    -> own and other tasks' input second moments) adds ``interference_penalty`` x
+    :func:`interference_ratio` to the loss and records the ratio per epoch.
     """
     if freeze_A and freeze_B:
         raise OsrmError("freeze_A and freeze_B together leave nothing to train; unfreeze one")
+    if (b_sparsity or interference_penalty) and train.strategy == "fsdp":
+        raise OsrmError("b_sparsity and interference_penalty are not supported with strategy: fsdp; use ddp")
+    if interference_penalty > 0 and interference_grams is None:
+        raise OsrmError("interference_penalty needs the tasks' activation statistics (interference_grams)")
     start = time.perf_counter()
     env = get_env()
     ddp = env.active if data_parallel is None else (data_parallel and env.active)
@@ -295,6 +442,15 @@ def train_task(
         # DDP broadcasts rank 0's parameters, so every rank starts from the same head and A
         forward = DistributedDataParallel(peft_model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
+    loop = _Loop(forward, tokenizer, enc_train, task, dev, env, loss_fn, train.batch_size, train.max_grad_norm,
+                 trainable, projectors)
+    if interference_grams is not None:
+        loop.penalty = _penalty_fn(peft_model, interference_grams, dev)
+        loop.penalty_weight = interference_penalty
+    if b_sparsity:
+        loop.masks = _calibrate_masks(loop, peft_model, train, calibration_epochs, b_sparsity, seed)
+        _apply_masks(loop.masks)
+
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
     train_seconds = 0.0
@@ -303,30 +459,15 @@ def train_task(
     try:
         for epoch in range(1, train.epochs + 1):
             peft_model.train()
-            running, seen, t0 = 0.0, 0, time.perf_counter()
-            for idx in train_batches(enc_train, train.batch_size, generator):
-                local, weight = local_share(idx, env)
-                batch = {k: v.to(dev) for k, v in collate(tokenizer, [enc_train.features[i] for i in local]).items()}
-                labels = enc_train.labels[local].to(dev)
-                with autocast_context(dev):
-                    logits = forward(**batch).logits.float()
-                loss = loss_fn(logits[:, 0], labels) if regression else loss_fn(logits, labels)
-                batch_loss = _global_loss(loss, len(local) if weight else 0, env)
-                if not math.isfinite(batch_loss):
-                    raise OsrmError(f"training {task.name} diverged (loss {batch_loss}); lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                (loss * weight).backward()
-                torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                _project_A(projectors)
-                running += batch_loss * len(idx)
-                seen += len(idx)
-                progress.advance(loss=batch_loss, rate=seen / max(time.perf_counter() - t0, 1e-9))
-            train_seconds += time.perf_counter() - t0
+            train_loss, epoch_seconds = _train_epoch(loop, optimizer, scheduler, generator, progress)
+            train_seconds += epoch_seconds
             val = evaluate(peft_model, tokenizer, task, enc_val, train.eval_batch_size, distributed=env.active)
-            history.append({"epoch": epoch, "train_loss": running / max(seen, 1), "validation": val})
-            logger.info("%s [%s] epoch %d: loss %.4f, validation %s %.2f", task.name, init_name, epoch, running / max(seen, 1), task.metric, val)
+            history.append({"epoch": epoch, "train_loss": train_loss, "validation": val})
+            if loop.penalty is not None:
+                with torch.no_grad():
+                    history[-1]["interference_ratio"] = float(loop.penalty())
+            logger.info("%s [%s] epoch %d: loss %.4f, validation %s %.2f", task.name, init_name, epoch, train_loss,
+                        task.metric, val)
             if best is None or val > best[0]:
                 best = (val, epoch, _trainable_state(peft_model))
     finally:
@@ -343,8 +484,10 @@ def train_task(
                          train_seconds)
     tensors = adapter_tensors(peft_model)  # collective under FSDP
     if env.is_main:
+        extra = {"b_sparsity": b_sparsity, "calibration_epochs": calibration_epochs if b_sparsity else None,
+                 "interference_penalty": interference_penalty}
         _save(peft_model, tensors, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B,
-              world_size=env.world_size)
+              world_size=env.world_size, extra=extra)
     barrier_if(env)
     return result
 
@@ -392,6 +535,7 @@ def _save(
     freeze_A: bool,
     freeze_B: bool,
     world_size: int = 1,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
     inner = peft_model.base_model.model
     info = HeadInfo(
@@ -422,8 +566,10 @@ def _save(
         "n_train": len(task.train),
         "n_validation": len(task.validation),
         "n_test": len(task.test),
+        "task_spec": task.meta.get("spec"),  # how `evaluate` / `predict` rebuild the task and its splits
         "seconds": result.seconds,
         "world_size": world_size,
+        **(extra or {}),
     }
     with atomic_dir(result.out_dir) as tmp:
         write_peft_adapter(peft_model, tensors, tmp)
@@ -443,6 +589,8 @@ def write_peft_adapter(peft_model: nn.Module, tensors: Mapping[str, torch.Tensor
               metadata={"format": "pt"})
     config = copy.deepcopy(peft_model.peft_config["default"])
     config.inference_mode = True
+    if isinstance(config.target_modules, (set, frozenset)):  # PEFT keeps a set: write a stable, sorted list
+        config.target_modules = sorted(config.target_modules)
     config.save_pretrained(str(directory))
 
 
@@ -486,6 +634,8 @@ def write_initial_adapters(
             apply_A_to_peft(peft_model, subspaces[name])
         target = Path(out_dir) / name
         with atomic_dir(target) as tmp:
+            if isinstance(peft_model.peft_config["default"].target_modules, (set, frozenset)):  # stable file
+                peft_model.peft_config["default"].target_modules = sorted(peft_model.peft_config["default"].target_modules)
             peft_model.save_pretrained(str(tmp))
             write_json(tmp / "init.json", {"task": name, "mode": mode, "rank": lora.rank, "ridge": ridge, "seed": seed,
                                            "stats": str(stats_dir)})

@@ -3,7 +3,8 @@
 A canonical file ``<stem>.jsonl.gz`` holds one JSON record per line (``text``, ``label``, optional
 ``text_pair``, optional ``split`` for sources with their own splits) and a sidecar ``<stem>.json``
 with the label names, problem type, metric and the SHA-256 of the uncompressed records, which is
-the content hash that keys the stored splits.
+the content hash that keys the stored splits. The sidecar also records ``meta_sha256``, the hash
+of its own other fields, so an edited or corrupted sidecar is detected too (:func:`meta_checksum`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from osrm_lora.data.task import SPLITS, ProblemType, Split
-from osrm_lora.errors import DataError
-from osrm_lora.fsutil import atomic_file, read_json, write_json
+from osrm_lora.errors import DataError, OsrmError
+from osrm_lora.fsutil import atomic_file, read_json, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +115,35 @@ def write_canonical(stem: Path, records: Sequence[dict[str, Any]], meta: dict[st
                 h.update(line)
                 gz.write(line)
     full_meta = dict(meta, content_hash=h.hexdigest(), num_records=len(records))
-    write_json(meta_path, full_meta)
+    full_meta.pop(META_CHECKSUM, None)
+    write_json(meta_path, {**full_meta, META_CHECKSUM: meta_checksum(full_meta)})
     return full_meta
+
+
+META_CHECKSUM = "meta_sha256"
+
+
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """sha256 of a canonical sidecar's fields other than :data:`META_CHECKSUM` itself."""
+    return sha256_json({k: v for k, v in meta.items() if k != META_CHECKSUM})
 
 
 def read_canonical(stem: Path) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """Read a canonical file and verify its content hash; ``None`` if it (or its meta) is absent.
 
-    A hash mismatch (a corrupted or edited file) raises :class:`DataError`.
+    A hash mismatch or an unreadable file (a corrupted or edited file) raises :class:`DataError`.
     """
     data_path, meta_path = canonical_paths(stem)
     if not data_path.exists() or not meta_path.exists():
         return None
-    meta = read_json(meta_path)
+    try:
+        meta = read_json(meta_path)
+    except OsrmError as exc:
+        raise DataError(f"{meta_path} is corrupt ({exc}); delete it and {data_path.name} to rebuild them") from exc
+    if not isinstance(meta, dict) or (META_CHECKSUM in meta and meta[META_CHECKSUM] != meta_checksum(meta)):
+        raise DataError(f"{meta_path} does not match its own {META_CHECKSUM} (corrupted or edited); "
+                        f"delete it and {data_path.name} to rebuild them")
+    meta = {k: v for k, v in meta.items() if k != META_CHECKSUM}
     h = hashlib.sha256()
     records: list[dict[str, Any]] = []
     try:

@@ -12,10 +12,15 @@ from osrm_lora.report.tables import (
     fmt_lambda,
     init_label,
     init_names,
+    lambda_edge,
+    lambda_note,
     mean,
     merged_records,
     single_avg,
 )
+
+EDGE_MARK = "*"
+EDGE_FOOTNOTE = f"{EDGE_MARK} λ at the edge of its grid: the best may lie outside; extend merge.lambdas"
 
 
 def results_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -32,7 +37,9 @@ def results_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
         norm = rec.get("normalised_test") or {}
         cells = [f"{fmt(rec.get('test', {}).get(t))} / {fmt(single.get(t, {}).get('test'))} ({fmt(norm.get(t))}%)"
                  for t in tasks]
-        rows.append([init, rec["method"], fmt_lambda(rec.get("lambda")), *cells, fmt(rec.get("avg_test")),
+        note = lambda_note(rec)
+        lam = fmt_lambda(rec.get("lambda")) + (f" ({note})" if note else "")
+        rows.append([init, rec["method"], lam, *cells, fmt(rec.get("avg_test")),
                      fmt(single_avg(results, init)), fmt(rec.get("avg_normalised_test"))])
     return header, rows
 
@@ -91,7 +98,9 @@ def terminal_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], li
     for init in init_names(results):
         recs = [r for r in merged_records(results) if r["init"] == init]
         single = results["single_task"][init]
-        header = ["task", "single"] + [f"{_wrap_name(r['method'])}\nλ={fmt_lambda(r.get('lambda'))}" for r in recs]
+        header = ["task", "single"] + [
+            f"{_wrap_name(r['method'])}\nλ={fmt_lambda(r.get('lambda'))}{EDGE_MARK if lambda_edge(r) else ''}"
+            for r in recs]
         rows = []
         for t in tasks:
             rows.append([t, fmt(single.get(t, {}).get("test"))] + [
@@ -113,6 +122,8 @@ def print_results(results: Mapping[str, Any]) -> None:
     console.print(f"[bold]{results.get('name', 'run')}[/bold]: test scores; cells = merged score and % of single-task",
                   highlight=False)
     console.print(f"{SELECTION_RULE}; single = each task's own adapter", style="dim", highlight=False)
+    if any(lambda_edge(r) for r in merged_records(results)):
+        console.print(EDGE_FOOTNOTE, style="yellow", highlight=False)
     for title, header, rows in terminal_tables(results):
         table = RichTable(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
         for k, h in enumerate(header):

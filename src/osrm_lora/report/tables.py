@@ -63,6 +63,39 @@ def fmt_lambda(value: Any) -> str:
     return "n/a" if value is None else fmt(value, "g")
 
 
+def grid_edge(grid: Sequence[float], chosen: Any) -> str | None:
+    """``upper`` / ``lower`` when ``chosen`` is the largest / smallest value of a grid of two or more
+    values, else None (inside the grid, not in it, or no grid to choose from)."""
+    values = sorted({float(g) for g in grid if is_number(g)})
+    if len(values) < 2 or not is_number(chosen):
+        return None
+    if math.isclose(float(chosen), values[-1]):
+        return "upper"
+    if math.isclose(float(chosen), values[0]):
+        return "lower"
+    return None
+
+
+def lambda_edge(rec: Mapping[str, Any]) -> str | None:
+    """Whether a merged record's lambda, chosen on validation, sits at an edge of its grid (the stored
+    ``lambda_at_edge``; for results written before it, computed from the lambda curve)."""
+    if "lambda_at_edge" in rec:
+        return rec["lambda_at_edge"]
+    if rec.get("lambda_source", "validation") != "validation":
+        return None
+    return grid_edge([p.get("lambda") for p in rec.get("curve", [])], rec.get("lambda"))
+
+
+def lambda_note(rec: Mapping[str, Any]) -> str:
+    """A short note for a merged record's lambda: at the edge of the grid, or fixed in the config."""
+    edge = lambda_edge(rec)
+    if edge:
+        return f"edge: {'largest' if edge == 'upper' else 'smallest'} in grid"
+    if rec.get("lambda_source") == "config":
+        return "fixed in config"
+    return ""
+
+
 def num(value: Any, spec: str = ".1f", suffix: str = "", note: str = "") -> Cell:
     """A numeric cell (value kept for best-marking when finite)."""
     return Cell(fmt(value, spec, suffix), float(value) if is_number(value) else None, note=note, numeric=True)
@@ -75,8 +108,17 @@ def text(value: Any) -> Cell:
     return Cell("-" if value is None else str(value))
 
 
-def lambda_cell(value: Any) -> Cell:
-    return Cell(fmt_lambda(value), numeric=True)
+def lambda_cell(value: Any, note: str = "") -> Cell:
+    return Cell(fmt_lambda(value), numeric=True, note=note)
+
+
+def merged_lambda_cell(rec: Mapping[str, Any]) -> Cell:
+    """The selected lambda of a merged record, with :func:`lambda_note` beside it."""
+    return lambda_cell(rec.get("lambda"), lambda_note(rec))
+
+
+LAMBDA_NOTE_CAPTION = ("\"edge\" beside λ: the chosen λ is the smallest or largest of the grid, so the best λ may lie "
+                       "outside it (extend merge.lambdas); \"fixed in config\": merge.params set the scaling, no sweep.")
 
 
 def mean(values: Sequence[Any]) -> float:
@@ -195,7 +237,7 @@ def summary_table(results: Mapping[str, Any]) -> Table:
     rows: list[list[Cell]] = []
     for rec in merged_records(results):
         rows.append([
-            text(init_label(results, rec["init"])), text(method_label(rec)), lambda_cell(rec.get("lambda")),
+            text(init_label(results, rec["init"])), text(method_label(rec)), merged_lambda_cell(rec),
             num(rec.get("avg_validation")), num(rec.get("avg_test")), num(single_avg(results, rec["init"])),
             num(rec.get("avg_normalised_test")), num(worst_normalised(rec)), num(rec.get("merge_seconds"), ".2f"),
         ])
@@ -203,7 +245,8 @@ def summary_table(results: Mapping[str, Any]) -> Table:
     return Table("summary", "Summary: averages over tasks",
                  f"Test split unless the column says val (validation); {SELECTION_RULE}. Normalised = merged / "
                  "single-task test score of the same init. Worst-λ = lowest normalised score over the λ grid "
-                 "(test curve, robustness only). Best per column in bold (fastest for merge s).", header, rows)
+                 f"(test curve, robustness only). Best per column in bold (fastest for merge s). {LAMBDA_NOTE_CAPTION}",
+                 header, rows)
 
 
 def per_task_table(results: Mapping[str, Any]) -> Table:
@@ -229,7 +272,7 @@ def per_task_table(results: Mapping[str, Any]) -> Table:
         rows.append(row)
         classes.append("single")
         for rec in [r for r in merged_records(results) if r["init"] == init]:
-            row = [text(init_label(results, init)), text(method_label(rec)), lambda_cell(rec.get("lambda"))]
+            row = [text(init_label(results, init)), text(method_label(rec)), merged_lambda_cell(rec)]
             norm = rec.get("normalised_test") or {}
             for t in tasks:
                 row += [num(rec.get("test", {}).get(t)), num(norm.get(t))]
@@ -240,7 +283,7 @@ def per_task_table(results: Mapping[str, Any]) -> Table:
     return Table("results", "Results per task: merged vs single-task",
                  f"Test split; {SELECTION_RULE}. Scores 0..100 in each task's metric; norm % = merged / single-task "
                  "test score of the same init. Best merged value per column in bold; single-task rows are the "
-                 "reference.", header, rows, groups=groups, row_classes=classes)
+                 f"reference. {LAMBDA_NOTE_CAPTION}", header, rows, groups=groups, row_classes=classes)
 
 
 def robustness_table(results: Mapping[str, Any]) -> Table:
@@ -367,8 +410,9 @@ def manifest_tables(results: Mapping[str, Any]) -> list[Table]:
     if stages:
         srows = [[text(k), num(v, ".1f")] for k, v in stages.items()]
         total = sum(v for v in stages.values() if is_number(v))
-        srows.append([Cell("total (stages run in this invocation)"), num(total, ".1f")])
+        srows.append([Cell("total (all stages, cached ones included)"), num(total, ".1f")])
         tables.append(Table("manifest-stages", "Stage timings",
-                            "Seconds per stage that ran in the last invocation (skipped, cached stages are absent).",
+                            "Seconds per stage. A stage skipped in the last invocation because it had finished "
+                            "(cached) shows the time of the invocation that ran it.",
                             ["stage", "seconds"], srows))
     return tables

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from osrm_lora.adapters import LoraAdapter
+from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
 from osrm_lora.merge.methods._common import (
     DENSITY,
@@ -65,47 +67,114 @@ def do_merging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
 
 
 def principal_rank(S: torch.Tensor, alpha: float) -> int:
-    """Smallest k whose top-k singular values carry at least ``alpha`` of their sum."""
+    """FusionBench's split rank: the number of leading singular values whose cumulative fraction of
+    the singular-value sum is at most ``alpha`` (the 0-based index of the first one above it)."""
     if S.numel() == 0 or S.sum() <= 0:
         return 0
     frac = torch.cumsum(S, 0) / S.sum()
-    return int((frac < alpha - 1e-12).sum()) + 1
+    return int((frac <= alpha).sum())
+
+
+def nonzero_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``M`` (dtype kept) without its numerically-zero singular values, the tolerance of
+    ``torch.linalg.matrix_rank``: ``s > s_max * max(m, n) * eps``."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    if S.numel() == 0 or S[0] <= 0:
+        return U[:, :0], S[:0], Vh[:0]
+    keep = int((S > S[0] * max(M.shape) * torch.finfo(M.dtype).eps).sum())
+    return U[:, :keep], S[:keep], Vh[:keep]
 
 
 def opcm_step(running: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Project ``tau`` out of the principal subspace of ``running``: ``tau - U_k U_k^T tau V_k V_k^T``."""
-    U, S, Vh = ops.dense_svd(running)
+    """OPCM's cleaned task vector ``U P V^T``: ``P = U^T tau V`` with its diagonal and its top-left
+    ``k x k`` block zeroed, ``running = U S V^T``, ``k = principal_rank(S, alpha)``.
+
+    Computed from the thin SVD as ``tau - U_k (U_k^T tau V_k) V_k^T - sum_{i >= k} (u_i^T tau v_i) u_i v_i^T``.
+    The diagonal runs over the singular triplets with a nonzero singular value. FusionBench zeroes
+    it over all ``min(m, n)`` of them; that equals this where ``running`` has full rank (fully
+    fine-tuned weights, the authors' setting), but where it is rank deficient (any sum of LoRA
+    updates) the extra singular vectors are an arbitrary basis of the null spaces, set by rounding
+    noise: FusionBench's result then changes by 7-25% with the (irrelevant) base weights alone.
+    Here that undefined part is left out, so the result depends on the task vectors only.
+    """
+    U, S, Vh = nonzero_svd(running)
     k = principal_rank(S, alpha)
+    diag = ((U.T @ tau) * Vh).sum(1)  # u_i^T tau v_i
+    diag[:k] = 0.0  # those lie in the block, removed below with it
     Uk, Vhk = U[:, :k], Vh[:k]
-    return tau - Uk @ (Uk.T @ tau @ Vhk.T) @ Vhk
+    return tau - Uk @ (Uk.T @ tau @ Vhk.T) @ Vhk - (U * diag) @ Vh
+
+
+def opcm_running(taus: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """Unnormalised continual sum ``R_1 = tau_1``, ``R_t = R_{t-1} + opcm_step(R_{t-1}, tau_t)``.
+
+    FusionBench rescales the merged model after every step but projects with the SVD of the
+    rescaled running sum and adds ``lambda_{t-1}`` times it back, which is this same ``R_t`` (the
+    split rank and the singular vectors do not change under a positive scale)."""
+    running = taus[0]
+    for tau in taus[1:]:
+        running = running + opcm_step(running, tau, alpha)
+    return running
+
+
+def sq_norm(t: torch.Tensor) -> float:
+    """Squared Frobenius norm, accumulated in float64."""
+    return float(torch.linalg.norm(t.double())) ** 2
+
+
+def opcm_rescale(task_sq_norms: list[float], merged_sq_norm: float) -> float:
+    """``mean_t ||tau_t|| / ||R_T||`` from squared norms (1 when ``R_T`` is zero)."""
+    mean_norm = sum(math.sqrt(x) for x in task_sq_norms) / len(task_sq_norms)
+    return mean_norm / math.sqrt(merged_sq_norm) if merged_sq_norm > 0 else 1.0
+
+
+OPCM_NORMS = ("model", "module")
 
 
 @register_method(
     "opcm",
-    params=[SCALING, Param("alpha", "float", 0.5, "energy fraction defining the principal subspace", low=0.0,
-                           high=1.0, low_open=True)],
-    description="continual merging: project each new update off the merged principal subspace, renormalise",
+    params=[SCALING,
+            Param("alpha", "float", 0.5, "energy fraction of the merged update's singular values whose block is "
+                  "projected out", low=0.0, high=1.0, low_open=True, high_open=True),
+            Param("norm", "str", "model", "rescale to the mean task-vector norm over the whole model (model, "
+                  "FusionBench) or per module (module: a variant, streamable)", choices=OPCM_NORMS)],
+    description="continual merging: remove each new update's part in the merged update's principal block and "
+                "singular-vector diagonal, rescale to the mean task norm over the model (FusionBench opcm)",
     paper="https://arxiv.org/abs/2501.09522",
     min_adapters=1,
 )
 def opcm(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext) -> MergeResult:
-    """OPCM, orthogonal projection-based continual merging (Tang et al., 2025, https://arxiv.org/abs/2501.09522).
+    """OPCM, orthogonal projection-based continual merging (Tang et al., 2025, https://arxiv.org/abs/2501.09522),
+    as the authors implement it (FusionBench ``OPCMForCLIP``, ``fusion_bench.method.opcm``).
 
-    Adapters arrive in the given order (order matters). Per module: ``D_1 = tau_1``;
-    ``D_t = D_{t-1} + P_t(tau_t)`` with ``P_t`` removing the block ``U_k U_k^T tau V_k V_k^T`` of the
-    top-k singular subspace of ``D_{t-1}`` (k: smallest with ``alpha`` of the singular-value mass);
-    merged ``= lambda * D_T * mean_t ||tau_t|| / ||D_T||``. Memory: one running matrix per module.
+    Adapters arrive in the given order (order matters). Per module: ``R_1 = tau_1``;
+    ``R_t = R_{t-1} + U P V^T`` where ``R_{t-1} = U S V^T`` and ``P = U^T tau_t V`` with its diagonal
+    and its top-left ``k x k`` block zeroed, ``k`` the number of leading singular values whose
+    cumulative share of ``sum(S)`` is at most ``alpha`` (:func:`opcm_step`; the diagonal is taken over
+    the nonzero singular values only, see there: FusionBench's extra null-space terms are undefined
+    for rank-deficient sums such as LoRA's). The result is
+    ``lambda * R_T * mean_t ||tau_t|| / ||R_T||`` with norms over all modules together
+    (``norm="model"``, FusionBench's whole-model task-vector norm; LoRA leaves every other tensor
+    unchanged, so this is the same norm). ``norm="module"`` uses each module's own norms instead, a
+    deliberate variant whose modules are independent (a streamed merge needs it).
+    Memory: one running matrix per module.
     """
-    alpha, lam = float(params["alpha"]), float(params["scaling"])
-    deltas = {}
-    for key in module_keys(adapters):
-        running = adapters[0].modules[key].delta()
-        norm_sum = float(torch.linalg.norm(running))
-        for t in range(1, len(adapters)):
-            tau = adapters[t].modules[key].delta()
-            norm_sum += float(torch.linalg.norm(tau))
-            running = running + opcm_step(running, tau, alpha)
-        rn = torch.linalg.norm(running)
-        mean_norm = norm_sum / len(adapters)
-        deltas[key] = lam * running * (mean_norm / rn) if rn > 0 else lam * running
-    return MergeResult("opcm", params, deltas=deltas)
+    alpha, lam, norm = float(params["alpha"]), float(params["scaling"]), params["norm"]
+    if norm == "model" and ctx.streaming:
+        raise OsrmError("opcm norm=model rescales with norms over all modules but the merge sees only some; "
+                        "merge in memory or pass norm=module")
+    keys, T = module_keys(adapters), len(adapters)
+    merged: dict[str, torch.Tensor] = {}
+    task_sq: dict[str, list[float]] = {}
+    for key in keys:
+        taus = [ad.modules[key].delta() for ad in adapters]
+        task_sq[key] = [sq_norm(t) for t in taus]
+        merged[key] = opcm_running(taus, alpha)
+    merged_sq = {key: sq_norm(merged[key]) for key in keys}
+    if norm == "model":
+        c = opcm_rescale([sum(task_sq[k][t] for k in keys) for t in range(T)], sum(merged_sq.values()))
+        scale = {key: c for key in keys}
+    else:
+        scale = {key: opcm_rescale(task_sq[key], merged_sq[key]) for key in keys}
+    deltas = {key: lam * scale[key] * merged[key] for key in keys}
+    return MergeResult("opcm", params, deltas=deltas, info={"opcm_scale": scale})

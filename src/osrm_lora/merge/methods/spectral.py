@@ -177,27 +177,45 @@ def knots_decompose(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     return Qb @ u, s, blocks
 
 
+def knots_coordinates(U: torch.Tensor, S: torch.Tensor, blocks: list[torch.Tensor],
+                      s_on_v: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Basis and per-task coordinates to merge: ``(U, [S V_t^T])`` with ``s_on_v`` (official KnOTS),
+    ``(U S, [V_t^T])`` without; either way ``basis @ coordinates_t = tau_t``."""
+    if s_on_v:
+        return U, [S.unsqueeze(1) * b for b in blocks]
+    return U * S.unsqueeze(0), blocks
+
+
 @register_method(
     "knots",
     params=[SCALING, Param("variant", "str", "ties", "merge rule for the per-task coordinates",
-                           choices=tuple(VARIANT_SPARSE)), DENSITY, DROP_P, THRESHOLD, SIGN, SEED, WEIGHTS],
-    description="one SVD of the concatenated task updates; merge the per-task V blocks with TA/TIES/DARE-TIES",
+                           choices=tuple(VARIANT_SPARSE)),
+            Param("s_on_v", "bool", True, "trim/merge the S-scaled coordinates S V_t^T (true: official KnOTS, "
+                  "s_on_V) or the unscaled V_t^T (false: a variant)"),
+            DENSITY, DROP_P, THRESHOLD, SIGN, SEED, WEIGHTS],
+    description="one SVD of the concatenated task updates; merge the per-task coordinates S V_t^T (official; "
+                "s_on_v=false: unscaled V_t^T) with TA/TIES/DARE-TIES",
     paper="https://arxiv.org/abs/2410.19735",
     exact_in_factor_space=True,
 )
 def knots(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext) -> MergeResult:
     """KnOTS (Stoica et al., 2024, https://arxiv.org/abs/2410.19735).
 
-    ``[tau_1 .. tau_T] = U S [V_1^T .. V_T^T]`` (computed from the factors); the task coordinates
-    ``V_t^T`` (k x n) are merged with TA (sum), TIES or DARE-TIES (per-task thresholds over all
-    modules), and the result is ``lambda * U S V_merged^T``. ``variant="ta"`` equals task arithmetic.
+    ``[tau_1 .. tau_T] = U S [V_1^T .. V_T^T]`` (computed from the factors). With ``s_on_v=True``
+    (default, the official implementation github.com/gstoica27/KnOTS: ``diag(s) @ V`` before the
+    masking) the task coordinates ``S V_t^T`` (k x n) are merged with TA (sum), TIES or DARE-TIES
+    (per-task thresholds over all modules) and the result is ``lambda * U (S V^T)_merged``. With
+    ``s_on_v=False`` the unscaled ``V_t^T`` are merged and the result is ``lambda * U S V_merged^T``;
+    a variant whose only difference is TIES's magnitude trim, which then ignores the singular
+    values (``S`` scales a whole row of every task alike, so TA, DARE's random drop, the sign
+    election and the disjoint mean come out the same). ``variant="ta"`` equals task arithmetic.
     """
     keys, T = module_keys(adapters), len(adapters)
     US: dict[str, torch.Tensor] = {}
     V: dict[str, list[torch.Tensor]] = {}
     for key in keys:
         U, S, blocks = knots_decompose([ops.scaled_factors(ad, key) for ad in adapters])
-        US[key], V[key] = U * S.unsqueeze(0), blocks
+        US[key], V[key] = knots_coordinates(U, S, blocks, bool(params["s_on_v"]))
     sparsify, consensus = VARIANT_SPARSE[params["variant"]]
     dev = device_of(adapters)
     merged = sparse_combine(keys, lambda t, k: V[k][t], T, sparsify=sparsify, consensus=consensus,
