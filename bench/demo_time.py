@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from osrm_lora.benchutil import BenchRecord, command_line, machine_info, markdown_table, write_results  # noqa: E402
+from benchlib import BenchRecord, command_line, machine_info, markdown_table, write_results  # noqa: E402
 
 TARGET_S = 300.0
 

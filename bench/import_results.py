@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from osrm_lora.benchutil import BENCHMARKS_MD, BenchRecord, section_markdown, update_markdown_section  # noqa: E402
+from benchlib import BENCHMARKS_MD, BenchRecord, section_markdown, update_markdown_section  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

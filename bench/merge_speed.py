@@ -38,7 +38,7 @@ except ImportError:  # running from a checkout without an installed package
 import torch
 from torch import nn
 
-from osrm_lora import benchutil as bu
+import benchlib as bu  # noqa: E402
 from osrm_lora.adapters import LoraAdapter, LoraModule
 from osrm_lora.merge import list_methods, merge
 

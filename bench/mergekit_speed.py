@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-from osrm_lora import benchutil as bu
+import benchlib as bu  # noqa: E402
 from osrm_lora.adapters import load_adapter, save_adapter
 from osrm_lora.merge import merge
 

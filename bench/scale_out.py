@@ -41,7 +41,7 @@ except ImportError:  # running from a checkout without an installed package
 
 import torch
 
-from osrm_lora import benchutil as bu
+import benchlib as bu  # noqa: E402
 
 logger = logging.getLogger("bench.scale_out")
 

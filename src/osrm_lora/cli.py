@@ -7,13 +7,16 @@ is printed as a traceback unless ``-v`` is given.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
-from osrm_lora.errors import OsrmError
+from osrm_lora.errors import OsrmError, validation_message
+from osrm_lora.fsutil import claim_output
 from osrm_lora.logutil import setup_logging
 
 logger = logging.getLogger("osrm_lora.cli")
@@ -21,6 +24,7 @@ logger = logging.getLogger("osrm_lora.cli")
 app = typer.Typer(
     name="osrm-lora",
     help="Fine-tune one LoRA per task (OSRM or standard init), merge them, evaluate every task, diagnose interference.",
+    epilog="Documentation: docs/ in the osrm-lora source tree (METHOD, MERGING, DATA, RUNS, EXTENDING).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -48,15 +52,49 @@ def _join_group(device: str | None) -> bool:
     return init_distributed(device).is_main
 
 
+OVERWRITE_HELP = "Replace an earlier osrm-lora output at --out (a file or a directory osrm-lora did not write is never replaced)."
+
+
 def _csv(value: Optional[str]) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _device_arg(device: Optional[str]) -> None:
+    """Fail fast on a --device torch cannot use: an unknown type, CUDA without a CUDA device, a GPU index
+    beyond the devices present."""
+    if device in (None, "", "auto"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise OsrmError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OsrmError(f"--device {device}: no CUDA device is available here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OsrmError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of them")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OsrmError(f"--device {device}: MPS is not available here; use --device cpu (or auto)")
+
+
+def _model_arg(model: Optional[str], option: str = "--model") -> None:
+    """Fail fast on a --model / --base-model that cannot be loaded: a local path that does not exist,
+    or a Hub id that is not cached while the Hub is offline or unreachable."""
+    if model is None:
+        return
+    from osrm_lora.inference import check_model_available
+
+    check_model_available(model, option)
 
 
 # --------------------------------------------------------------------------- pipeline
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
-    force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable): data, profile, init, train, diagnose, merge, report, all.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable): profile, train, diagnose, merge, all.")] = None,
 ) -> None:
     """Run the embedded demo: MiniLM-L6 on mr/hedge/bbc/spam (subsampled), standard LoRA vs OSRM, merged.
 
@@ -74,18 +112,28 @@ def demo(
 def run(
     config: Annotated[Path, typer.Argument(help="Pipeline YAML config (see configs/).")],
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<config name>).")] = None,
-    force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable) or 'all'.")] = None,
+    force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable): profile, train, diagnose, merge, all.")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Data cache directory (default $OSRM_LORA_CACHE or ~/.cache/osrm-lora).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Resolve tasks, model, methods and parameters, print them and exit; no network, writes nothing (uncached data and Hub models are only named, and fetched on the first run).")] = False,
 ) -> None:
     """Run the whole pipeline from a YAML config; rerunning into the same directory resumes it.
 
     Example: osrm-lora run configs/offline6.yaml --out runs/offline6
+
+    Example: osrm-lora run configs/offline6.yaml --check
     """
     from osrm_lora.config import load_config
-    from osrm_lora.pipeline import run_pipeline
+    from osrm_lora.pipeline import check_run, run_pipeline
     from osrm_lora.report import print_results
 
+    if config.is_dir():
+        raise OsrmError(f"{config} is a directory; pass a pipeline YAML config file (see configs/)")
     cfg = load_config(config)
+    _device_arg(cfg.device)
+    if check:
+        for line in check_run(cfg, force=tuple(force or ()), cache=str(cache) if cache else None):
+            typer.echo(line)
+        return
     main_rank = _join_group(cfg.device)
     results = run_pipeline(cfg, out or Path("runs") / cfg.name, force=tuple(force or ()), cache=str(cache) if cache else None)
     if main_rank:
@@ -161,6 +209,7 @@ def train(
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     strategy: Annotated[str, typer.Option(help="Under torchrun: ddp (a model copy per process) or fsdp (sharded).")] = "ddp",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Fine-tune one LoRA adapter + head on a task; keeps the best epoch on validation.
 
@@ -178,15 +227,18 @@ def train(
     from osrm_lora.distributed import main_first
 
     lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=_csv(target_modules))
+    _model_arg(model)
+    _device_arg(device)
     if strategy not in ("ddp", "fsdp"):
         raise OsrmError(f"unknown --strategy {strategy!r}; use ddp or fsdp")
     tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, strategy=strategy)
-    main_rank = _join_group(device)  # under torchrun: data parallel, --batch-size is the global batch
-    A = load_init_A(init) if init else None
-    with main_first():
-        task_obj = load_task(task)
-    res = train_task(task_obj, out, model=model, lora=lora, train=tcfg, seed=seed, device=device, init_A=A,
-                     freeze_A=freeze_a, freeze_B=freeze_b, init_name="osrm" if init else "standard")
+    with claim_output(out, overwrite=overwrite):  # refuse a bad --out before training; lock it meanwhile
+        main_rank = _join_group(device)  # under torchrun: data parallel, --batch-size is the global batch
+        A = load_init_A(init) if init else None
+        with main_first():
+            task_obj = load_task(task)
+        res = train_task(task_obj, out, model=model, lora=lora, train=tcfg, seed=seed, device=device, init_A=A,
+                         freeze_A=freeze_a, freeze_B=freeze_b, init_name="osrm" if init else "standard")
     if main_rank:
         typer.echo(f"{res.task}: validation {res.validation:.2f} (epoch {res.best_epoch}), test {res.test:.2f}; "
                    f"saved to {out}")
@@ -204,6 +256,7 @@ def profile(
     float64: Annotated[bool, typer.Option(help="Accumulate in float64.")] = False,
     seed: int = 42,
     device: str = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Collect activation statistics (count, sum, Gram per task per module input) under the pre-trained model.
 
@@ -216,19 +269,22 @@ def profile(
 
     from osrm_lora.distributed import barrier, main_first
 
-    main_rank = _join_group(device)  # under torchrun: the batches are split over the processes
-    with main_first():
-        task_objs = _load_tasks(tasks)
-    path = resolve_model_path(model)
-    tok = load_tokenizer(path)
-    m = load_classifier(path, 2, device=select_device(device), pad_token_id=tok.pad_token_id)
-    targets = _csv(target_modules) or default_target_modules(m.config.model_type)
-    texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in task_objs}
-    store = collect_statistics(m, tok, texts, targets, n_samples=n_samples, max_length=max_length,
-                               include_padding=include_padding, dtype=torch.float64 if float64 else torch.float32, seed=seed)
-    if main_rank:
-        store.save(out)
-        typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")
+    _model_arg(model)
+    _device_arg(device)
+    with claim_output(out, overwrite=overwrite):  # refuse a bad --out before profiling; lock it meanwhile
+        main_rank = _join_group(device)  # under torchrun: the batches are split over the processes
+        with main_first():
+            task_objs = _load_tasks(tasks)
+        path = resolve_model_path(model)
+        tok = load_tokenizer(path)
+        m = load_classifier(path, 2, device=select_device(device), pad_token_id=tok.pad_token_id)
+        targets = _csv(target_modules) or default_target_modules(m.config.model_type)
+        texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in task_objs}
+        store = collect_statistics(m, tok, texts, targets, n_samples=n_samples, max_length=max_length,
+                                   include_padding=include_padding, dtype=torch.float64 if float64 else torch.float32, seed=seed)
+        if main_rank:
+            store.save(out)
+            typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")
     barrier()
 
 
@@ -251,6 +307,7 @@ def init(
     ridge: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
     seed: int = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write one initial PEFT adapter per task with OSRM A (B = 0); `train --init` starts from it.
 
@@ -259,10 +316,34 @@ def init(
     from osrm_lora.config import LoraSettings
     from osrm_lora.train import write_initial_adapters
 
-    paths = write_initial_adapters(stats, out, mode=mode, model=model,
-                                   lora=LoraSettings(rank=rank, alpha=alpha, target_modules=_csv(target_modules)),
-                                   ridge=ridge, seed=seed)
+    lora = LoraSettings(rank=rank, alpha=alpha, target_modules=_csv(target_modules))
+    _model_arg(model)
+    _check_init_targets(stats, lora.target_modules)
+    with claim_output(out, overwrite=overwrite, container=True):
+        paths = write_initial_adapters(stats, out, mode=mode, model=model, lora=lora, ridge=ridge, seed=seed)
     typer.echo(f"{len(paths)} initial adapters ({mode}) written under {out}")
+
+
+def _check_init_targets(stats: Path, targets: list[str] | None) -> None:
+    """--target-modules must adapt exactly the modules the statistics store holds (PEFT suffix match)."""
+    if not targets:
+        return
+    from osrm_lora.stats import StatsStore
+
+    held = StatsStore.load(stats).modules
+    if not held:
+        return
+
+    def matches(module: str, target: str) -> bool:
+        return module == target or module.endswith("." + target)
+    unknown = [t for t in targets if not any(matches(m, t) for m in held)]
+    uncovered = [m for m in held if not any(matches(m, t) for t in targets)]
+    if unknown or uncovered:
+        names = sorted({m.rsplit(".", 1)[-1] for m in held})
+        problem = (f"--target-modules {','.join(unknown)} not in the statistics store {stats}" if unknown
+                   else f"--target-modules {','.join(targets)} leave out modules of the statistics store {stats}")
+        raise OsrmError(f"{problem}, which holds the modules {', '.join(names)} ({len(held)} in all, e.g. {held[0]}); pass "
+                        f"--target-modules {','.join(names)} or profile again with the target modules you want")
 
 
 @app.command()
@@ -272,6 +353,7 @@ def project(
     out: Annotated[Path, typer.Option(help="Output directory (one projected adapter per input).")],
     rank: Annotated[int, typer.Option(min=1, help="Dimension of the OSRM subspace.")] = 8,
     mode: str = "paper",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Post-hoc OSRM: project each adapter's input side onto its OSRM subspace (heads preserved).
 
@@ -279,10 +361,30 @@ def project(
     """
     from osrm_lora.osrm import run_project
 
-    rep = run_project([str(a) for a in adapters], str(stats), str(out), rank=rank, mode=mode)
-    for name, info in rep.items():
-        kept = info.get("energy_kept_mean") if isinstance(info, dict) else None
-        typer.echo(f"{name}: update energy kept {kept:.3f}" if isinstance(kept, float) else f"{name}: {info}")
+    with claim_output(out, overwrite=overwrite, container=True):
+        rep = run_project([str(a) for a in adapters], str(stats), str(out), rank=rank, mode=mode)
+    _print_projection(rep)
+
+
+LOW_ENERGY_KEPT = 0.25
+"""A projection that keeps less of an adapter's update energy than this is warned about."""
+
+
+def _print_projection(rep: dict) -> None:
+    """Per task: the share of the update energy (||dW||_F^2) the projection kept, its weakest module and
+    the output directory; a warning on stderr for a projection that keeps little."""
+    typer.echo(f"projected onto the rank-{rep.get('rank')} OSRM subspace ({rep.get('mode')} mode):")
+    for task, info in rep.get("tasks", {}).items():
+        kept = float(info.get("energy_kept", float("nan")))
+        modules = {k: float(v) for k, v in (info.get("modules") or {}).items()}
+        weakest = min(modules, key=lambda k: modules[k]) if modules else None
+        detail = f", weakest module {weakest} {100 * modules[weakest]:.1f}%" if weakest is not None else ""
+        share = f"{100 * kept:.1f}%" if math.isfinite(kept) else "n/a (the adapter's update is zero)"
+        typer.echo(f"{task}: update energy kept {share} ({len(modules)} modules{detail}) -> {info.get('output')}")
+        if kept < LOW_ENERGY_KEPT:
+            logger.warning("the projection of %s keeps only %.1f%% of its update energy (< %.0f%%): the projected "
+                           "adapter may lose much of its task performance; evaluate it, or project with a larger --rank",
+                           task, 100 * kept, 100 * LOW_ENERGY_KEPT)
 
 
 @app.command()
@@ -290,6 +392,7 @@ def diagnose(
     adapters: Annotated[list[Path], typer.Argument(help="Adapter directories, named by task.")],
     stats: Annotated[Path, typer.Option(help="Statistics store covering the same tasks.")],
     out: Annotated[Path, typer.Option(help="Output directory for interference.json/png.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Interference of every adapter on every task's inputs, from stored Gram matrices (no forward pass).
 
@@ -297,7 +400,8 @@ def diagnose(
     """
     from osrm_lora.diagnose import run_diagnose
 
-    run_diagnose([str(a) for a in adapters], str(stats), str(out))
+    with claim_output(out, overwrite=overwrite, container=True):
+        run_diagnose([str(a) for a in adapters], str(stats), str(out))
     typer.echo(f"interference written to {out}/interference.json and interference.png")
 
 
@@ -310,10 +414,13 @@ def merge(
     fmt: Annotated[str, typer.Option("--format", help="peft (adapter) or full (merged model).")] = "peft",
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated per-adapter weights.")] = None,
     base_model: Annotated[Optional[str], typer.Option(help="Base model for --format full (default: the adapters' base_model_name_or_path).")] = None,
+    max_error: Annotated[Optional[float], typer.Option("--max-error", help="PEFT output of dense methods: the largest relative error of each module's update (default 1e-3; the SVD rank is chosen to meet it).")] = None,
+    svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", min=1, help="PEFT output of dense methods: force this SVD rank (error reported; checked only against an explicit --max-error).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Merge a few modules at a time (large models); automatic under torchrun.")] = False,
     modules_per_step: Annotated[int, typer.Option(min=1, help="Modules in memory at once with --stream.")] = 1,
     device: Annotated[str, typer.Option(help="Device for --stream: auto, cpu, cuda (under torchrun: one GPU per process).")] = "auto",
     list_: Annotated[bool, typer.Option("--list", help="List merge methods and exit.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Merge LoRA adapters with a registered method; writes a PEFT adapter or a full model.
 
@@ -327,7 +434,7 @@ def merge(
     """
     from osrm_lora.distributed import launched_distributed
     from osrm_lora.merge import format_method_list, run_merge
-    from osrm_lora.merge.cli import run_stream_merge
+    from osrm_lora.merge.cli import result_line, run_stream_merge
 
     if list_:
         typer.echo(format_method_list())
@@ -339,14 +446,19 @@ def merge(
     except ValueError:
         raise OsrmError(f"--weights {weights!r} is not a comma-separated list of numbers; pass e.g. --weights 1.0,0.5") from None
     dirs = [str(a) for a in adapters or []]
-    if stream or launched_distributed():
-        run_stream_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w,
-                         base_model_path=base_model, modules_per_step=modules_per_step, device=device)
-        if not _join_group(device):
-            return
-    else:
-        run_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w, base_model_path=base_model)
-    typer.echo(f"merged {len(adapters or [])} adapters with {method} into {out}")
+    _model_arg(base_model, "--base-model")
+    _device_arg(device)
+    with claim_output(out, overwrite=overwrite):  # refuse a bad --out before merging; lock it meanwhile
+        if stream or launched_distributed():
+            run_stream_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w,
+                             base_model_path=base_model, svd_rank=svd_rank, max_error=max_error,
+                             modules_per_step=modules_per_step, device=device)
+            if not _join_group(device):
+                return
+        else:
+            run_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w, base_model_path=base_model,
+                      svd_rank=svd_rank, max_error=max_error)
+    typer.echo(result_line(out, len(adapters or []), method))
 
 
 @app.command("evaluate")
@@ -355,19 +467,24 @@ def evaluate_cmd(
     merged: Annotated[Optional[Path], typer.Option(help="A merged adapter to evaluate with each task's head.")] = None,
     split: Annotated[str, typer.Option(help="validation or test.")] = "test",
     model: str = "default",
-    max_length: Annotated[int, typer.Option(min=2)] = 128,
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one each adapter was trained with).")] = None,
     device: str = "auto",
 ) -> None:
     """Score adapters (or one merged adapter with each task's head) on each task's split.
 
+    The task's data, splits and token limit are those of the run that trained the adapter (its
+    metrics.json), so an adapter's own test score reproduces the run's.
+
     Example: osrm-lora evaluate runs/demo/adapters/standard/* --merged runs/demo/merges/standard/task_arithmetic
     """
-    from osrm_lora.inference import evaluate_adapters
+    from osrm_lora.inference import score_adapters
 
-    scores = evaluate_adapters([str(a) for a in adapters], merged=str(merged) if merged else None, split=split,
-                               model=model, max_length=max_length, device=device)
-    for name, value in scores.items():
-        typer.echo(f"{name}\t{value:.2f}")
+    _model_arg(model)
+    _device_arg(device)
+    scores = score_adapters([str(a) for a in adapters], merged=str(merged) if merged else None, split=split,
+                            model=model, max_length=max_length, device=device)
+    for s in scores:
+        typer.echo(s.line())
 
 
 @app.command("evaluate-lm")
@@ -384,6 +501,7 @@ def evaluate_lm_cmd(
     """
     from osrm_lora.inference import evaluate_causal_lm
 
+    _device_arg(device)
     res = evaluate_causal_lm([str(t) for t in texts], model=model, adapter=str(adapter) if adapter else None,
                              max_length=max_length, device=device)
     for name, r in res.items():
@@ -396,7 +514,7 @@ def predict(
     texts: Annotated[list[str], typer.Argument(help="Texts to label ('-' reads lines from stdin).")],
     merged: Annotated[Optional[Path], typer.Option(help="Use this merged adapter instead of the task's own.")] = None,
     model: str = "default",
-    max_length: int = 128,
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapter was trained with).")] = None,
 ) -> None:
     """Label new texts for a task.
 
@@ -404,6 +522,7 @@ def predict(
     """
     from osrm_lora.inference import predict_texts
 
+    _model_arg(model)
     items = [line.rstrip("\n") for line in sys.stdin] if texts == ["-"] else texts
     for text, label in zip(items, predict_texts(str(adapter), items, merged=str(merged) if merged else None,
                                                 model=model, max_length=max_length)):
@@ -416,16 +535,31 @@ def export(
     out: Annotated[Path, typer.Option(help="Output directory: one HF model per task.")],
     merged: Annotated[Optional[Path], typer.Option(help="Merged adapter to fold in (default: each task's own).")] = None,
     model: str = "default",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write per task a standalone HF sequence classifier (base + update folded in + the task's head).
 
     Example: osrm-lora export runs/demo/adapters/standard/* --merged runs/demo/merges/standard/task_arithmetic --out exported/
     """
-    from osrm_lora.inference import export_models
+    from osrm_lora.inference import check_adapter_dir, check_merged_dir, export_models
 
-    paths = export_models([str(a) for a in adapters], str(out), merged=str(merged) if merged else None, model=model)
+    _model_arg(model)
+    for a in adapters:  # before claiming --out
+        check_adapter_dir(a)
+    if merged is not None:
+        check_merged_dir(merged)
+    with claim_output(out, overwrite=overwrite, container=True):
+        paths = export_models([str(a) for a in adapters], str(out), merged=str(merged) if merged else None, model=model)
     for p in paths:
         typer.echo(str(p))
+
+
+def _usage_message(exc: Exception) -> str:
+    """A click usage error (missing or invalid option, unknown command) as one line with the help hint."""
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) if ctx is not None else None
+    return f"{message}; see `{path} --help`" if path else message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_entry(argv: list[str] | None) -> int:
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="osrm-lora", standalone_mode=False)
         if isinstance(rc, int) and rc == 130:  # typer turns Ctrl-C into Exit(130) and returns it here
             raise KeyboardInterrupt
         if isinstance(rc, int) and rc != 0:
@@ -449,6 +583,11 @@ def _main_entry(argv: list[str] | None) -> int:
         if _STATE["verbosity"] > 0:
             logger.exception("error")
         typer.echo(f"error: {exc}", err=True)
+        return 2
+    except ValidationError as exc:  # a value the option accepts but the settings reject (e.g. --lr 5)
+        if _STATE["verbosity"] > 0:
+            logger.exception("error")
+        typer.echo(f"error: {validation_message(exc)}", err=True)
         return 2
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
@@ -459,8 +598,11 @@ def _main_entry(argv: list[str] | None) -> int:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         return 130
     except Exception as exc:  # click usage errors (typer may vendor its own click)
-        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
-            exc.show()
+        if type(exc).__name__ == "NoArgsIsHelpError" and hasattr(exc, "show"):
+            exc.show()  # the help text
+            return int(getattr(exc, "exit_code", 2))
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            typer.echo(f"error: {_usage_message(exc)}", err=True)
             return int(exc.exit_code)
         raise
     return 0

@@ -111,9 +111,10 @@ class MergeSettings(_Strict):
     """Merging: methods, lambda grid (chosen on validation), fixed per-method parameters."""
 
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "emr"])
-    """Default: Task Arithmetic (the baseline) and EMR, the method of the configuration chosen on
-    validation by ``bench/quality.py --preset gpu`` (OSRM code + EMR, 3 seeds). EMR deploys one
-    masked, rescaled model per task, so it needs the task id at inference."""
+    """Default: Task Arithmetic, the method of the shared-model configuration chosen on validation by
+    ``bench/quality.py --preset gpu-hard`` (OSRM own with frozen A + TA, 3 seeds), and EMR as the
+    per-task reference: EMR deploys one masked, rescaled model per task, so it needs the task id at
+    inference."""
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
     """The lambda grid: the merge is redone at every lambda (its ``scaling``) and the lambda with the
     best average validation score is kept."""
@@ -144,10 +145,13 @@ class PipelineConfig(_Strict):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     inits: list[InitSettings] = Field(
-        default_factory=lambda: [InitSettings(name="standard"), InitSettings(name="osrm-code", mode="code")]
+        default_factory=lambda: [InitSettings(name="standard"),
+                                 InitSettings(name="osrm-own-frozenA", mode="own", freeze_A=True)]
     )
-    """Default: the standard baseline and OSRM ``code`` mode, the init of the configuration chosen on
-    validation by ``bench/quality.py --preset gpu`` (3 seeds; see BENCHMARKS.md)."""
+    """Default: the standard baseline and OSRM ``own`` with A frozen, the init of the shared-model
+    configuration chosen on validation by ``bench/quality.py --preset gpu-hard`` (all linear layers,
+    r=16, 3 seeds; see BENCHMARKS.md). In the query/value regime (``--preset gpu``) ``code`` and
+    ``own`` did as well within seed noise."""
     profile: ProfileSettings = ProfileSettings()
     merge: MergeSettings = MergeSettings()
     diagnose: bool = True

@@ -30,3 +30,15 @@ class AdapterError(OsrmError):
 
 class SourceUnavailableError(DataError):
     """A built-in data source cannot be fetched (e.g. its registry client is missing)."""
+
+
+def validation_message(exc: Exception) -> str:
+    """One line ``<field>: <message> (got <value>)[; ...]`` for a pydantic ``ValidationError``."""
+    parts: list[str] = []
+    errors = exc.errors() if callable(getattr(exc, "errors", None)) else []  # type: ignore[attr-defined]
+    for err in errors:
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+        parts.append(f"{loc}: {msg}{got}" if loc else f"{msg}{got}")
+    return " ".join("; ".join(parts).split()) or " ".join(str(exc).split())

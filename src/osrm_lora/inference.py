@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from osrm_lora.backbone import (
+    _DEFAULT_ALIASES,
     HeadInfo,
+    apply_deltas,
     load_classifier,
     load_head,
     load_tokenizer,
@@ -24,6 +31,160 @@ from osrm_lora.fsutil import atomic_dir, read_json
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MAX_LENGTH = 128
+"""Token limit of evaluate / predict for an adapter whose metrics.json does not record its own."""
+
+
+# --------------------------------------------------------------------------- where models and adapters are
+def _looks_like_path(text: str) -> bool:
+    """Whether a --model value that does not exist is meant as a local path rather than a Hub id
+    (``org/name`` or a bare legacy name): it starts with . / ~, has a backslash or several slashes,
+    its first component is an existing local directory, or it is no valid Hub id."""
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/"):
+        return True
+    if "/" in text and Path(text.split("/", 1)[0]).is_dir():
+        return True
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: no Hub requests."""
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    if any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connection to the Hub endpoint ($HF_ENDPOINT, default huggingface.co:443)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def cached_hub_model(repo_id: str) -> Path | None:
+    """The local snapshot directory of a Hub model in the HF cache (its config.json cached), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid id or an unreadable cache: not cached
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def check_model_available(model: str | None, option: str = "--model") -> str:
+    """Fail fast, with one line, on a model that cannot be loaded: a local path that does not exist,
+    or a Hub id that is not in the HF cache while the Hub is offline (HF_HUB_OFFLINE) or unreachable
+    (instead of transformers retrying for most of a minute). Returns what to load: the local
+    directory, the cached snapshot of a Hub id when the Hub cannot be reached, or the Hub id."""
+    if model is None or str(model).lower() in _DEFAULT_ALIASES:
+        return resolve_model_path(model)
+    text = str(model)
+    if Path(text).expanduser().exists():
+        return resolve_model_path(text)  # checks config.json
+    if _looks_like_path(text):
+        raise OsrmError(f"{option} {text}: the local path does not exist; check the path (a Hub id looks like org/name)")
+    cached = cached_hub_model(text)
+    if hub_offline():
+        if cached is None:
+            raise OsrmError(f"{option} {text} is neither a local directory nor a model in the Hugging Face cache, and the "
+                            "Hub is offline (HF_HUB_OFFLINE is set); check the path, or download the model while online")
+        return str(cached)
+    if not hub_reachable():
+        if cached is None:
+            raise OsrmError(f"{option} {text} is neither a local directory nor a model in the Hugging Face cache, and the "
+                            "Hub cannot be reached; check the path, or download the model while online")
+        return str(cached)
+    if cached is None and not hub_has_model(text):
+        raise OsrmError(f"{option} {text} is neither a local directory (no such path) nor a model on the Hugging Face "
+                        "Hub (or one you have access to); check the path or the model id")
+    return text
+
+
+def hub_has_model(repo_id: str) -> bool:
+    """False only if the Hub answers that ``repo_id`` does not exist (or is not accessible); True on
+    any other outcome (network trouble is left to the loader)."""
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.utils import RepositoryNotFoundError
+    except ImportError:  # pragma: no cover
+        return True
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else: let transformers try (and report)
+        return True
+    return True
+
+
+def check_causal_lm(path: str) -> None:
+    """Refuse a model that is not a causal LM (an encoder such as the default MiniLM, a classifier):
+    transformers would attach a randomly initialised LM head and report a random loss."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OsrmError(f"cannot read the config of model {path}: {first}; check the model path or id") from exc
+    model_type = getattr(config, "model_type", "?")
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = list(getattr(config, "architectures", None) or [])
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        what = architectures[0] if architectures else f"model type {model_type!r}"
+        raise OsrmError(f"model {path} ({what}) is not a causal language model; evaluate-lm needs one "
+                        "(e.g. a Llama, Qwen or GPT-2 checkpoint) - pass --model a causal LM")
+    if architectures and not any(a in causal_names or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise OsrmError(f"model {path} is a {architectures[0]}, not a causal language model: its LM head would be "
+                        "randomly initialised and the loss meaningless; pass --model a causal LM checkpoint")
+
+
+def check_adapter_dir(path: str | Path, what: str = "adapter directory") -> Path:
+    """An existing directory, else a one-line error saying that it does not exist."""
+    p = Path(path)
+    if not p.exists():
+        raise OsrmError(f"{what} {p} does not exist; check the path")
+    if not p.is_dir():
+        raise OsrmError(f"{what} {p} is a file, not a directory; pass the directory `osrm-lora train` or `merge` wrote")
+    return p
+
+
+def check_merged_dir(path: str | Path, what: str = "merged adapter", option: str = "--merged") -> Path:
+    """A merged PEFT adapter directory; an EMR (per-task) merge output is refused with the names of
+    its per-task subfolders, which are the adapters to pass."""
+    p = check_adapter_dir(path, what)
+    if not (p / "adapter_config.json").exists() and (p / "merge_info.json").exists():
+        try:
+            info = read_json(p / "merge_info.json")
+        except OsrmError:
+            info = {}
+        per_task = info.get("per_task") if isinstance(info, dict) else None
+        if per_task:
+            subs = ", ".join(f"{p / str(t.get('dir'))} (task {t.get('task')})" for t in per_task if isinstance(t, dict))
+            raise OsrmError(f"{p} is an EMR (per-task) merge output with one adapter per task, not one merged adapter; "
+                            f"pass each task's subfolder as {option}, with that task's adapter: {subs}")
+    return p
+
 
 def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """Dense per-module updates (scaling included) of a PEFT LoRA adapter directory."""
@@ -32,9 +193,19 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_adapter(adapter_dir).deltas()
 
 
-def _base_path(model: str | None, info: HeadInfo) -> str:
-    if model in (None, "", "default") and info.base_model and Path(info.base_model).exists():
-        return info.base_model
+def _base_path(model: str | None, info: HeadInfo, adapter_dir: str | Path) -> str:
+    """--model if given, else the base model the adapter's head.json records (a missing local path
+    from another machine: the embedded default model)."""
+    if model in (None, "", "default") and info.base_model:
+        if Path(info.base_model).exists():
+            return info.base_model
+        if not _looks_like_path(info.base_model) and info.base_model.lower() not in _DEFAULT_ALIASES:
+            try:  # a Hub id, or a relative path from where the adapter was trained
+                return check_model_available(info.base_model)
+            except OsrmError:
+                raise OsrmError(f"the base model of {adapter_dir} ({info.base_model!r}, recorded in its head.json) is "
+                                "neither a local directory here nor a model in the Hugging Face cache with the Hub "
+                                "reachable; pass --model with the base model's directory") from None
     return resolve_model_path(model)
 
 
@@ -46,24 +217,110 @@ def load_task_model(
     device: str | None = None,
 ) -> tuple[nn.Module, Any, HeadInfo]:
     """A plain sequence classifier for the adapter's task: base + (own or merged) update + task head."""
+    check_adapter_dir(adapter_dir)
+    if merged is not None:
+        check_merged_dir(merged)
     state, info = load_head(adapter_dir)
-    path = _base_path(model, info)
+    path = _base_path(model, info, adapter_dir)
     tokenizer = load_tokenizer(path)
     net = load_classifier(path, info.num_labels, info.problem_type, device=select_device(device), pad_token_id=tokenizer.pad_token_id)
     set_head(net, state, info.num_labels, info.problem_type)
-    from osrm_lora.backbone import apply_deltas
-
     apply_deltas(net, adapter_deltas(merged if merged is not None else adapter_dir))
     net.eval()
     return net, tokenizer, info
 
 
-def _task_for(adapter_dir: str | Path, info: HeadInfo) -> Any:
-    from osrm_lora.data import load_task
+def run_metrics(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's metrics.json (written by training), or {} for an adapter without one."""
+    path = Path(adapter_dir) / "metrics.json"
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    return data if isinstance(data, dict) else {}
 
-    metrics_path = Path(adapter_dir) / "metrics.json"
-    spec = read_json(metrics_path).get("task_spec") if metrics_path.exists() else None
-    return load_task(spec if spec else info.task)
+
+def run_max_length(adapter_dir: str | Path, max_length: int | None = None) -> int:
+    """``max_length`` if given, else the token limit the adapter was trained with (its metrics.json)."""
+    if max_length is not None:
+        return int(max_length)
+    recorded = (run_metrics(adapter_dir).get("train") or {}).get("max_length")
+    return int(recorded) if isinstance(recorded, int) and recorded > 1 else DEFAULT_MAX_LENGTH
+
+
+def _task_for(adapter_dir: str | Path, info: HeadInfo) -> Any:
+    """The adapter's task with the run's splits: the task spec training recorded (local files, HF
+    datasets, caps), else the task name, capped to the split sizes the run recorded."""
+    from osrm_lora.data import load_task
+    from osrm_lora.data.spec import spec_from_name
+
+    metrics = run_metrics(adapter_dir)
+    spec = metrics.get("task_spec")
+    if spec:
+        return load_task(spec)
+    try:
+        named = spec_from_name(info.task)
+    except OsrmError:
+        raise OsrmError(f"{adapter_dir}: its metrics.json records no task spec and {info.task!r} is not a built-in "
+                        "task; retrain it with this version of osrm-lora (which records the task's data)") from None
+    task = load_task(named)
+    n_val, n_test = metrics.get("n_validation"), metrics.get("n_test")
+    sizes = [n for n in (n_val, n_test) if isinstance(n, int) and n > 0]
+    if sizes and (len(task.validation) > max(sizes) or len(task.test) > max(sizes)):  # the run capped them
+        task = load_task(named.model_copy(update={"max_eval": max(sizes)}))
+    return task
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One adapter's score: task, split, metric, number of examples, value (0..100) and the score
+    training recorded for that split (own adapter only; None when merged or not recorded)."""
+
+    task: str
+    split: str
+    metric: str
+    n: int
+    value: float
+    recorded: float | None = None
+
+    def line(self) -> str:
+        """``task: <split> <metric> <value> (<n> examples)``, plus the score training recorded."""
+        text = f"{self.task}: {self.split} {self.metric} {self.value:.2f} ({self.n} examples)"
+        return text + (f"; at training {self.recorded:.2f}" if self.recorded is not None else "")
+
+
+def score_adapters(
+    adapter_dirs: Sequence[str],
+    *,
+    merged: str | None = None,
+    split: str = "test",
+    model: str | None = None,
+    max_length: int | None = None,
+    device: str | None = None,
+) -> list[TaskScore]:
+    """Score each adapter (own update, or the merged one) on its task's ``split``, with the splits and
+    (unless ``max_length`` is given) the token limit of the run that trained it."""
+    from osrm_lora.encoding import encode_split
+    from osrm_lora.evaluate import evaluate
+
+    if split not in ("train", "validation", "test"):
+        raise OsrmError(f"unknown split {split!r}; use validation or test")
+    if not adapter_dirs:
+        raise OsrmError("no adapter directories given; pass the adapters to evaluate (each with its task head)")
+    scores: list[TaskScore] = []
+    for adir in adapter_dirs:
+        net, tok, info = load_task_model(adir, merged=merged, model=model, device=device)
+        task = _task_for(adir, info)
+        metrics = run_metrics(adir)
+        recorded_n = metrics.get(f"n_{split}")
+        if isinstance(recorded_n, int) and recorded_n != len(task.split(split)):
+            logger.warning("%s: the %s split has %d examples now but had %d when %s was trained; the task data "
+                           "changed, so the scores are not comparable", task.name, split, len(task.split(split)),
+                           recorded_n, adir)
+        enc = encode_split(tok, task.split(split), run_max_length(adir, max_length), task.problem_type == "regression")
+        recorded = metrics.get(split) if merged is None and split in ("validation", "test") else None
+        scores.append(TaskScore(task.name, split, task.metric, len(enc), evaluate(net, tok, task, enc),
+                                float(recorded) if isinstance(recorded, (int, float)) else None))
+    return scores
 
 
 def evaluate_adapters(
@@ -72,22 +329,12 @@ def evaluate_adapters(
     merged: str | None = None,
     split: str = "test",
     model: str | None = None,
-    max_length: int = 128,
+    max_length: int | None = None,
     device: str | None = None,
 ) -> dict[str, float]:
-    """Score each adapter (own update, or the merged one) on its task's ``split``."""
-    from osrm_lora.encoding import encode_split
-    from osrm_lora.evaluate import evaluate
-
-    if split not in ("train", "validation", "test"):
-        raise OsrmError(f"unknown split {split!r}; use validation or test")
-    scores: dict[str, float] = {}
-    for adir in adapter_dirs:
-        net, tok, info = load_task_model(adir, merged=merged, model=model, device=device)
-        task = _task_for(adir, info)
-        enc = encode_split(tok, task.split(split), max_length, task.problem_type == "regression")
-        scores[task.name] = evaluate(net, tok, task, enc)
-    return scores
+    """Score each adapter (own update, or the merged one) on its task's ``split``: task -> score."""
+    return {s.task: s.value for s in score_adapters(adapter_dirs, merged=merged, split=split, model=model,
+                                                    max_length=max_length, device=device)}
 
 
 @torch.no_grad()
@@ -97,14 +344,16 @@ def predict_texts(
     *,
     merged: str | None = None,
     model: str | None = None,
-    max_length: int = 128,
+    max_length: int | None = None,
 ) -> list[str]:
-    """Predicted label names (or regression values) for ``texts``."""
+    """Predicted label names (or regression values) for ``texts``; ``max_length`` defaults to the
+    token limit the adapter was trained with."""
     if not texts:
         raise OsrmError("no texts to label; pass texts as arguments or '-' to read stdin")
     net, tok, info = load_task_model(adapter_dir, merged=merged, model=model)
     dev = next(net.parameters()).device
-    batch = tok(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    batch = tok(list(texts), truncation=True, max_length=run_max_length(adapter_dir, max_length), padding=True,
+                return_tensors="pt")
     logits = net(**{k: v.to(dev) for k, v in batch.items()}).logits.float().cpu()
     if info.problem_type == "regression":
         return [f"{v:.4f}" for v in logits[:, 0].tolist()]
@@ -185,13 +434,12 @@ def evaluate_causal_lm(
     For adapters without classification heads (e.g. causal-LM adapters): merging never needs a head,
     and evaluation is the per-task loss / perplexity on the given text files (one text per line).
     """
-    import math
-
     from transformers import AutoModelForCausalLM
 
-    from osrm_lora.backbone import apply_deltas
-
-    path = resolve_model_path(model)
+    path = check_model_available(model)
+    check_causal_lm(path)  # before loading any weights
+    if adapter is not None:
+        check_merged_dir(adapter, "adapter", "--adapter")
     tok = load_tokenizer(path)
     try:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,

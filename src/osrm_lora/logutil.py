@@ -1,4 +1,6 @@
-"""Logging set-up shared by the CLI and the Python API."""
+"""Logging set-up shared by the CLI and the Python API.
+
+Log messages, warnings and progress bars go to stderr; results (the commands' output) to stdout."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def setup_logging(verbosity: int = 0) -> None:
             from rich.logging import RichHandler
 
             handler: logging.Handler = RichHandler(
-                show_path=verbosity > 0, show_time=False, markup=False, rich_tracebacks=False
+                console=stderr_console(), show_path=verbosity > 0, show_time=False, markup=False,
+                rich_tracebacks=False,
             )
         except ImportError:  # pragma: no cover
             handler = logging.StreamHandler(sys.stderr)
@@ -50,6 +53,13 @@ def setup_logging(verbosity: int = 0) -> None:
         transformers.utils.logging.disable_progress_bar()
     except Exception:  # pragma: no cover
         pass
+
+
+def stderr_console() -> Any:
+    """A rich console on stderr: logs, warnings and progress bars never mix with results (stdout)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def progress_enabled() -> bool:
@@ -78,7 +88,7 @@ class Progress:
             columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
             columns += [TextColumn("{task.fields[" + name + "_text]}") for name in self._fields]
             columns.append(TimeElapsedColumn())
-            self._bar = RichProgress(*columns, transient=True)
+            self._bar = RichProgress(*columns, transient=True, console=stderr_console())
             self._bar.start()
             init = {f"{name}_text": "" for name in self._fields}
             self._id = self._bar.add_task(label, total=total, **init)

@@ -140,11 +140,11 @@ def sweep(
 
     Returns the curve, the merge result at the selected lambda and the selected point. Selection
     uses the average VALIDATION score only; ties go to the smaller lambda. Each point records the
-    merge's time and peak memory (:func:`osrm_lora.benchutil.measure_peak` on ``merge_device``: exact
+    merge's time and peak memory (:func:`osrm_lora.memory.measure_peak` on ``merge_device``: exact
     on CUDA; sampled resident memory on CPU, where memory freed by an earlier merge is reused, so the
     first point shows the peak best).
     """
-    from osrm_lora.benchutil import measure_peak
+    from osrm_lora.memory import measure_peak
     from osrm_lora.logutil import Progress
 
     curve: list[SweepPoint] = []

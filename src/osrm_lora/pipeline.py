@@ -787,7 +787,8 @@ def _assemble(ctx: RunContext, train_results: dict[str, dict[str, dict[str, Any]
               diagnostics: dict[str, Any]) -> dict[str, Any]:
     single = {
         init: {task: {"validation": m["validation"], "test": m["test"], "best_epoch": m["best_epoch"],
-                      "a_drift_mean": m.get("a_drift_mean", 0.0), "seconds": m.get("seconds")}
+                      "a_drift_mean": m.get("a_drift_mean", 0.0), "seconds": m.get("seconds"),
+                      "n_test": m.get("n_test")}
                for task, m in per_task.items()}
         for init, per_task in train_results.items()
     }
@@ -797,6 +798,7 @@ def _assemble(ctx: RunContext, train_results: dict[str, dict[str, dict[str, Any]
         "seed": ctx.cfg.seed,
         "tasks": [t.name for t in ctx.tasks],
         "metrics": {t.name: t.metric for t in ctx.tasks},
+        "subsampled": any(spec.max_train or spec.max_eval for spec in task_specs(ctx.cfg)),
         "inits": [i.model_dump(mode="json") for i in ctx.cfg.inits],
         "single_task": single,
         "merged": merged,

@@ -35,7 +35,16 @@ def label_key(value: Any, where: str) -> int | str:
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
+        number = float(text)  # text files (CSV/TSV) hold numbers as text: "1.0" is class 1, "0.5" no class
+    except ValueError:
         return text
+    if not math.isfinite(number):
+        return text
+    if number.is_integer():
+        return int(number)
+    raise DataError(f"{where} has label {text!r}, a fraction; use class names or integers, or set problem_type: regression")
 
 
 def regression_value(value: Any, where: str) -> float:

@@ -171,7 +171,8 @@ def spec_from_name(name: str) -> TaskSpec:
     if path.suffix.lower() in _SUFFIXES:  # a local data file given as a task (`train --task data.jsonl`)
         if not path.exists():
             raise OsrmError(f"task file {name} does not exist; check the path (or name a built-in task)")
-        return TaskSpec(name=path.stem, source="local", path=str(path))
+        # absolute, so that the spec recorded with an adapter (metrics.json) finds the file from anywhere
+        return TaskSpec(name=path.stem, source="local", path=str(path.resolve()))
     raise OsrmError(f"unknown task {name!r}; known tasks: {', '.join(known_task_names())} (or a local/hf task spec)")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from osrm_lora.data.canonical import Examples, SourceData
 from osrm_lora.data.task import SPLITS
-from osrm_lora.errors import DataError
+from osrm_lora.errors import DataError, OsrmError
 from osrm_lora.fsutil import read_json, sha256_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,24 @@ def derive_seed(seed: int, purpose: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(purpose.encode("utf-8"))) % (2**63)
 
 
+def check_several_classes(data: SourceData) -> None:
+    """Raise :class:`DataError` if classification data holds one class only: a classifier trained on
+    it learns nothing and scores 100% (the error names the task and its file or source)."""
+    if data.problem_type != "classification":
+        return
+    present = {label for ex in data.given.values() for label in ex.labels}
+    if len(present) >= 2 or not any(len(ex) for ex in data.given.values()):
+        return
+    label = next(iter(present))
+    name = data.label_names[label] if isinstance(label, int) and 0 <= label < len(data.label_names) else label
+    files = data.meta.get("files") if isinstance(data.meta, dict) else None
+    where = ", ".join(str(f) for f in dict.fromkeys(files.values())) if isinstance(files, dict) and files else data.source
+    raise DataError(
+        f"task {data.name}: {where or 'its data'} has only one class ({name!r}); a classifier needs examples of at "
+        f"least two classes - add examples of another class, or set problem_type: regression for numeric targets"
+    )
+
+
 def check_label_sets(task: str, splits: dict[str, Examples], label_names: Sequence[str] = ()) -> None:
     """Raise :class:`DataError` if a class occurs in one split but not in another."""
     sets = {name: set(ex.labels) for name, ex in splits.items()}
@@ -176,14 +194,30 @@ def stored_partition(
     key = sha256_json(settings)
     path = Path(cache_root) / "splits" / _safe_name(task) / f"{key[:24]}.json"
     if path.exists():
-        stored = read_json(path)
-        if stored.get("key") == key and _validate_stored(stored.get("parts"), len(labels), len(fractions)):
+        stored = _read_stored(path)
+        if stored is not None and stored.get("key") == key and _stored_checksum_ok(stored) \
+                and _validate_stored(stored.get("parts"), len(labels), len(fractions)):
             return [list(map(int, p)) for p in stored["parts"]], key
-        logger.warning("stored split %s is invalid; recomputing it", path)
+        logger.warning("stored split %s is corrupt or invalid; recomputing it", path)
     parts = stratified_partition(labels, fractions, seed, stratify)
-    write_json(path, {"key": key, "settings": settings, "parts": parts})
+    parts = [[int(i) for i in p] for p in parts]
+    write_json(path, {"key": key, "settings": settings, "parts": parts, "parts_sha256": sha256_json(parts)})
     logger.info("stored split for %s at %s (sizes %s)", task, path, [len(p) for p in parts])
     return parts, key
+
+
+def _read_stored(path: Path) -> dict[str, Any] | None:
+    """A stored split file's content, or ``None`` if it is not a readable JSON object."""
+    try:
+        stored = read_json(path)
+    except OsrmError:
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _stored_checksum_ok(stored: dict[str, Any]) -> bool:
+    """The stored parts match their recorded sha256 (files from before it was recorded: no check)."""
+    return "parts_sha256" not in stored or stored["parts_sha256"] == sha256_json(stored.get("parts"))
 
 
 def _safe_name(name: str) -> str:
@@ -204,6 +238,7 @@ def make_splits(
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or ratios[0] <= 0:
         raise DataError(f"split ratios {list(ratios)} are invalid; give three non-negative numbers (train > 0), e.g. [0.8, 0.1, 0.1]")
+    check_several_classes(data)
     given = data.given
     missing = [s for s in SPLITS if s not in given]
     stratify = data.problem_type == "classification"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import textwrap
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from osrm_lora.adapters import load_adapter
 from osrm_lora.errors import OsrmError
-from osrm_lora.merge.io import save_merge_result
+from osrm_lora.merge.io import MERGE_INFO, check_bias_merge, check_output_options, save_merge_result
 from osrm_lora.merge.registry import MergeResult, get_method, list_methods, merge
 
 logger = logging.getLogger(__name__)
@@ -42,30 +45,31 @@ def _cli_params(method: str, params: list[str] | None, weights: list[float] | No
 
 def run_merge(adapter_dirs: list[str], method: str, params: list[str] | None, out: str, format: str = "peft",
               weights: list[float] | None = None, *, base_model_path: str | None = None,
-              svd_rank: int | None = None, ignore_extra: bool = True) -> MergeResult:
+              svd_rank: int | None = None, max_error: float | None = None, ignore_extra: bool = True) -> MergeResult:
     """Load PEFT adapters, merge them with ``method`` and ``params`` ("key=value"), write ``out``.
 
-    ``weights`` (one per adapter) is passed as the method's ``weights`` parameter. Non-LoRA tensors
-    such as ``modules_to_save`` heads are dropped (heads stay per task) unless ``ignore_extra=False``.
-    Data-aware methods (regmean, fisher, adamerging) need statistics and are run from Python/pipeline.
+    ``weights`` (one per adapter) is passed as the method's ``weights`` parameter. ``svd_rank`` and
+    ``max_error`` bound the PEFT output of dense methods (:func:`~osrm_lora.merge.io.save_merge_result`).
+    Non-LoRA tensors are handled by the writer (trained biases merged by linear methods, refused
+    otherwise; heads kept when identical, else written beside) unless ``ignore_extra=False`` refuses
+    them. Data-aware methods (regmean, fisher, adamerging) need statistics and are run from Python/pipeline.
     """
     parsed = _cli_params(method, params, weights)
     if not adapter_dirs:
         raise OsrmError("no adapter directories given; pass at least one PEFT adapter directory")
     adapters = [load_adapter(d) for d in adapter_dirs]
+    check_output_options(format, svd_rank, base_model_path, adapters[0].config, max_error)  # before merging
+    check_bias_merge(adapters, method, parsed)
     result = merge(adapters, method, parsed, ignore_extra=ignore_extra)
-    if result.info.get("dropped_extra"):
-        logger.warning("dropped non-LoRA tensors (per-task heads / modules_to_save): %s",
-                       ", ".join(result.info["dropped_extra"][:5]))
     save_merge_result(result, out, base_model_path=base_model_path, format=format, svd_rank=svd_rank,
-                      inputs=[str(d) for d in adapter_dirs])
+                      max_error=max_error, inputs=[str(d) for d in adapter_dirs])
     return result
 
 
 def run_stream_merge(adapter_dirs: list[str], method: str, params: list[str] | None, out: str,
                      format: str = "peft", weights: list[float] | None = None, *, base_model_path: str | None = None,
-                     svd_rank: int | None = None, ignore_extra: bool = True, modules_per_step: int = 1,
-                     device: str = "auto", seed: int = 0) -> dict[str, Any]:
+                     svd_rank: int | None = None, max_error: float | None = None, ignore_extra: bool = True,
+                     modules_per_step: int = 1, device: str = "auto", seed: int = 0) -> dict[str, Any]:
     """Streamed merge (:func:`osrm_lora.merge.stream.stream_merge`): a few modules in memory at a time.
 
     Same inputs as :func:`run_merge` plus ``modules_per_step``, ``device`` and ``seed``. Started by a
@@ -83,8 +87,40 @@ def run_stream_merge(adapter_dirs: list[str], method: str, params: list[str] | N
     if distributed.launched_distributed():
         distributed.init_distributed(device)
     return stream_merge(adapter_dirs, method, parsed, out, format=format, base_model_path=base_model_path,
-                        svd_rank=svd_rank, modules_per_step=modules_per_step, device=device, seed=seed,
-                        ignore_extra=ignore_extra)
+                        svd_rank=svd_rank, max_error=max_error, modules_per_step=modules_per_step, device=device,
+                        seed=seed, ignore_extra=ignore_extra)
+
+
+def _output_text(entry: Mapping[str, Any]) -> tuple[str, float | None, list[int]]:
+    """(kind of output, max relative error or None when exact, SVD ranks) of one written adapter/model."""
+    kind = entry.get("output", "exact factors")
+    if kind == "truncated svd":
+        ranks = [int(r) for r in (entry.get("svd_rank") or {}).values()]
+        return "svd", float(entry.get("svd_relative_error_max", 0.0)), ranks
+    return str(kind), None, []
+
+
+def result_line(out: str | Path, n_adapters: int, method: str) -> str:
+    """The stdout line of ``osrm-lora merge``: what was written to ``out`` and how far from exact it is."""
+    meta = json.loads((Path(out) / MERGE_INFO).read_text(encoding="utf-8"))
+    entries = meta.get("per_task") or [meta]
+    kinds, errors, ranks = set(), [], []
+    for entry in entries:
+        kind, err, rk = _output_text(entry)
+        kinds.add(kind)
+        ranks += rk
+        if err is not None:
+            errors.append(err)
+    head = f"merged {n_adapters} adapters with {method} into {out}"
+    per_task = f", one per task ({len(entries)})" if meta.get("per_task") else ""
+    if kinds == {"full model"}:
+        return f"{head}: full model{per_task}, exact (deltas folded into the base weights)"
+    if errors:
+        bound = next((e.get("svd_max_error") for e in entries if e.get("svd_max_error") is not None), None)
+        within = f" <= --max-error {bound:g}" if bound is not None else " (forced --svd-rank, no bound)"
+        return (f"{head}: PEFT adapter{per_task}, SVD rank {min(ranks)}-{max(ranks)}, relative error of the "
+                f"update {max(errors):.2e}{within}")
+    return f"{head}: PEFT adapter{per_task}, exact (LoRA factors)"
 
 
 def format_method_list(width: int = 120) -> str:

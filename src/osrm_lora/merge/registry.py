@@ -173,6 +173,8 @@ class MergeResult:
     config: dict[str, Any] | None = None  # PEFT config template of the merged adapter (set by merge())
     source_ranks: dict[str, int] = field(default_factory=dict)  # module -> sum of input ranks (set by merge())
     task_names: list[str] = field(default_factory=list)
+    # per input adapter: its config and non-LoRA tensors (biases, heads), no modules (set by merge())
+    inputs: list[LoraAdapter] = field(default_factory=list)
 
     @property
     def module_keys(self) -> list[str]:
@@ -327,6 +329,9 @@ def merge(adapters: list[LoraAdapter], method: str, params: dict[str, Any] | Non
         result.config = merged_config(adapters)
     result.source_ranks = {k: sum(a.modules[k].rank for a in adapters) for k in adapters[0].modules}
     result.task_names = [a.name or f"task{i}" for i, a in enumerate(adapters)]
+    result.inputs = [LoraAdapter({}, a.config, a.name, dict(a.extra)) for a in adapters]
+    if resolved.get("seed", 0) is None:  # the seed the method drew from (recorded so the merge can be repeated)
+        result.info.setdefault("context_seed", ctx.seed)
     result.info.setdefault("seconds", time.perf_counter() - t0)
     result.info.setdefault("adapters", [a.name for a in adapters])
     if ignore_extra and any(a.extra for a in adapters):

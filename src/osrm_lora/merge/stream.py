@@ -15,13 +15,17 @@ once every rank has written its part; on any rank's failure every rank raises an
 
 - ``format="peft"``: a PEFT adapter directory (``adapter_config.json`` with ``rank_pattern`` where
   ranks differ, ``adapter_model.safetensors``) + ``merge_info.json`` + ``README.md``, exactly as
-  :func:`~osrm_lora.merge.io.save_merge_result` writes it. Dense results are factorised by truncated
-  SVD on the rank that merged the module. Per-task results (emr) get one sub-directory per task.
+  :func:`~osrm_lora.merge.io.save_merge_result` writes it. Dense results are factorised by SVD on
+  the rank that merged the module, at the smallest rank within ``max_error`` (or ``svd_rank``), as in
+  :mod:`osrm_lora.merge.io`. Per-task results (emr) get one sub-directory per task. Trained biases
+  and task heads are handled as there (biases merged by linear methods, heads kept or beside).
 - ``format="full"``: an HF model directory in the sharded safetensors layout
   (``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json``): every base tensor is
   read lazily from the base model's safetensors (one file or sharded with an index), the merged
-  modules' weights get their delta folded in, all other tensors are copied through; ``config.json``
-  and tokenizer files are copied. Every rank writes its own shards; rank 0 writes the index.
+  modules' weights get their delta folded in (adapter keys mapped onto the checkpoint's names with
+  or without the base prefix, :meth:`~osrm_lora.merge.io.BaseCheckpoint.tensor_name`), merged
+  biases replace the base ones, all other tensors are copied through; ``config.json`` and tokenizer
+  files are copied. Every rank writes its own shards; rank 0 writes the index.
 
 Methods that couple modules get their task-wide statistics from a collective pre-pass (each rank
 over its modules, sums all-reduced), handed to the per-step merges through
@@ -83,12 +87,14 @@ from osrm_lora.adapters import (
     LoraAdapter,
     LoraModule,
     ModuleShape,
+    bias_module,
     check_compatible,
     write_adapter_files,
 )
 from osrm_lora.errors import OsrmError
-from osrm_lora.fsutil import atomic_dir, read_json
+from osrm_lora.fsutil import atomic_dir
 from osrm_lora.merge import io, ops
+from osrm_lora.merge.io import BaseCheckpoint, resolve_base_model
 from osrm_lora.merge import registry as R
 from osrm_lora.merge.methods._common import merged_config
 
@@ -97,11 +103,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_SHARD_BYTES = 1 << 30
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+INDEX_NAME = io.INDEX_NAME
+SINGLE_NAME = io.SINGLE_NAME
 _PARTS = ".stream-parts"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
-_NOT_COPIED = {INDEX_NAME, "pytorch_model.bin.index.json", "README.md", io.MERGE_INFO}
 
 # methods whose magnitude trim (threshold="task", density < 1) needs task-wide thresholds
 _MAGNITUDE_TRIM: dict[str, Callable[[Mapping[str, Any]], bool]] = {
@@ -143,90 +147,6 @@ def check_streamable(method: str, context: R.MergeContext | None = None) -> R.Me
     return info
 
 
-# ------------------------------------------------------------------------------------------------ base model
-
-
-class BaseCheckpoint:
-    """The safetensors weights of an HF model directory, read one tensor at a time.
-
-    ``model.safetensors.index.json`` (sharded) or a single ``model.safetensors``; names and shapes
-    come from the headers, tensors are loaded on demand with ``safetensors.safe_open``.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        fix = "re-save the base model with save_pretrained(safe_serialization=True)"
-        if (self.path / INDEX_NAME).exists():
-            index = read_json(self.path / INDEX_NAME)
-            wm = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(wm, dict) or not wm:
-                raise OsrmError(f"{self.path / INDEX_NAME} has no weight_map; {fix}")
-            files = sorted({str(f) for f in wm.values()})
-        elif (self.path / SINGLE_NAME).exists():
-            wm, files = None, [SINGLE_NAME]
-        else:
-            raise OsrmError(f"base model {self.path} has no {SINGLE_NAME} or {INDEX_NAME}; {fix}")
-        self.files: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for fname in files:
-            fpath = self.path / fname
-            for name, shape in _header(fpath, fix).items():
-                if wm is None or wm.get(name) == fname:
-                    self.files[name], self.shapes[name] = fpath, shape
-        if wm is not None:
-            missing = sorted(set(wm) - set(self.files))
-            if missing:
-                raise OsrmError(f"{self.path / INDEX_NAME} lists {missing[0]} in {wm[missing[0]]} but that file has no "
-                                f"such tensor; {fix}")
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.shapes)
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as fh:
-            return fh.get_tensor(name)
-
-    def aux_files(self) -> list[Path]:
-        """Top-level files other than weights (config, generation config, tokenizer, ...)."""
-        return [p for p in sorted(self.path.iterdir())
-                if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_COPIED
-                and not p.name.endswith(_WEIGHT_SUFFIXES)]
-
-
-def _header(path: Path, fix: str) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise OsrmError(f"base model weights file {path} is missing; {fix}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except Exception as exc:  # safetensors raises several exception types for corrupt files
-        raise OsrmError(f"{path} is corrupt or unreadable ({type(exc).__name__}: {exc}); {fix}") from exc
-
-
-def resolve_base_model(path_or_id: str) -> Path:
-    """A local model directory for ``path_or_id`` (a directory, or a Hub id already in the local cache
-    or downloadable: config, tokenizer and safetensors files only)."""
-    p = Path(path_or_id).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise OsrmError(f"base model {path_or_id} is a file; pass the HF model directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                   "*.jinja", "tokenizer*"])
-    except Exception as exc:
-        raise OsrmError(f"base model {path_or_id!r} is not a local directory and cannot be fetched "
-                        f"({type(exc).__name__}); pass base_model_path pointing to an HF model directory") from exc
-    return Path(local)
-
-
 # ------------------------------------------------------------------------------------------------ plan
 
 
@@ -241,19 +161,21 @@ class _Plan:
     stub: R.MergeResult  # method, params, config and task names of the result (no payload)
     format: str
     svd_rank: int | None
+    max_error: float | None
     base_model_path: str | None
     base: BaseCheckpoint | None
+    weight_names: dict[str, str]  # module key -> the base checkpoint's weight name (format full)
+    non_lora: io.NonLora  # merged biases (heads are read by rank 0 when writing)
     needs: frozenset[str]
     seed: int
     user_context: R.MergeContext | None
     inputs: list[str]
-    dropped_extra: list[str]
 
 
 def _make_plan(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[str, Any] | None,
-               weights: Sequence[float] | None, *, format: str, svd_rank: int | None, base_model_path: str | None,
-               base_dir: str | None, modules_per_step: int, max_shard_bytes: int, seed: int,
-               context: R.MergeContext | None, ignore_extra: bool) -> _Plan:
+               weights: Sequence[float] | None, *, format: str, svd_rank: int | None, max_error: float | None,
+               base_model_path: str | None, base_dir: str | None, modules_per_step: int, max_shard_bytes: int,
+               seed: int, context: R.MergeContext | None, ignore_extra: bool) -> _Plan:
     info = check_streamable(method, context)
     if isinstance(modules_per_step, bool) or not isinstance(modules_per_step, int) or modules_per_step < 1:
         raise OsrmError(f"modules_per_step must be a positive integer, got {modules_per_step!r}; pass e.g. 1")
@@ -277,26 +199,33 @@ def _make_plan(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[
             raise OsrmError(f"method {method}: context.{need} has {len(val)} entries for {len(readers)} adapters; "
                             "give one per adapter in the same order")
     config = merged_config([LoraAdapter({}, readers[0].config)])
-    base_model_path = io.check_output_options(format, svd_rank, base_model_path, config)
+    base_model_path = io.check_output_options(format, svd_rank, base_model_path, config, max_error)
+    io.check_bias_merge(readers, method, resolved)
     shapes = readers[0].module_shapes()
     keys = sorted(shapes)
-    base = None
+    bias_names = io.union_names(readers, "bias")
+    extras = [r.read_extra([n for n in bias_names if n in r.extra]) for r in readers]
+    coeffs = io.bias_coefficients(method, resolved, len(readers)) or []
+    use_base = format == "full" or io.needs_base_bias(bias_names, extras, coeffs)
+    base = BaseCheckpoint(base_dir) if base_dir and use_base else None
+    weight_names: dict[str, str] = {}
     if format == "full":
-        base = BaseCheckpoint(base_dir or str(base_model_path))
+        assert base is not None
         for key in keys:
-            name = key + ".weight"
-            if name not in base.shapes:
-                raise OsrmError(f"base model {base_model_path} has no tensor {name}; use the base model the adapters "
-                                "were trained on")
+            name = base.tensor_name(key, "weight")
+            if name is None:
+                raise OsrmError(f"base model {base_model_path} has no tensor {key}.weight; use the base model the "
+                                "adapters were trained on")
             s = shapes[key]
             io.check_weight_shape(key, base.shapes[name], (s.out_features, s.in_features), s.fan_in_fan_out)
+            weight_names[key] = name
+    non_lora = io.non_lora_from(readers, extras, method, resolved, io.checkpoint_bias(base) if base else None)
     names = [r.name or f"task{i}" for i, r in enumerate(readers)]
     stub = R.MergeResult(method, resolved, config=config, task_names=names)
     eff_seed = int(resolved["seed"]) if resolved.get("seed") is not None else int(seed)
-    dropped = sorted({k for r in readers for k in r.extra}) if ignore_extra else []
     return _Plan(method, resolved, readers, keys, shapes, list(range(len(readers))) if info.per_task else [None],
-                 stub, format, svd_rank, base_model_path, base, stream_requirements(method, resolved), eff_seed,
-                 context, [str(d) for d in adapter_dirs], dropped)
+                 stub, format, svd_rank, max_error, base_model_path, base, weight_names, non_lora,
+                 stream_requirements(method, resolved), eff_seed, context, [str(d) for d in adapter_dirs])
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -444,7 +373,7 @@ class _PeftWriter:
     def add(self, result: R.MergeResult) -> None:
         for g in self.plan.groups:
             deltas = None if g is None else result.deltas_for(g)
-            adapter, written = io.peft_adapter_for(result, deltas, self.plan.svd_rank)
+            adapter, written = io.peft_adapter_for(result, deltas, self.plan.svd_rank, self.plan.max_error)
             for key, mod in adapter.modules.items():
                 self.tensors[f"{g}/{key}/A"] = mod.A.detach().to("cpu", copy=True).contiguous()
                 self.tensors[f"{g}/{key}/B"] = mod.B.detach().to("cpu", copy=True).contiguous()
@@ -463,17 +392,6 @@ class _PeftWriter:
         return {"file": fname, "modules": self.modules, "written": self.written}
 
 
-def _finish_written(written: dict[str, Any]) -> dict[str, Any]:
-    """The output fields of merge_info.json for one adapter, module maps in sorted key order."""
-    out: dict[str, Any] = {"output": written.get("output", "exact factors")}
-    if out["output"] != "exact factors":
-        out["svd_rank"] = dict(sorted(written.get("svd_rank", {}).items()))
-        errors = dict(sorted(written.get("svd_relative_error", {}).items()))
-        out["svd_relative_error"] = errors
-        out["svd_relative_error_max"] = max(errors.values()) if errors else 0.0
-    return out
-
-
 def _combine_peft(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
@@ -482,6 +400,8 @@ def _combine_peft(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dic
     for part in parts:
         if part["file"]:
             tensors.update(load_file(str(parts_dir / part["file"])))
+    heads = _read_heads(plan)
+    shared = heads.heads[0] if heads.heads_shared and plan.groups == [None] else None
     for g in plan.groups:
         written: dict[str, Any] = {}
         flags: dict[str, tuple[float, bool]] = {}
@@ -489,9 +409,10 @@ def _combine_peft(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dic
             flags.update(part["modules"][g])
             _accumulate_info(written, part["written"][g])
         mods = {k: LoraModule(tensors[f"{g}/{k}/A"], tensors[f"{g}/{k}/B"], *flags[k]) for k in plan.keys}
-        write_adapter_files(LoraAdapter(mods, copy.deepcopy(plan.stub.config or {}), name=plan.method),
-                            _group_dir(plan, tmp, g))
-        fields = _finish_written(written)
+        own = shared if g is None else (heads.heads[g] if g < len(heads.heads) else None)
+        adapter = LoraAdapter(mods, copy.deepcopy(plan.stub.config or {}), name=plan.method)
+        write_adapter_files(io.with_non_lora(adapter, heads, own), _group_dir(plan, tmp, g))
+        fields = io.finish_written(written)
         if "svd_relative_error" in fields:
             plan.stub.info.setdefault("svd_relative_error", {}).update(fields["svd_relative_error"])
         if g is None:
@@ -500,6 +421,23 @@ def _combine_peft(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dic
             meta.setdefault("per_task", []).append({"task": io.task_name(plan.stub, g),
                                                     "dir": _group_dir(plan, tmp, g).name, **fields})
     shutil.rmtree(parts_dir, ignore_errors=True)
+    if plan.groups != [None]:
+        _finish_non_lora(plan, tmp, heads, io.HEADS_PER_TASK, meta)
+    else:
+        _finish_non_lora(plan, tmp, heads, io.HEADS_KEPT if shared else io.HEADS_BESIDE, meta)
+
+
+def _read_heads(plan: _Plan) -> io.NonLora:
+    """The plan's non-LoRA outputs with every input's head tensors read (rank 0, while writing)."""
+    heads = [r.read_extra(r.extra_names("head")) for r in plan.readers]
+    return dataclasses.replace(plan.non_lora, heads=heads)
+
+
+def _finish_non_lora(plan: _Plan, tmp: Path, non_lora: io.NonLora, written: str, meta: dict[str, Any]) -> None:
+    extra_meta = io.finish_non_lora(tmp, [io.task_dir_name(plan.stub, t) for t in range(len(non_lora.heads))],
+                                    non_lora, written)
+    if extra_meta:
+        meta["non_lora"] = extra_meta
 
 
 class _FullWriter:
@@ -515,15 +453,18 @@ class _FullWriter:
         assert self.plan.base is not None
         for g in self.plan.groups:
             for key, d in result.deltas_for(g).items():
-                name = key + ".weight"
+                name = self.plan.weight_names[key]
                 w = self.plan.base.get(name)
                 io.fold_delta(w, d.detach().cpu(), key, self.plan.shapes[key].fan_in_fan_out)
                 self._put(g, name, w)
 
     def copy_through(self, names: Sequence[str]) -> None:
         assert self.plan.base is not None
+        biases = _base_bias_values(self.plan)
         for name in names:
             t = self.plan.base.get(name)
+            if name in biases:
+                t = biases[name].to(t.dtype)
             for g in self.plan.groups:
                 self._put(g, name, t)
 
@@ -552,6 +493,19 @@ class _FullWriter:
         return {"files": self.files}
 
 
+def _base_bias_values(plan: _Plan) -> dict[str, torch.Tensor]:
+    """Merged biases by the base checkpoint's tensor name (format full)."""
+    assert plan.base is not None
+    out = {}
+    for name, value in plan.non_lora.biases.items():
+        base_name = plan.base.tensor_name(bias_module(name), "bias")
+        if base_name is None or tuple(plan.base.shapes[base_name]) != tuple(value.shape):
+            raise OsrmError(f"base model {plan.base_model_path} has no bias of shape {tuple(value.shape)} for "
+                            f"{bias_module(name)}; use the base model the adapters were trained on")
+        out[base_name] = value
+    return out
+
+
 def _combine_full(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     assert plan.base is not None
     files = [f for part in parts for f in part["files"]]  # rank order, then write order
@@ -575,6 +529,7 @@ def _combine_full(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], meta: dic
             meta.update(fields)
         else:
             meta.setdefault("per_task", []).append({"task": io.task_name(plan.stub, g), "dir": target.name, **fields})
+    _finish_non_lora(plan, tmp, _read_heads(plan), io.HEADS_BESIDE, meta)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -591,7 +546,7 @@ def _write_parts(plan: _Plan, steps: list[list[str]], device: torch.device, ctx:
     info = _merge_pass(plan, steps, device, ctx, writer)
     if isinstance(writer, _FullWriter):
         assert plan.base is not None
-        merged = {k + ".weight" for k in plan.keys}
+        merged = set(plan.weight_names.values())
         writer.copy_through(D.shard([n for n in plan.base.names if n not in merged], env))
     return {"info": info, **writer.finish()}
 
@@ -607,8 +562,8 @@ def _combine(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], stream_info: d
     if "rescaler_num" in info:
         num, den = _rescaler_sums(info, len(plan.readers))
         info["rescalers"] = stream_info.get("task_rescalers") or _rescalers(num, den)
-    if plan.dropped_extra:
-        info["dropped_extra"] = plan.dropped_extra
+    if plan.non_lora.not_written:
+        info["dropped_extra"] = plan.non_lora.not_written
     plan.stub.info = info
     meta = io.base_meta(plan.stub, plan.format)
     if plan.format == "peft":
@@ -617,13 +572,23 @@ def _combine(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], stream_info: d
         _combine_full(plan, tmp, parts, meta)
     meta["stream"] = stream_info
     io.write_merge_metadata(tmp, plan.stub, meta, base_model_path=plan.base_model_path, inputs=plan.inputs,
-                            scores=None, format=plan.format)
+                            scores=None, format=plan.format, svd_rank=plan.svd_rank, max_error=plan.max_error)
     return io._jsonable(meta)
+
+
+def _trains_biases(adapter_dirs: Sequence[str | Path]) -> bool:
+    """Whether some input adapter stores trained biases (the base model's biases are then needed)."""
+    found = False
+    for d in adapter_dirs:
+        with contextlib.suppress(OsrmError):
+            found = found or AdapterReader(d).trains_biases
+    return found
 
 
 def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[str, Any] | None,
                  out: str | Path, *, format: str = "peft", base_model_path: str | None = None,
-                 svd_rank: int | None = None, weights: Sequence[float] | None = None, modules_per_step: int = 1,
+                 svd_rank: int | None = None, max_error: float | None = None,
+                 weights: Sequence[float] | None = None, modules_per_step: int = 1,
                  device: str | None = "auto", seed: int = 0, context: R.MergeContext | None = None,
                  ignore_extra: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
     """Merge the PEFT adapters in ``adapter_dirs`` with ``method`` a few modules at a time; write ``out``.
@@ -634,8 +599,10 @@ def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mappin
     (validated as by :func:`~osrm_lora.merge.registry.merge`); ``weights`` (one per adapter) sets
     the ``weights`` parameter; ``seed`` is the default seed of DARE (per-module seeding, see the
     module docstring). ``context`` supplies grams / fisher for regmean / fisher (other fields are
-    ignored). Non-LoRA tensors (modules_to_save heads) are refused unless ``ignore_extra`` (dropped).
-    ``format``, ``svd_rank`` and ``base_model_path`` are as in
+    ignored). Non-LoRA tensors (biases, modules_to_save heads) are refused unless ``ignore_extra``; then
+    trained biases are merged (linear methods) or refused and heads kept or written beside, as by
+    :func:`~osrm_lora.merge.io.save_merge_result`.
+    ``format``, ``svd_rank``, ``max_error`` and ``base_model_path`` are as in
     :func:`~osrm_lora.merge.io.save_merge_result`; ``format="full"`` writes shards of at most
     ``max_shard_bytes`` (a larger single tensor gets a shard of its own). With several nodes, ``out``
     and the inputs must be on a filesystem that every rank sees.
@@ -646,7 +613,8 @@ def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mappin
     t0 = time.perf_counter()
     env = D.get_env()
     base_dir: str | None = None
-    if format == "full":  # rank 0 resolves (and maybe downloads) the base model, the others use its path
+    if format == "full" or _trains_biases(adapter_dirs):
+        # rank 0 resolves (and maybe downloads) the base model, the others use its path
         def resolve() -> str | None:
             bmp = base_model_path
             if bmp is None and adapter_dirs:
@@ -656,8 +624,8 @@ def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mappin
 
         base_dir = D.broadcast_object(_collectively(resolve))
     plan = _collectively(lambda: _make_plan(
-        adapter_dirs, method, params, weights, format=format, svd_rank=svd_rank, base_model_path=base_model_path,
-        base_dir=base_dir, modules_per_step=modules_per_step, max_shard_bytes=max_shard_bytes, seed=seed,
+        adapter_dirs, method, params, weights, format=format, svd_rank=svd_rank, max_error=max_error,
+        base_model_path=base_model_path, base_dir=base_dir, modules_per_step=modules_per_step, max_shard_bytes=max_shard_bytes, seed=seed,
         context=context, ignore_extra=ignore_extra))
     device_t = D.rank_device(device)
     mine = D.shard(plan.keys, env)

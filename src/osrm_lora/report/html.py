@@ -24,6 +24,7 @@ from osrm_lora.report.tables import (
     robustness_table,
     single_task_table,
     summary_table,
+    verdict_lines,
 )
 
 SECTIONS = (
@@ -50,6 +51,7 @@ h3 { font-size:15px; margin:20px 0 6px; }
 p, li { max-width:980px; }
 .meta { color:var(--muted); margin:0 0 12px; }
 .callout { background:var(--band); border-left:4px solid var(--accent); padding:8px 12px; margin:12px 0; }
+.verdict { font-size:1.05em; border-left:4px solid var(--accent); padding:6px 12px; margin:12px 0; }
 nav ol { columns:3; margin:8px 0 0; padding-left:20px; }
 nav a { color:var(--accent); text-decoration:none; }
 .table-wrap { overflow-x:auto; margin:6px 0 14px; }
@@ -160,6 +162,8 @@ def render_html(
         f"<h1>osrm-lora report: {esc(name)}</h1>",
         f'<p class="meta">Model <code>{esc(results.get("model", "?"))}</code> · seed {esc(results.get("seed", "?"))} · '
         f"tasks: {esc(task_text)} · inits: {esc(', '.join(init_label(results, i) for i in init_names(results)))}</p>",
+        *([f'<p class="verdict"><b>What OSRM changed.</b> {esc(" ".join(verdict_lines(results)))}</p>']
+          if verdict_lines(results) else []),
         '<div class="callout">All scores are on a 0..100 scale in each task\'s metric and on the <b>test</b> split '
         "unless a label says validation; the merge coefficient λ is chosen on the average <b>validation</b> score "
         "(never on test). "

@@ -17,6 +17,7 @@ from osrm_lora.report.tables import (
     mean,
     merged_records,
     single_avg,
+    verdict_lines,
 )
 
 EDGE_MARK = "*"
@@ -131,3 +132,5 @@ def print_results(results: Mapping[str, Any]) -> None:
         for k, r in enumerate(rows):
             table.add_row(*r, end_section=k == len(rows) - 2)
         console.print(table)
+    for line in verdict_lines(results):
+        console.print(line, highlight=False)

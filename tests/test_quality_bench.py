@@ -1,0 +1,118 @@
+"""bench/quality.py's aggregation: per-init learning-rate choice on validation, lambda = 1 headline,
+the where-merging-hurts targets, EMR kept out of the shared-model recommendation."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _single(val: float, test: float) -> dict[str, dict[str, float]]:
+    return {"a": {"validation": val, "test": test}, "b": {"validation": val, "test": test}}
+
+
+def _merged(init: str, method: str, val: float, test: float, norm: float, curve: list[tuple[float, float]]) -> dict:
+    return {"init": init, "method": method, "avg_validation": val, "avg_test": test, "avg_normalised_test": norm,
+            "lambda": 0.7, "curve": [{"lambda": lam, "avg_normalised_test": n} for lam, n in curve]}
+
+
+def _results(seed: int, inits: dict[str, tuple[float, float]], merged: list[dict]) -> dict[str, Any]:
+    return {"seed": seed, "single_task": {i: _single(v, t) for i, (v, t) in inits.items()}, "merged": merged}
+
+
+def test_learning_rate_is_chosen_per_init_on_validation(quality: Any) -> None:
+    parts = []
+    for seed in (0, 1):
+        # standard: lr 1e-3 wins on validation although its TEST score is lower
+        parts.append({"seed": seed, "lr": 1e-3, "results": _results(seed, {"standard": (80.0, 70.0)}, [
+            _merged("standard", "task_arithmetic", 75, 65, 92, [(0.5, 90), (1.0, 92)])])})
+        parts.append({"seed": seed, "lr": 5e-4, "results": _results(seed, {"standard": (79.0, 90.0)}, [
+            _merged("standard", "task_arithmetic", 74, 85, 94, [(0.5, 93), (1.0, 94)])])})
+        parts.append({"seed": seed, "lr": 1e-3, "results": _results(seed, {"own": (78.0, 78.0)}, [
+            _merged("own", "task_arithmetic", 77, 77, 99, [(0.5, 97), (1.0, 99)])])})
+    runs, chosen = quality.select_lr(parts)
+    assert chosen["standard"]["lr"] == 1e-3 and chosen["own"]["lr"] == 1e-3
+    assert chosen["standard"]["seeds_by_lr"] == {"0.0005": 2, "0.001": 2}
+    assert [r["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["single_task"]["standard"]["a"]["test"] == 70.0, "only the chosen rate's runs remain"
+        assert sorted(m["init"] for m in r["merged"]) == ["own", "standard"]
+    agg = quality.aggregate(runs, chosen)
+    assert agg["configs"]["standard|task_arithmetic"]["lr"] == 1e-3
+    assert agg["configs"]["own|task_arithmetic"]["norm_at_1"]["mean"] == 99
+
+
+def test_curve_at_reads_the_plain_sum(quality: Any) -> None:
+    curve = [{"lambda": 0.1, "avg_normalised_test": 50.0}, {"lambda": 1.0, "avg_normalised_test": 97.5}]
+    assert quality.curve_at(curve, 1.0) == 97.5
+    assert math.isnan(quality.curve_at(curve[:1], 1.0))
+
+
+def test_targets_and_the_shared_model_recommendation(quality: Any) -> None:
+    runs = [_results(s, {"standard": (84.0, 84.0), "own": (83.0, 83.8)}, [
+        _merged("standard", "task_arithmetic", 79, 80, 95, [(1.0, 92)]),
+        _merged("standard", "emr", 90, 84, 100, [(1.0, 99)]),  # best on validation, but per-task models
+        _merged("own", "task_arithmetic", 83, 83, 99, [(1.0, 96)]),
+    ]) for s in (0, 1, 2)]
+    agg = quality.aggregate(runs)
+    targets = quality.check_targets(agg)
+    assert targets["recommended_on_validation"] == "own|task_arithmetic"
+    t = targets["per_config"]["own|task_arithmetic"]
+    assert t["standard_loses"] == pytest.approx(4.0)
+    assert t["recovered_pct"] == pytest.approx(75.0)
+    assert t["single_minus_standard"] == pytest.approx(-0.2)
+    assert t["merged_minus_standard_emr"] == pytest.approx(-1.0)
+    assert t["met"] == {name: ok for name, ok in zip(
+        [n for n, *_ in quality.TARGETS], [True, True, True, True, False])}
+    table = quality.targets_table(t)
+    assert "| merged >= standard LoRA + EMR (per-task models) | -1.0 pts | missed | -1.0 pts |" in table
+    md = quality.summary(agg, targets, "test setting", [0, 1, 2])
+    assert "loses 4.0 points" in md and "emr (per-task models)" in md
+
+
+def test_every_preset_plans_runs_that_cover_its_inits(quality: Any) -> None:
+    for name, preset in quality.PRESETS.items():
+        planned = {i for _, _, inits in quality.planned_runs(name, [0]) for i in inits}
+        assert planned == {i["name"] for i in preset["config"]["inits"]}
+        jobs = quality.planned_jobs(name, [0, 1])
+        assert all(len(inits) == 1 for _, _, inits in jobs)
+        assert len(jobs) == 2 * sum(len(preset.get("lr_grid", {}).get(i["name"], [0])) for i in preset["config"]["inits"])
+        quality._config(name, 0)  # every preset is a valid pipeline config
+
+
+def test_report_verdict_names_the_gain_per_method_and_the_noise() -> None:
+    from osrm_lora.report.tables import verdict_lines
+
+    results = {
+        "seed": 3, "tasks": ["a", "b"], "subsampled": True,
+        "inits": [{"name": "standard", "mode": "standard"}, {"name": "osrm-own", "mode": "own", "freeze_A": True},
+                  {"name": "osrm-code", "mode": "code"}],
+        "single_task": {i: {"a": {"test": 80.0, "n_test": 200}, "b": {"test": 70.0, "n_test": 50}}
+                        for i in ("standard", "osrm-own", "osrm-code")},
+        "merged": [
+            {"init": "standard", "method": "ties", "avg_test": 70.0, "avg_validation": 71.0},
+            {"init": "osrm-own", "method": "ties", "avg_test": 72.5, "avg_validation": 75.0},
+            {"init": "osrm-code", "method": "ties", "avg_test": 74.0, "avg_validation": 73.0},  # better test, not chosen
+        ],
+    }
+    lines = verdict_lines(results)
+    assert lines[0].startswith("ties: OSRM osrm-own (own, A frozen) (best OSRM init on validation) merges to 72.5 "
+                               "against 70.0 for standard LoRA (+2.5 points")
+    assert "50 examples" in lines[1] and "2.0 points" in lines[1] and "subsampled" in lines[1]
+    assert verdict_lines({**results, "inits": results["inits"][:1],
+                          "merged": results["merged"][:1]}) == []
