@@ -155,6 +155,42 @@ def test_predict_works_on_a_local_task_adapter(trained: dict[str, Path], tmp_pat
     assert {line.split("\t")[0] for line in lines} <= {"0", "1"}
 
 
+def test_predict_scores_and_json_give_probabilities(trained: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from osrm_lora.inference import predict
+
+    monkeypatch.chdir(tmp_path)
+    texts = ["alpha red bravo", "golf", "alpha red"]
+    reference = predict(str(trained["a"]), texts, batch_size=2)  # batches of 2 and 1 agree with one batch of 3
+    for batched, whole in zip(reference, predict(str(trained["a"]), texts)):
+        assert batched.scores == pytest.approx(whole.scores, abs=1e-6) and batched.label == whole.label
+    assert main(["predict", "--adapter", str(trained["a"]), "--json", *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["text"] for r in rows] == texts
+    for row, ref in zip(rows, reference):
+        assert set(row["scores"]) == {"0", "1"} and sum(row["scores"].values()) == pytest.approx(1.0)
+        assert row["label"] == max(row["scores"], key=row["scores"].get) == ref.label
+    assert main(["predict", "--adapter", str(trained["a"]), "--scores", texts[0]]) == 0
+    label, prob, every, text = capsys.readouterr().out.strip().split("\t")
+    assert (label, text) == (rows[0]["label"], texts[0])
+    assert float(prob) == pytest.approx(rows[0]["scores"][label], abs=1e-4) and f"{label}=" in every
+
+
+def test_help_and_version_read_as_a_user_expects(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"osrm-lora {version('osrm-lora')}"
+    for argv in (["--help"], ["run", "--help"], ["train", "--help"], ["merge", "--help"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "<bool>" not in out and "{config}" not in out and "-v <int>" not in out, out
+    assert main(["run", "--help"]) == 0
+    assert "CONFIG" in capsys.readouterr().out
+    assert main(["-vv", "tasks", "list"]) == 0  # -v is a counted flag and takes no value
+
+
 # ---------------------------------------------------------------------------------------------- item 11: evaluate-lm
 @pytest.fixture(scope="module")
 def texts(work: Path) -> Path:
@@ -373,3 +409,19 @@ def test_emr_output_as_merged_names_its_per_task_subfolders(trained: dict[str, P
     # the per-task subfolder it names works
     assert main(["evaluate", str(trained["a"]), "--merged", str(emr / subdirs[0])]) == 0
     assert capsys.readouterr().out.startswith("a: test accuracy ")
+
+
+def test_progress_on_a_pipe_is_plain_lines_with_an_eta(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from osrm_lora import logutil
+
+    monkeypatch.delenv("OSRM_LORA_NO_PROGRESS", raising=False)
+    logutil.setup_logging(0)
+    with logutil.Progress("work", 20, {"loss": "loss {:.2f}"}, step_pct=25) as progress:
+        for _ in range(20):
+            progress.advance(1, loss=0.25)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["25%", "50%", "75%", "100%"]
+    assert "about" in lines[0] and "left" in lines[0] and lines[0].endswith("loss 0.25")
+    assert "left" not in lines[-1]
+    assert logutil.plain_progress_line("a", 12, 30, 80.0) == "a: 40% (12/30), 1m20s elapsed, about 2m00s left"

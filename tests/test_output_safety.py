@@ -20,6 +20,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
@@ -167,15 +168,23 @@ def release(proc: subprocess.Popen[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- 1: ownership
-COMMANDS: dict[str, list[object]] = {  # each refuses --out before it reads any input
+COMMANDS: dict[str, Any] = {  # each refuses --out before it reads any input (export first checks that its
+    # adapter directories exist, so it gets real ones)
     "merge": ["merge", "--method", "ties", "in-a", "in-b"],
     "train": ["train", "--task", "no-such-task.jsonl"],
     "profile": ["profile", "--tasks", "no-such-task.jsonl"],
     "init": ["init", "--stats", "no-such-stats"],
     "project": ["project", "in-a", "in-b", "--stats", "no-such-stats"],
     "diagnose": ["diagnose", "in-a", "in-b", "--stats", "no-such-stats"],
-    "export": ["export", "in-a"],
+    "export": lambda env: ["export", env.a, "--model", env.model],
 }
+
+
+def _argv(env: Env, command: str) -> list[object]:
+    if command == "run":
+        return ["run", env.config("cfg")]
+    cmd = COMMANDS[command]
+    return cmd(env) if callable(cmd) else list(cmd)
 
 
 @pytest.mark.parametrize(("command", "overwrite"), [*((c, o) for c in COMMANDS for o in (False, True)), ("run", False)])
@@ -184,7 +193,7 @@ def test_a_foreign_directory_is_refused_and_kept(env: Env, tmp_path: Path, capsy
     d = tmp_path / "d"
     d.mkdir()
     (d / "keep.txt").write_text("x")
-    argv = ["run", env.config("cfg")] if command == "run" else list(COMMANDS[command])
+    argv = _argv(env, command)
     line = _error_line(capsys, [*argv, "--out", d, *(["--overwrite"] if overwrite else [])])
     assert str(d) in line and "did not write" in line and "choose another --out" in line, line
     assert sorted(p.name for p in d.iterdir()) == ["keep.txt"] and (d / "keep.txt").read_text() == "x"
@@ -196,7 +205,7 @@ def test_an_existing_file_is_refused_and_kept(env: Env, tmp_path: Path, capsys: 
                                               command: str) -> None:
     f = tmp_path / "f"
     f.write_text("precious")
-    argv = ["run", env.config("cfg")] if command == "run" else list(COMMANDS[command])
+    argv = _argv(env, command)
     line = _error_line(capsys, [*argv, "--out", f])
     assert str(f) in line and "existing file" in line, line
     assert f.read_text() == "precious" and _siblings(f) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,18 +28,32 @@ app = typer.Typer(
     epilog="Documentation: docs/ in the osrm-lora source tree (METHOD, MERGING, DATA, RUNS, EXTENDING).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-tasks_app = typer.Typer(help="List, inspect and fetch tasks and suites.", no_args_is_help=True)
+tasks_app = typer.Typer(help="List, inspect and fetch tasks and suites.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tasks_app, name="tasks")
 
 _STATE = {"verbosity": 0}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"osrm-lora {version('osrm-lora')}")
+        except PackageNotFoundError:  # running from a source tree without installing
+            typer.echo("osrm-lora (not installed; source tree)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-v debug).")] = 0,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging: -v debug (repeat the flag, e.g. -vv; it takes no value).")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors; no progress bars.")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
     _STATE["verbosity"] = -1 if quiet else verbose
     setup_logging(_STATE["verbosity"])
@@ -110,7 +125,7 @@ def demo(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Pipeline YAML config (see configs/).")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="Pipeline YAML config (see configs/).")],
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<config name>).")] = None,
     force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable): profile, train, diagnose, merge, all.")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Data cache directory (default $OSRM_LORA_CACHE or ~/.cache/osrm-lora).")] = None,
@@ -141,7 +156,7 @@ def run(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json.")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory with results.json.")]) -> None:
     """(Re)write the report of a run directory.
 
     Example: osrm-lora report runs/demo
@@ -173,7 +188,7 @@ def tasks_list() -> None:
 
 @tasks_app.command("show")
 def tasks_show(
-    names: Annotated[list[str], typer.Argument(help="Task names (built-in or glue/<task>).")],
+    names: Annotated[list[str], typer.Argument(metavar="NAMES...", help="Task names (built-in or glue/<task>).")],
     cache: Annotated[Optional[Path], typer.Option(help="Data cache directory.")] = None,
 ) -> None:
     """Fetch (first time only) and summarise tasks: sizes, labels, metric, an example.
@@ -196,17 +211,17 @@ def train(
     out: Annotated[Path, typer.Option(help="Output adapter directory.")],
     model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
     init: Annotated[Optional[Path], typer.Option(help="Initial adapter from `osrm-lora init` (its A is used).")] = None,
-    rank: Annotated[int, typer.Option(min=1)] = 8,
-    alpha: Annotated[float, typer.Option(min=0.0)] = 16.0,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (scaling alpha / r).")] = 16.0,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names (default per architecture).")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the best on validation is kept).")] = 3,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     max_length: Annotated[int, typer.Option(min=2)] = 128,
     freeze_a: Annotated[bool, typer.Option("--freeze-a", help="Keep A fixed (OSRM subspace).")] = False,
     freeze_b: Annotated[bool, typer.Option("--freeze-b", help="Keep B fixed.")] = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     strategy: Annotated[str, typer.Option(help="Under torchrun: ddp (a model copy per process) or fsdp (sharded).")] = "ddp",
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
@@ -248,14 +263,14 @@ def train(
 def profile(
     tasks: Annotated[str, typer.Option(help="Comma-separated task names, or a suite name.")],
     out: Annotated[Path, typer.Option(help="Statistics store directory.")],
-    model: str = "default",
+    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
     n_samples: Annotated[int, typer.Option(min=1)] = 100,
     max_length: Annotated[int, typer.Option(min=2)] = 128,
     include_padding: Annotated[bool, typer.Option(help="Count padding tokens (as the reference code).")] = False,
     float64: Annotated[bool, typer.Option(help="Accumulate in float64.")] = False,
     seed: int = 42,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Collect activation statistics (count, sum, Gram per task per module input) under the pre-trained model.
@@ -301,12 +316,12 @@ def init(
     stats: Annotated[Path, typer.Option(help="Statistics store from `osrm-lora profile`.")],
     out: Annotated[Path, typer.Option(help="Directory for one initial adapter per task.")],
     mode: Annotated[str, typer.Option(help="standard, code, paper or own.")] = "paper",
-    model: str = "default",
-    rank: Annotated[int, typer.Option(min=1)] = 8,
-    alpha: Annotated[float, typer.Option(min=0.0)] = 16.0,
+    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (scaling alpha / r).")] = 16.0,
     ridge: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write one initial PEFT adapter per task with OSRM A (B = 0); `train --init` starts from it.
@@ -348,11 +363,11 @@ def _check_init_targets(stats: Path, targets: list[str] | None) -> None:
 
 @app.command()
 def project(
-    adapters: Annotated[list[Path], typer.Argument(help="Trained adapter directories, named by task.")],
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Trained adapter directories, named by task.")],
     stats: Annotated[Path, typer.Option(help="Statistics store covering the same tasks.")],
     out: Annotated[Path, typer.Option(help="Output directory (one projected adapter per input).")],
     rank: Annotated[int, typer.Option(min=1, help="Dimension of the OSRM subspace.")] = 8,
-    mode: str = "paper",
+    mode: Annotated[str, typer.Option(help="OSRM mode of the subspace: code, paper or own.")] = "paper",
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Post-hoc OSRM: project each adapter's input side onto its OSRM subspace (heads preserved).
@@ -389,25 +404,48 @@ def _print_projection(rep: dict) -> None:
 
 @app.command()
 def diagnose(
-    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories, named by task.")],
-    stats: Annotated[Path, typer.Option(help="Statistics store covering the same tasks.")],
-    out: Annotated[Path, typer.Option(help="Output directory for interference.json/png.")],
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Adapter directories, named by task.")],
+    out: Annotated[Path, typer.Option(help="Output directory for interference.json/png (leave_one_out.json).")],
+    stats: Annotated[Optional[Path], typer.Option(help="Statistics store covering the same tasks (with --leave-one-out: optional, adds the ranking by interference).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+    leave_one_out: Annotated[bool, typer.Option("--leave-one-out", help="Score every task on validation with the Task Arithmetic merge of all adapters and without each other adapter: how much each one drags the others down.")] = False,
+    scaling: Annotated[float, typer.Option(min=0.0, help="--leave-one-out: the Task Arithmetic lambda.")] = 1.0,
+    model: Annotated[str, typer.Option(help="--leave-one-out: base model (default: the adapters').")] = "default",
+    device: Annotated[str, typer.Option(help="--leave-one-out: auto, cpu, cuda ...")] = "auto",
 ) -> None:
     """Interference of every adapter on every task's inputs, from stored Gram matrices (no forward pass).
 
-    Example: osrm-lora diagnose runs/demo/adapters/standard/* --stats runs/demo/stats --out runs/diag
-    """
-    from osrm_lora.diagnose import run_diagnose
+    With --leave-one-out: per adapter i and other task j, task j's validation score with the Task
+    Arithmetic merge of all adapters minus without adapter i (a matrix and the worst adapter).
 
-    with claim_output(out, overwrite=overwrite, container=True, inputs=[*adapters, stats]):
-        run_diagnose([str(a) for a in adapters], str(stats), str(out))
+    Example: osrm-lora diagnose runs/demo/adapters/standard/* --stats runs/demo/stats --out runs/diag
+
+    Example: osrm-lora diagnose runs/demo/adapters/standard/* --leave-one-out --scaling 0.5 --out runs/loo
+    """
+    from osrm_lora.diagnose import format_leave_one_out, run_diagnose, run_leave_one_out
+
+    if stats is None and not leave_one_out:
+        raise OsrmError("diagnose needs --stats (interference statistics) or --leave-one-out; see `osrm-lora diagnose --help`")
+    if leave_one_out:
+        _model_arg(model)
+        _device_arg(device)
+    with claim_output(out, overwrite=overwrite, container=True, inputs=[*adapters, *([stats] if stats else [])]):
+        if leave_one_out:
+            loo = run_leave_one_out([str(a) for a in adapters], str(out), scaling=scaling,
+                                    stats_path=str(stats) if stats else None, model=model, device=device)
+        else:
+            run_diagnose([str(a) for a in adapters], str(stats), str(out))
+    if leave_one_out:
+        for line in format_leave_one_out(loo):
+            typer.echo(line)
+        typer.echo(f"leave-one-out written to {out}/leave_one_out.json")
+        return
     typer.echo(f"interference written to {out}/interference.json and interference.png")
 
 
 @app.command()
 def merge(
-    adapters: Annotated[Optional[list[Path]], typer.Argument(help="PEFT adapter directories to merge.")] = None,
+    adapters: Annotated[Optional[list[Path]], typer.Argument(metavar="ADAPTERS...", help="PEFT adapter directories to merge.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Merge method (see --list).")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="key=value (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output directory.")] = None,
@@ -461,14 +499,65 @@ def merge(
     typer.echo(result_line(out, len(adapters or []), method))
 
 
+@app.command()
+def search(
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Trained adapter directories (each with its task head), one per task.")],
+    out: Annotated[Path, typer.Option(help="Output directory: search.db (the study; rerunning resumes it), search.json, merged/.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated merge methods a layer group can get.")] = "task_arithmetic,ties,dare_ties,tsv_m",
+    groups: Annotated[int, typer.Option(min=0, help="Layer groups of contiguous layers, each with its own method (0 = one per layer).")] = 4,
+    masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Also search, per layer group, which adapters take part.")] = True,
+    scaling_range: Annotated[str, typer.Option(help="LOW,HIGH of every group's lambda.")] = "0.1,1.5",
+    objective: Annotated[str, typer.Option(help="mean (mean validation score) or pareto (one objective per task).")] = "mean",
+    sampler: Annotated[str, typer.Option(help="tpe, nsga2 or random.")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="hyperband, successive_halving or none.")] = "hyperband",
+    rungs: Annotated[int, typer.Option(min=1, help="Fidelities: validation fractions eta^-(rungs-1) .. 1/eta, 1.")] = 3,
+    eta: Annotated[int, typer.Option(min=2, help="Reduction factor between fidelities.")] = 3,
+    min_examples: Annotated[int, typer.Option(min=1, help="Smallest validation subset per task.")] = 8,
+    budget: Annotated[Optional[float], typer.Option(help="Budget in full-validation evaluations (default 20 unless --seconds/--trials).")] = None,
+    seconds: Annotated[Optional[float], typer.Option(help="Budget in seconds of trials.")] = None,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="Budget in trials.")] = None,
+    constraint: Annotated[Optional[list[str]], typer.Option(help="TASK>=FLOOR or TASK>=single-TOL: a floor on a task's validation score (repeatable).")] = None,
+    seed: int = 0,
+    model: str = "default",
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapters were trained with).")] = None,
+    device: str = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier search at --out and start anew (otherwise it is resumed).")] = False,
+) -> None:
+    """Search per layer group a merge method, its coefficients and which adapters take part, on validation
+    subsets of growing size (Hyperband); writes the best merge, scored once on test.
+
+    Example: osrm-lora search runs/demo/adapters/standard/* --out runs/search --budget 30
+
+    Example: osrm-lora search a/ b/ c/ --out s/ --objective pareto --constraint mr>=single-2
+    """
+    from osrm_lora.search import SearchBudget, search_merge, summary_lines
+
+    _model_arg(model)
+    _device_arg(device)
+    try:
+        low, high = (float(x) for x in scaling_range.split(","))
+    except ValueError:
+        raise OsrmError(f"--scaling-range {scaling_range!r} is not LOW,HIGH; pass e.g. --scaling-range 0.1,1.5") from None
+    evaluations = budget if budget is not None else (20.0 if seconds is None and trials is None else None)
+    record = search_merge([str(a) for a in adapters], out, methods=_csv(methods) or [], n_groups=groups or None,
+                          masks=masks, scaling_range=(low, high), objective=objective, sampler=sampler, pruner=pruner,
+                          rungs=rungs, eta=eta, min_examples=min_examples,
+                          budget=SearchBudget(evaluations=evaluations, seconds=seconds, trials=trials),
+                          constraints=list(constraint or []), seed=seed, model=model, max_length=max_length,
+                          device=device, overwrite=overwrite)
+    for line in summary_lines(record):
+        typer.echo(line)
+    typer.echo(f"written to {out}/merged and {out}/search.json")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
-    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories (each with its task head).")],
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Adapter directories (each with its task head).")],
     merged: Annotated[Optional[Path], typer.Option(help="A merged adapter to evaluate with each task's head.")] = None,
     split: Annotated[str, typer.Option(help="validation or test.")] = "test",
-    model: str = "default",
+    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one each adapter was trained with).")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
 ) -> None:
     """Score adapters (or one merged adapter with each task's head) on each task's split.
 
@@ -477,23 +566,22 @@ def evaluate_cmd(
 
     Example: osrm-lora evaluate runs/demo/adapters/standard/* --merged runs/demo/merges/standard/task_arithmetic
     """
-    from osrm_lora.inference import score_adapters
+    from osrm_lora.inference import iter_scores
 
     _model_arg(model)
     _device_arg(device)
-    scores = score_adapters([str(a) for a in adapters], merged=str(merged) if merged else None, split=split,
-                            model=model, max_length=max_length, device=device)
-    for s in scores:
-        typer.echo(s.line())
+    for s in iter_scores([str(a) for a in adapters], merged=str(merged) if merged else None, split=split,
+                         model=model, max_length=max_length, device=device):
+        typer.echo(s.line())  # each task as soon as it is scored
 
 
 @app.command("evaluate-lm")
 def evaluate_lm_cmd(
-    texts: Annotated[list[Path], typer.Argument(help="Text files, one text per line (one file per task).")],
+    texts: Annotated[list[Path], typer.Argument(metavar="TEXTS...", help="Text files, one text per line (one file per task).")],
     model: Annotated[str, typer.Option(help="Causal LM (HF id or directory) the adapters were trained on.")],
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter (own or merged) to fold in.")] = None,
     max_length: Annotated[int, typer.Option(min=2)] = 512,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
 ) -> None:
     """Loss and perplexity of a causal LM (optionally with a merged LoRA) on each text file.
 
@@ -511,30 +599,40 @@ def evaluate_lm_cmd(
 @app.command()
 def predict(
     adapter: Annotated[Path, typer.Option(help="Adapter directory with the task's head.")],
-    texts: Annotated[list[str], typer.Argument(help="Texts to label ('-' reads lines from stdin).")],
+    texts: Annotated[list[str], typer.Argument(metavar="TEXTS...", help="Texts to label ('-' reads lines from stdin).")],
     merged: Annotated[Optional[Path], typer.Option(help="Use this merged adapter instead of the task's own.")] = None,
-    model: str = "default",
+    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapter was trained with).")] = None,
+    scores: Annotated[bool, typer.Option("--scores", help="Also print each label's probability.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per text: text, label, scores.")] = False,
 ) -> None:
-    """Label new texts for a task.
+    """Label new texts for a task: one line per text, `label<TAB>text` (with --scores the
+    probability of the label follows it, then every label's probability).
 
     Example: osrm-lora predict --adapter runs/demo/adapters/standard/mr "a gripping, funny film"
     """
-    from osrm_lora.inference import predict_texts
+    from osrm_lora.inference import predict as predict_all
 
     _model_arg(model)
     items = [line.rstrip("\n") for line in sys.stdin] if texts == ["-"] else texts
-    for text, label in zip(items, predict_texts(str(adapter), items, merged=str(merged) if merged else None,
-                                                model=model, max_length=max_length)):
-        typer.echo(f"{label}\t{text}")
+    preds = predict_all(str(adapter), items, merged=str(merged) if merged else None, model=model,
+                        max_length=max_length)
+    for text, pred in zip(items, preds):
+        if json_out:
+            typer.echo(json.dumps({"text": text, "label": pred.label, "scores": pred.scores}, ensure_ascii=False))
+        elif scores and pred.scores:
+            every = " ".join(f"{k}={v:.4f}" for k, v in pred.scores.items())
+            typer.echo(f"{pred.label}\t{pred.scores[pred.label]:.4f}\t{every}\t{text}")
+        else:
+            typer.echo(f"{pred.label}\t{text}")
 
 
 @app.command()
 def export(
-    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories (each with its head).")],
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Adapter directories (each with its head).")],
     out: Annotated[Path, typer.Option(help="Output directory: one HF model per task.")],
     merged: Annotated[Optional[Path], typer.Option(help="Merged adapter to fold in (default: each task's own).")] = None,
-    model: str = "default",
+    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write per task a standalone HF sequence classifier (base + update folded in + the task's head).

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.colors import LogNorm, Normalize
 
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.backbone import load_head
@@ -109,23 +110,42 @@ def interference_matrix(adapters: Mapping[str, Any], store: StatsStore) -> dict[
     }
 
 
-def save_interference(result: Mapping[str, Any], out_dir: str | os.PathLike[str], title: str | None = None) -> Path:
+def save_interference(result: Mapping[str, Any], out_dir: str | os.PathLike[str], title: str | None = None,
+                      scale: tuple[float, float, bool] | None = None) -> Path:
     """Atomically write ``out_dir/interference.json`` and ``out_dir/interference.png`` (annotated
-    heatmap of the aggregated ratio matrix; ``title`` should name the init/mode)."""
+    heatmap of the aggregated ratio matrix; ``title`` should name the init/mode; ``scale`` see
+    :func:`write_interference_png`)."""
+    out = Path(out_dir)
+    label = title or str(result.get("label") or "adapters")
+    write_json(out / "interference.json", {**result, "label": label})
+    write_interference_png(result, out / "interference.png", label, scale)
+    return out
+
+
+def write_interference_png(result: Mapping[str, Any], path: str | os.PathLike[str], label: str,
+                           scale: tuple[float, float, bool] | None = None) -> Path:
+    """Atomically write the annotated heatmap of ``result["ratio"]`` to ``path``. ``scale`` =
+    ``(vmin, vmax, log)`` is a colour scale shared by the inits of a run (the report passes one, so the
+    heatmaps of a run compare); without it the colours span this matrix's own range. The title and the
+    PNG's ``Description`` say which."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
     tasks = list(result["tasks"])
     ratio = torch.tensor(result["ratio"], dtype=torch.float64).numpy()
-    label = title or str(result.get("label") or "adapters")
-    write_json(out / "interference.json", {**result, "label": label})
     T = len(tasks)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * T, 1.0 + 0.8 * T))
+    if scale is None:
+        norm: Normalize | None = None
+        note = "colour scale: this matrix's own range (not comparable across inits)"
+    else:
+        vmin, vmax, log = scale
+        norm = LogNorm(vmin=vmin, vmax=vmax) if log else Normalize(vmin=vmin, vmax=vmax)
+        note = f"{'log' if log else 'linear'} colour scale {vmin:.3g} to {vmax:.3g}, shared by the inits of the run"
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * T, 1.2 + 0.8 * T))
     try:
-        im = ax.imshow(ratio, cmap="viridis")
+        im = ax.imshow(ratio, cmap="viridis", norm=norm)
         ax.set_xticks(range(T), labels=tasks, rotation=45, ha="right")
         ax.set_yticks(range(T), labels=tasks)
         ax.set_xlabel("task data j")
@@ -135,16 +155,17 @@ def save_interference(result: Mapping[str, Any], out_dir: str | os.PathLike[str]
         for i in range(T):
             for j in range(T):
                 v = ratio[i, j]
+                light = v == v and (v > mid if norm is None else v > 0 and float(norm(v)) > 0.6)
                 ax.text(j, i, "nan" if v != v else f"{v:.2g}", ha="center", va="center", fontsize=8,
-                        color="black" if v == v and v > mid else "white")
-        ax.set_title(f"Interference E||dW_i h_j||² / E||dW_j h_j||² — {label}", fontsize=9)
+                        color="black" if light else "white")
+        ax.set_title(f"Interference E||dW_i h_j||² / E||dW_j h_j||² — {label}\n{note}", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         fig.tight_layout()
-        with atomic_file(out / "interference.png", "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
+        with atomic_file(Path(path), "wb") as fh:
+            fig.savefig(fh, format="png", dpi=120, metadata={"Description": note})
     finally:
         plt.close(fig)
-    return out
+    return Path(path)
 
 
 def run_diagnose(adapter_dirs: Sequence[str], stats_path: str, out_dir: str, title: str | None = None) -> dict[str, Any]:
@@ -246,8 +267,9 @@ def interference_ranking(result: Mapping[str, Any]) -> dict[str, Any]:
 def format_leave_one_out(result: Mapping[str, Any]) -> list[str]:
     """The drag matrix as text rows (adapter i x task j, points lost by j when i joins) + the summary."""
     tasks = list(result["tasks"])
-    width = max(8, *(len(t) for t in tasks))
-    lines = [f"{'drag (i joins)':<{width + 6}}" + "".join(f"{t:>{width + 2}}" for t in tasks) + f"{'mean':>{width + 2}}"]
+    width = max(12, *(len(t) for t in tasks))
+    corner = "adapter i / task j"
+    lines = [f"{corner:<{width + 6}}" + "".join(f"{t:>{width + 2}}" for t in tasks) + f"{'mean':>{width + 2}}"]
     for i, t in enumerate(tasks):
         cells = "".join(f"{'-':>{width + 2}}" if v is None else f"{v:>{width + 2}.2f}" for v in result["drag"][i])
         lines.append(f"{t:<{width + 6}}{cells}{result['mean_drag'][t]:>{width + 2}.2f}")
@@ -275,5 +297,5 @@ def run_leave_one_out(adapter_dirs: Sequence[str], out_dir: str, *, scaling: flo
         loaded = load_tasks_adapters([str(d) for d in adapter_dirs], store)
         result["interference"] = interference_ranking(interference_matrix({t: ad for t, (_, ad) in loaded.items()}, store))
     write_json(Path(out_dir) / "leave_one_out.json", result)
-    logger.info("%s", result["summary"])
+    logger.debug("%s", result["summary"])
     return result

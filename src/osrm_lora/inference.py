@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -299,28 +299,50 @@ def score_adapters(
 ) -> list[TaskScore]:
     """Score each adapter (own update, or the merged one) on its task's ``split``, with the splits and
     (unless ``max_length`` is given) the token limit of the run that trained it."""
-    from osrm_lora.encoding import encode_split
-    from osrm_lora.evaluate import evaluate
+    return list(iter_scores(adapter_dirs, merged=merged, split=split, model=model, max_length=max_length,
+                            device=device))
+
+
+def iter_scores(
+    adapter_dirs: Sequence[str],
+    *,
+    merged: str | None = None,
+    split: str = "test",
+    model: str | None = None,
+    max_length: int | None = None,
+    device: str | None = None,
+) -> Iterator[TaskScore]:
+    """:func:`score_adapters` one task at a time (each score as soon as it is computed), with a
+    progress line over the tasks on stderr."""
+    from osrm_lora.logutil import Progress
 
     if split not in ("train", "validation", "test"):
         raise OsrmError(f"unknown split {split!r}; use validation or test")
     if not adapter_dirs:
         raise OsrmError("no adapter directories given; pass the adapters to evaluate (each with its task head)")
-    scores: list[TaskScore] = []
-    for adir in adapter_dirs:
-        net, tok, info = load_task_model(adir, merged=merged, model=model, device=device)
-        task = _task_for(adir, info)
-        metrics = run_metrics(adir)
-        recorded_n = metrics.get(f"n_{split}")
-        if isinstance(recorded_n, int) and recorded_n != len(task.split(split)):
-            logger.warning("%s: the %s split has %d examples now but had %d when %s was trained; the task data "
-                           "changed, so the scores are not comparable", task.name, split, len(task.split(split)),
-                           recorded_n, adir)
-        enc = encode_split(tok, task.split(split), run_max_length(adir, max_length), task.problem_type == "regression")
-        recorded = metrics.get(split) if merged is None and split in ("validation", "test") else None
-        scores.append(TaskScore(task.name, split, task.metric, len(enc), evaluate(net, tok, task, enc),
-                                float(recorded) if isinstance(recorded, (int, float)) else None))
-    return scores
+    with Progress(f"evaluate {len(adapter_dirs)} adapter(s) on {split}", len(adapter_dirs)) as progress:
+        for adir in adapter_dirs:
+            yield _score_one(adir, merged, split, model, max_length, device)
+            progress.advance(1)
+
+
+def _score_one(adir: str, merged: str | None, split: str, model: str | None, max_length: int | None,
+               device: str | None) -> TaskScore:
+    from osrm_lora.encoding import encode_split
+    from osrm_lora.evaluate import evaluate
+
+    net, tok, info = load_task_model(adir, merged=merged, model=model, device=device)
+    task = _task_for(adir, info)
+    metrics = run_metrics(adir)
+    recorded_n = metrics.get(f"n_{split}")
+    if isinstance(recorded_n, int) and recorded_n != len(task.split(split)):
+        logger.warning("%s: the %s split has %d examples now but had %d when %s was trained; the task data "
+                       "changed, so the scores are not comparable", task.name, split, len(task.split(split)),
+                       recorded_n, adir)
+    enc = encode_split(tok, task.split(split), run_max_length(adir, max_length), task.problem_type == "regression")
+    recorded = metrics.get(split) if merged is None and split in ("validation", "test") else None
+    return TaskScore(task.name, split, task.metric, len(enc), evaluate(net, tok, task, enc),
+                     float(recorded) if isinstance(recorded, (int, float)) else None)
 
 
 def evaluate_adapters(
@@ -337,7 +359,47 @@ def evaluate_adapters(
                                                     max_length=max_length, device=device)}
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Prediction:
+    """One text's prediction: the label name (or the regression value as text) and, for a
+    classifier, the softmax probability of every label."""
+
+    label: str
+    scores: dict[str, float]
+
+
+def predict(
+    adapter_dir: str,
+    texts: Sequence[str],
+    *,
+    merged: str | None = None,
+    model: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 64,
+) -> list[Prediction]:
+    """Predictions for ``texts`` in batches of ``batch_size``; ``max_length`` defaults to the token
+    limit the adapter was trained with."""
+    if not texts:
+        raise OsrmError("no texts to label; pass texts as arguments or '-' to read stdin")
+    net, tok, info = load_task_model(adapter_dir, merged=merged, model=model)
+    dev = next(net.parameters()).device
+    limit = run_max_length(adapter_dir, max_length)
+    names = info.label_names or tuple(str(i) for i in range(info.num_labels))
+    out: list[Prediction] = []
+    for start in range(0, len(texts), batch_size):
+        batch = tok(list(texts[start : start + batch_size]), truncation=True, max_length=limit, padding=True,
+                    return_tensors="pt")
+        with torch.no_grad():
+            logits = net(**{k: v.to(dev) for k, v in batch.items()}).logits.float().cpu()
+        if info.problem_type == "regression":
+            out += [Prediction(f"{v:.4f}", {}) for v in logits[:, 0].tolist()]
+            continue
+        for row in logits.softmax(-1).tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(names[best], dict(zip(names, row))))
+    return out
+
+
 def predict_texts(
     adapter_dir: str,
     texts: Sequence[str],
@@ -346,19 +408,8 @@ def predict_texts(
     model: str | None = None,
     max_length: int | None = None,
 ) -> list[str]:
-    """Predicted label names (or regression values) for ``texts``; ``max_length`` defaults to the
-    token limit the adapter was trained with."""
-    if not texts:
-        raise OsrmError("no texts to label; pass texts as arguments or '-' to read stdin")
-    net, tok, info = load_task_model(adapter_dir, merged=merged, model=model)
-    dev = next(net.parameters()).device
-    batch = tok(list(texts), truncation=True, max_length=run_max_length(adapter_dir, max_length), padding=True,
-                return_tensors="pt")
-    logits = net(**{k: v.to(dev) for k, v in batch.items()}).logits.float().cpu()
-    if info.problem_type == "regression":
-        return [f"{v:.4f}" for v in logits[:, 0].tolist()]
-    names = info.label_names or tuple(str(i) for i in range(info.num_labels))
-    return [names[i] for i in logits.argmax(-1).tolist()]
+    """Predicted label names (or regression values) for ``texts`` (see :func:`predict`)."""
+    return [p.label for p in predict(adapter_dir, texts, merged=merged, model=model, max_length=max_length)]
 
 
 def export_models(

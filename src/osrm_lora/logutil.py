@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 _CONFIGURED = False
@@ -71,40 +72,75 @@ def progress_enabled() -> bool:
     return logging.getLogger("osrm_lora").getEffectiveLevel() <= logging.INFO
 
 
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class Progress:
-    """A rich progress bar for long work (disabled when quiet or OSRM_LORA_NO_PROGRESS is set).
+    """Progress of long work on stderr (nothing when quiet or OSRM_LORA_NO_PROGRESS is set): a rich
+    bar with elapsed time and ETA on a terminal; on a pipe or file, one plain line per ``step_pct``
+    percent (``label: 40% (12/30), 8s elapsed, about 12s left``), since a bar would print blank lines.
 
     ``fields`` names extra values shown after the bar, e.g. ``{"loss": "loss {:.4f}"}``; pass their
     values to :meth:`advance`.
     """
 
-    def __init__(self, label: str, total: int, fields: dict[str, str] | None = None) -> None:
+    def __init__(self, label: str, total: int, fields: dict[str, str] | None = None, step_pct: int = 10) -> None:
         self._bar: Any = None
+        self._plain = False
         self._fields = fields or {}
-        if progress_enabled() and total > 0:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as RichProgress
+        self._label, self._total, self._done, self._step = label, total, 0, max(1, step_pct)
+        self._next_pct = self._step
+        self._start = time.monotonic()
+        self._texts: dict[str, str] = {}
+        if not (progress_enabled() and total > 0):
+            return
+        console = stderr_console()
+        if not console.is_terminal:
+            self._plain = True
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
-            columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
-            columns += [TextColumn("{task.fields[" + name + "_text]}") for name in self._fields]
-            columns.append(TimeElapsedColumn())
-            self._bar = RichProgress(*columns, transient=True, console=stderr_console())
-            self._bar.start()
-            init = {f"{name}_text": "" for name in self._fields}
-            self._id = self._bar.add_task(label, total=total, **init)
+        columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        columns += [TextColumn("{task.fields[" + name + "_text]}") for name in self._fields]
+        columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        self._bar = RichProgress(*columns, transient=True, console=console)
+        self._bar.start()
+        init = {f"{name}_text": "" for name in self._fields}
+        self._id = self._bar.add_task(label, total=total, **init)
 
     def advance(self, n: int = 1, **values: float) -> None:
+        texts = {f"{k}_text": self._fields[k].format(v) for k, v in values.items() if k in self._fields}
         if self._bar is not None:
-            texts = {f"{k}_text": self._fields[k].format(v) for k, v in values.items() if k in self._fields}
             self._bar.update(self._id, advance=n, **texts)
+        elif self._plain:
+            self._done += n
+            self._texts.update(texts)
+            pct = 100 * self._done // self._total
+            if pct >= self._next_pct and n:
+                self._next_pct = (pct // self._step + 1) * self._step
+                sys.stderr.write(plain_progress_line(self._label, self._done, self._total,
+                                                     time.monotonic() - self._start, list(self._texts.values())) + "\n")
+                sys.stderr.flush()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+        self._plain = False
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def plain_progress_line(label: str, done: int, total: int, elapsed: float, extras: list[str] | None = None) -> str:
+    """``label: 40% (12/30), 8s elapsed, about 12s left[, extras]`` (the ETA assumes a steady rate)."""
+    left = elapsed * (total - done) / done if done else float("nan")
+    eta = f", about {_duration(left)} left" if done and done < total else ""
+    tail = "".join(f", {e}" for e in extras or [] if e)
+    return f"{label}: {100 * done // total}% ({done}/{total}), {_duration(elapsed)} elapsed{eta}{tail}"

@@ -32,7 +32,7 @@ chosen configuration is the front's member with the best mean.
 
 Constraints (after "One Bad Model Spoils the Bunch", arXiv 2406.14563). A constraint task's
 validation score must not fall below a floor (absolute, or its own adapter's validation score minus
-a tolerance). Violations are given to the sampler (``constraints_func``: TPE, NSGA-II) or, for the
+a tolerance). Violations are given to the sampler (``Trial.set_constraint``: TPE, NSGA-II) or, for the
 random sampler, subtracted from the objective; an infeasible trial is never chosen.
 
 Budget, in full-validation evaluations (a fidelity with a fraction ``f`` of the examples costs
@@ -49,7 +49,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +59,7 @@ import optuna
 import torch
 
 from osrm_lora.adapters import LoraAdapter, load_adapter
+from osrm_lora.backbone import load_head
 from osrm_lora.cards import adapter_hash
 from osrm_lora.data.task import Task
 from osrm_lora.diagnose import merged_evaluator_for
@@ -66,6 +67,7 @@ from osrm_lora.encoding import Encoded
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import mean
 from osrm_lora.fsutil import atomic_file, claim_output, read_json, write_json
+from osrm_lora.inference import check_adapter_dir
 from osrm_lora.merge.methods._common import merged_config
 from osrm_lora.merge.registry import MergeContext, MergeResult, get_method, list_methods, merge
 from osrm_lora.merged_eval import MergedEvaluator
@@ -223,6 +225,12 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return out
 
 
+def _check_constraint_tasks(constraints: Sequence[Constraint], tasks: Sequence[str]) -> None:
+    unknown = [c.task for c in constraints if c.task not in tasks]
+    if unknown:
+        raise OsrmError(f"constraint task {unknown[0]!r} is not one of the merged tasks ({', '.join(tasks)})")
+
+
 # ---------------------------------------------------------------------------------------------- merging
 def restrict(adapter: LoraAdapter, keys: Sequence[str]) -> LoraAdapter:
     """``adapter`` with only the modules ``keys`` (and no non-LoRA tensors)."""
@@ -341,13 +349,11 @@ def _quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-def _sampler(name: str, seed: int, constraints_func: Callable[[Any], Sequence[float]] | None,
-             population: int | None) -> optuna.samplers.BaseSampler:
+def _sampler(name: str, seed: int, population: int | None) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func)
+        return optuna.samplers.TPESampler(seed=seed)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func,
-                                             population_size=population or 20)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population or 20)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -459,12 +465,13 @@ def search_merge(
     if not dirs:
         raise OsrmError("no adapter directories given; pass the adapters to merge (each with its task head)")
     out = Path(out_dir)
-    with claim_output(out, resume=True):
+    with claim_output(out, resume=True, inputs=dirs):
         if overwrite:
             for name in (STORAGE, RECORD):
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / MERGED, ignore_errors=True)
         if evaluator is None:
+            _check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before loading data
             evaluator, model_path = merged_evaluator_for(dirs, model=model, max_length=max_length,
                                                          batch_size=batch_size, device=device,
                                                          splits=("validation", "test"))
@@ -475,9 +482,7 @@ def search_merge(
             raise OsrmError(f"the evaluator has {len(tasks)} tasks for {len(dirs)} adapters; give one adapter per task")
         if objective == "pareto" and len(tasks) < 2:
             raise OsrmError("a Pareto search needs at least two tasks; use --objective mean")
-        unknown = [c.task for c in parsed if c.task not in tasks]
-        if unknown:
-            raise OsrmError(f"constraint task {unknown[0]!r} is not one of the merged tasks ({', '.join(tasks)})")
+        _check_constraint_tasks(parsed, tasks)
         adapters = [load_adapter(d, name=t) for d, t in zip(dirs, tasks)]
         for ad, d in zip(adapters, dirs):
             if ad.trains_biases:
@@ -498,13 +503,16 @@ def search_merge(
             "constraints": [c.text() for c in parsed], "seed": int(seed), "population": population,
         }
         multi = objective == "pareto"
-        use_constraints_func = bool(parsed) and sampler != "random"
+        penalise = bool(parsed) and sampler == "random"  # the random sampler ignores constraints
 
         def violations(scores: Mapping[str, float]) -> list[float]:
             return [floors[c.text()] - scores[c.task] for c in parsed]
 
-        def constraints_func(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-            return list(trial.user_attrs.get("constraints") or [0.0] * len(parsed))
+        def set_constraints(trial: optuna.Trial, viol: Sequence[float]) -> None:
+            """The violations at the last fidelity scored, for the samplers (TPE, NSGA-II) to learn
+            feasibility from (``Trial.set_constraint``, which Optuna 5 prefers to ``constraints_func``)."""
+            for c, v in zip(parsed, viol):
+                trial.set_constraint(c.text(), v)
 
         def run_trial(trial: optuna.Trial) -> float | list[float]:
             t0 = time.perf_counter()
@@ -517,7 +525,7 @@ def search_merge(
                 scores = evaluator.evaluate(lambda i: deltas, split_name(k, rungs))
                 cost += rung_cost[k]
                 viol = violations(scores)
-                penalty = sum(max(0.0, v) for v in viol) if parsed and not use_constraints_func else 0.0
+                penalty = sum(max(0.0, v) for v in viol) if penalise else 0.0
                 value = mean(scores.values()) - penalty
                 trial.set_user_attr(f"rung{k}", scores)
                 trial.set_user_attr(f"rung{k}_value", value)
@@ -527,15 +535,16 @@ def search_merge(
                 if k == rungs - 1:
                     break
                 if multi:
-                    if pruner != "none":
-                        competing = [float(t.user_attrs[f"rung{k}_value"]) for t in trial.study.get_trials(deepcopy=False)
-                                     if f"rung{k}_value" in t.user_attrs]
-                        if not sha_promotable(value, competing, eta):
-                            raise optuna.TrialPruned()
+                    competing = [float(t.user_attrs[f"rung{k}_value"]) for t in trial.study.get_trials(deepcopy=False)
+                                 if f"rung{k}_value" in t.user_attrs]
+                    prune = pruner != "none" and not sha_promotable(value, competing, eta)
                 else:
                     trial.report(value, step=eta ** k)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned()
+                    prune = trial.should_prune()
+                if prune:
+                    set_constraints(trial, viol)
+                    raise optuna.TrialPruned()
+            set_constraints(trial, viol)
             trial.set_user_attr("validation", scores)
             if multi:
                 return [scores[t] - penalty for t in tasks]
@@ -543,12 +552,12 @@ def search_merge(
 
         with _quiet_optuna():
             study = _open_study(out, settings, directions=["maximize"] * (len(tasks) if multi else 1),
-                                sampler=_sampler(sampler, seed, constraints_func if use_constraints_func else None,
-                                                 population),
+                                sampler=_sampler(sampler, seed, population),
                                 pruner=_pruner(pruner, rungs, eta, multi))
             _fail_interrupted(study)
             used = budget_used(study)
-            if used["trials"]:
+            if used["trials"]:  # a resumed study: a sampler seeded anew would draw the first trials' params again
+                study.sampler = _sampler(sampler, seed + len(study.trials), population)
                 logger.info("resuming the search in %s: %d trials done, %.2f evaluations and %.0f s used",
                             out, used["trials"], used["evaluations"], used["seconds"])
 

@@ -17,11 +17,14 @@ from osrm_lora.report.tables import (
     Table,
     init_label,
     init_names,
+    interference_scale,
     interference_table,
     manifest_tables,
     merge_cost_table,
     per_task_table,
     robustness_table,
+    scale_text,
+    seed_note,
     single_task_table,
     summary_table,
     verdict_lines,
@@ -54,14 +57,23 @@ p, li { max-width:980px; }
 .verdict { font-size:1.05em; border-left:4px solid var(--accent); padding:6px 12px; margin:12px 0; }
 nav ol { columns:3; margin:8px 0 0; padding-left:20px; }
 nav a { color:var(--accent); text-decoration:none; }
-.table-wrap { overflow-x:auto; margin:6px 0 14px; }
+.tbl { min-width:0; max-width:100%; }
+.table-wrap { overflow-x:auto; max-width:100%; margin:6px 0 14px;
+              /* a shadow at an edge with more table behind it: wide tables scroll inside this box */
+              background: linear-gradient(to right, #fff 30%, rgba(255,255,255,0)),
+                          linear-gradient(to left, #fff 30%, rgba(255,255,255,0)) 100% 0,
+                          radial-gradient(farthest-side at 0 50%, rgba(0,0,0,.16), rgba(0,0,0,0)),
+                          radial-gradient(farthest-side at 100% 50%, rgba(0,0,0,.16), rgba(0,0,0,0)) 100% 0;
+              background-repeat:no-repeat; background-size:36px 100%, 36px 100%, 12px 100%, 12px 100%;
+              background-attachment:local, local, scroll, scroll; }
 table { border-collapse:collapse; font-size:12.5px; font-variant-numeric:tabular-nums; }
 .tbl h3 { margin:16px 0 2px; font-size:14px; }
 p.cap { color:var(--muted); font-size:12.5px; margin:0 0 6px; }
 .grid { display:flex; flex-wrap:wrap; gap:0 32px; align-items:flex-start; }
-.grid .tbl { max-width:100%; }
+.grid .tbl { flex:0 1 auto; }
 .grid p.cap { max-width:420px; }
-th, td { border:1px solid var(--line); padding:3px 8px; white-space:nowrap; }
+th, td { border:1px solid var(--line); padding:3px 8px; white-space:nowrap; word-break:keep-all; overflow-wrap:normal;
+         hyphens:none; }
 th { background:var(--band); font-weight:600; text-align:center; }
 td.num { text-align:right; }
 tr.single td { background:#f3f6fb; color:#3d4a5c; font-style:italic; }
@@ -157,6 +169,7 @@ def render_html(
     tasks = list(results["tasks"])
     metrics = results.get("metrics", {})
     titles = dict(SECTIONS)
+    seed = seed_note(results)
     task_text = ", ".join(f"{t} ({metrics[t]})" if t in metrics else t for t in tasks)
     head = [
         f"<h1>osrm-lora report: {esc(name)}</h1>",
@@ -177,34 +190,42 @@ def render_html(
     body.append(_section("results", titles["results"], [render_table(per_task_table(results))]))
     body.append(_section("normalised", titles["normalised"], [render_figure(
         "normalised", figures.get("normalised"), "bar chart of normalised and absolute merged scores per method",
-        f"Left: average normalised test score (%) per method, one bar per init. Right: the absolute average merged "
-        f"test score; the black bar marks the single-task average of the same init. Test split; {SELECTION_RULE}.")]))
+        f"{seed}. Left: average normalised test score (%) per method, one bar per init. Right: the absolute "
+        "average merged test score, its y axis zoomed to the data (the strokes on the axis mark that it does not "
+        "start at 0; the start is written under the panel); the black bar marks the single-task average of the "
+        f"same init. Test split; {SELECTION_RULE}.")]))
     body.append(_section("robustness", titles["robustness"], [
         render_figure("robustness", figures.get("robustness"), "robustness curves over lambda",
-                      "Average validation score, average test score and average normalised test score over the λ "
-                      "grid; one line per init, one row per method; ◆ = λ selected on validation."),
+                      f"{seed}. Average validation score, average test score and average normalised test score over "
+                      "the λ grid; one line per init, one row per method; ◆ = λ selected on validation."),
         render_table(robustness_table(results))]))
+    scale = interference_scale(results)
+    scale_line = (f"Re-plotted from the ratio matrices in results.json on one {scale_text(scale)} shared by every init "
+                  "of the run (the standalone diagnostics/<init>/interference.png are redrawn on the same scale), so "
+                  "before and after compare" if scale else "No ratio matrices in results.json")
     inter = [render_figure("interference", figures.get("interference"), "interference heatmaps before and after OSRM",
-                           "Re-plotted from the ratio matrices in results.json on one shared log colour scale. "
-                           "Standard init = before OSRM; OSRM inits = after. Diagonal = 1 by definition.")]
+                           f"{seed}. {scale_line}. Standard init = before OSRM; OSRM inits = after. Diagonal = 1 by "
+                           "definition.")]
     itab = interference_table(results)
     if itab.rows:
         inter.append(render_table(itab))
     for init, png in (diagnostic_pngs or {}).items():
         inter.append(render_figure(f"diagnostic-{init}", png, f"interference heatmap of {init}",
                                    f"Heatmap written by the diagnose stage for {init_label(results, init)} "
-                                   "(diagnostics/<init>/interference.png).", css_class="raw"))
+                                   "(diagnostics/<init>/interference.png). results.json carries no ratio matrix for "
+                                   "it, so it could not be redrawn on the run's shared scale: its colour scale is "
+                                   "its own (see its title) and does not compare across inits.", css_class="raw"))
     if not itab.rows and not diagnostic_pngs:
         inter = ['<p class="empty">No interference diagnostics in this run (enable <code>diagnose</code>).</p>']
     body.append(_section("interference", titles["interference"], inter))
     body.append(_section("single-task", titles["single-task"], [
         render_figure("single-task", figures.get("single-task"), "single-task scores per init",
-                      "Test scores of each task's own adapter (before merging), one bar per init, and the mean drift "
-                      "of A during training."),
+                      f"{seed}. Test scores of each task's own adapter (before merging), one bar per init, and the "
+                      "mean drift of A during training."),
         render_table(single_task_table(results))]))
     body.append(_section("merge-cost", titles["merge-cost"], [
         render_figure("merge-cost", figures.get("merge-cost"), "merge time per init and method",
-                      "Wall time of one merge at the selected λ (and peak memory when recorded)."),
+                      f"{seed}. Wall time of one merge at the selected λ (and peak memory when recorded)."),
         render_table(merge_cost_table(results))]))
     man = ['<div class="grid">' + "".join(render_table(t) for t in manifest_tables(results)) + "</div>"]
     man.append("<h3>Resolved config (config.yaml)</h3>")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,11 +20,15 @@ from osrm_lora.report.tables import (
     fmt,
     init_label,
     init_names,
+    interference_scale,
     is_number,
     is_osrm,
     memory_mb,
     merged_records,
     methods,
+    ratio_matrices,
+    scale_text,
+    seed_text,
     single_avg,
 )
 
@@ -55,18 +59,74 @@ def _nan(v: Any) -> float:
     return float(v) if is_number(v) else float("nan")
 
 
-def _bar_labels(ax: Any, bars: Any, spec: str = ".1f", fontsize: float = 7, inside: bool = False) -> None:
+def _bar_labels(ax: Any, bars: Any, spec: str = ".1f", fontsize: float = 7) -> None:
+    """Each bar's value just above it."""
     for b in bars:
         h = b.get_height()
         if math.isfinite(h):
-            ax.annotate(f"{h:{spec}}", (b.get_x() + b.get_width() / 2, h), xytext=(0, -3 if inside else 2),
-                        textcoords="offset points", ha="center", va="top" if inside else "bottom", fontsize=fontsize,
-                        color="white" if inside else "black", rotation=90 if inside and fontsize < 7 else 0)
+            ax.annotate(f"{h:{spec}}", (b.get_x() + b.get_width() / 2, h), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=fontsize)
 
 
-def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
-    """Grouped bars per method, one bar per init: average normalised test % (left) and, beside it, the
-    absolute average merged test score with the single-task average of the same init marked (right)."""
+MARKER_S = 260.0  # area (points²) of the single-task marker "_" in the absolute panel: about 16 pt long
+MARKER_LW = 2.0  # its thickness in points
+LABEL_GAP_PT = 3.0  # gap between a value label and the bar top or marker below it
+
+
+def absolute_axis_range(values: Sequence[float], headroom: float = 0.2) -> tuple[float, float]:
+    """y range of the absolute panel, zoomed to the data: from a round number below the smallest merged
+    score or single-task average (0 when that comes close to 0) to above the largest, with ``headroom``
+    (a fraction of the axis height) left free above the data for the value labels."""
+    vals = [float(v) for v in values if math.isfinite(v)]
+    if not vals:
+        return 0.0, 100.0
+    lo, hi = min(vals), max(vals)
+    span = max(hi - lo, 1.0)
+    step = 10.0 if span > 30 else 5.0 if span > 8 else 2.0 if span > 3 else 1.0
+    lower = math.floor((lo - max(0.35 * span, 0.5)) / step) * step
+    if lower <= 0 or lower < 0.15 * hi:
+        lower = 0.0
+    upper = hi + (hi - lower) * headroom / (1 - headroom)
+    return lower, upper
+
+
+def _axis_break(ax: Any) -> None:
+    """Two short diagonal strokes across the bottom of the y axis: the axis does not start at 0."""
+    for y in (0.018, 0.048):
+        ax.plot([0], [y], transform=ax.transAxes, marker=[(-1, -0.5), (1, 0.5)], markersize=9, linestyle="none",
+                color="black", mec="black", mew=1.2, clip_on=False, zorder=5, gid="axis-break")
+
+
+def _place_value_labels(fig: Figure, ax: Any, points: Sequence[tuple[float, float, float]], bar_width: float,
+                        fontsize: float) -> None:
+    """Label each bar (x, bar top, single-task average) with its value, just above the bar; where that
+    label would touch the single-task marker, above the marker instead. A label wider than its bar is
+    turned upright. Positions are measured with the renderer, after the layout is fixed."""
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72
+    half_marker = (MARKER_LW / 2 + 1.0) * px_per_pt  # the marker's half thickness, plus a pixel of air
+    for x, v, ref in points:
+        if not math.isfinite(v):
+            continue
+        label = ax.annotate(f"{v:.1f}", (x, v), xytext=(0, LABEL_GAP_PT), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=fontsize, zorder=4, gid="value-label")
+        x0, _ = ax.transData.transform((x - bar_width / 2, v))
+        x1, _ = ax.transData.transform((x + bar_width / 2, v))
+        if label.get_window_extent(renderer).width > 0.92 * (x1 - x0):
+            label.set_rotation(90)
+        if not math.isfinite(ref):
+            continue
+        box = label.get_window_extent(renderer)
+        _, ref_px = ax.transData.transform((x, ref))
+        if box.y0 - half_marker < ref_px < box.y1 + half_marker:  # the label would sit on the marker
+            label.xy = (x, ref)
+            label.xyann = (0, LABEL_GAP_PT + MARKER_LW / 2)
+
+
+def normalised_bars_figure(results: Mapping[str, Any]) -> Figure | None:
+    """The figure of :func:`normalised_bars_png` before rendering (None without merged results), so its
+    layout can be inspected: the absolute panel has gid ``absolute``, its value labels gid ``value-label``
+    and the single-task markers gid ``single-task-marker``."""
     meths = methods(results)
     inits = init_names(results)
     if not meths:
@@ -82,27 +142,35 @@ def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
     else:
         fig = _new_figure(max(8.0, 2.2 + 0.8 * n_bars * 2 / max(len(inits), 1)), 4.2)
         ax_n, ax_a = fig.subplots(1, 2)
-    label_kw = {"fontsize": 6.5 if n_bars > 12 else 7}
+    ax_a.set_gid("absolute")
+    fontsize = 6.5 if n_bars > 12 else 7.0
     xs = range(len(meths))
     top_n = 100.0
+    abs_points: list[tuple[float, float, float]] = []  # (x, bar top, single-task avg) per bar
     for k, init in enumerate(inits):
         off = (k - (len(inits) - 1) / 2) * width
         norm = [_nan(by.get((init, m), {}).get("avg_normalised_test")) for m in meths]
         absv = [_nan(by.get((init, m), {}).get("avg_test")) for m in meths]
         top_n = max([top_n] + [v for v in norm if math.isfinite(v)])
         bars = ax_n.bar([x + off for x in xs], norm, width, color=colors[init], label=init_label(results, init))
-        _bar_labels(ax_n, bars, **label_kw)
-        bars = ax_a.bar([x + off for x in xs], absv, width, color=colors[init], label=init_label(results, init))
-        _bar_labels(ax_a, bars, inside=True, **label_kw)
+        _bar_labels(ax_n, bars, fontsize=fontsize)
+        ax_a.bar([x + off for x in xs], absv, width, color=colors[init], label=init_label(results, init))
         ref = single_avg(results, init)
-        ax_a.scatter([x + off for x in xs], [ref] * len(meths), marker="_", s=260, color="black", linewidths=2,
-                     zorder=3, label="single-task avg (same init)" if k == 0 else None)
+        abs_points += [(x + off, v, ref) for x, v in zip(xs, absv)]
+        ax_a.scatter([x + off for x in xs], [ref] * len(meths), marker="_", s=MARKER_S, color="black",
+                     linewidths=MARKER_LW, zorder=3, label="single-task avg (same init)" if k == 0 else None,
+                     gid="single-task-marker")
+    data = [v for _, v, _ in abs_points] + [r for _, _, r in abs_points]
+    lower, upper = absolute_axis_range(data)
+    ax_a.set_ylim(lower, upper)
+    ax_a.set_ylabel("avg merged test score (0..100 scale)")
+    if lower > 0:
+        _axis_break(ax_a)
+        ax_a.set_xlabel(f"y axis zoomed to the data: it starts at {lower:g}, not 0", fontsize=8, color="#8a4b00")
     ax_n.axhline(100, color="grey", lw=0.8, ls="--")
     ax_n.set_ylim(0, top_n * 1.12)
     ax_n.set_ylabel("avg normalised test score (%)")
     ax_n.set_title("Normalised: merged / single-task (test)", fontsize=10)
-    ax_a.set_ylim(0, 100)
-    ax_a.set_ylabel("avg merged test score (0..100)")
     ax_a.set_title("Absolute: merged average (test), — = single-task avg", fontsize=10)
     for ax in (ax_n, ax_a):
         ax.set_xticks(list(xs), labels=meths, fontsize=8)
@@ -111,9 +179,26 @@ def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
     handles, labels = ax_a.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"Merged scores per method and init (test split; {SELECTION_RULE})", fontsize=11)
+    fig.suptitle(f"Merged scores per method and init (test split; {SELECTION_RULE}; {seed_text(results)})",
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.07 if not stacked else 0.045, 1, 1))
-    return figure_png(fig)
+    # room above the highest bar or marker for a label (upright when the bars are narrow), now that the
+    # panel's height is known
+    panel_pt = ax_a.get_window_extent().height * 72 / fig.dpi
+    label_pt = LABEL_GAP_PT + MARKER_LW + fontsize * (3.2 if width * ax_a.get_window_extent().width
+                                                      / (len(meths) * fig.dpi / 72) < 3 * fontsize else 1.4)
+    lower, upper = absolute_axis_range(data, headroom=min(0.45, (label_pt + 3) / max(panel_pt, 1.0)))
+    ax_a.set_ylim(lower, upper)
+    _place_value_labels(fig, ax_a, abs_points, width, fontsize)
+    return fig
+
+
+def normalised_bars_png(results: Mapping[str, Any]) -> bytes | None:
+    """Grouped bars per method, one bar per init: average normalised test % (left) and, beside it, the
+    absolute average merged test score with the single-task average of the same init marked (right; the
+    y axis zoomed to the data, the break marked, each value label above its bar and marker)."""
+    fig = normalised_bars_figure(results)
+    return None if fig is None else figure_png(fig)
 
 
 def lambda_curves_png(results: Mapping[str, Any]) -> bytes | None:
@@ -161,18 +246,14 @@ def lambda_curves_png(results: Mapping[str, Any]) -> bytes | None:
     return figure_png(fig)
 
 
-def interference_png(results: Mapping[str, Any]) -> bytes | None:
-    """Annotated heatmaps of the interference ratio matrix, one per init (standard = before OSRM, OSRM
-    inits = after), on one shared logarithmic colour scale."""
-    inter = results.get("interference") or {}
-    diags = [(i, inter[i]) for i in init_names(results) if isinstance(inter.get(i), Mapping) and inter[i].get("ratio")]
-    if not diags:
+def interference_figure(results: Mapping[str, Any]) -> Figure | None:
+    """The figure of :func:`interference_png` before rendering (None without ratio matrices); every
+    heatmap of it uses the one colour scale of :func:`osrm_lora.report.tables.interference_scale`."""
+    diags = ratio_matrices(results)
+    scale = interference_scale(results)
+    if not diags or scale is None:
         return None
-    values = [float(v) for _, d in diags for row in d["ratio"] for v in row if is_number(v) and v > 0]
-    if values and max(values) > min(values):
-        norm: Normalize = LogNorm(vmin=min(values), vmax=max(values))
-    else:
-        norm = Normalize(vmin=0.0, vmax=max(values + [1.0]))
+    norm: Normalize = LogNorm(vmin=scale[0], vmax=scale[1]) if scale[2] else Normalize(vmin=scale[0], vmax=scale[1])
     T = max(len(d["tasks"]) for _, d in diags)
     cell = 0.62 if T <= 5 else 0.48
     ncols = min(3, len(diags))
@@ -207,9 +288,16 @@ def interference_png(results: Mapping[str, Any]) -> bytes | None:
         cb = fig.colorbar(im, ax=[ax for row in grid for ax in row], fraction=0.035, pad=0.02,
                           shrink=0.8 if nrows == 1 else 0.6)
         cb.ax.tick_params(labelsize=7)
-    fig.suptitle("Interference E‖ΔW_i h_j‖² / E‖ΔW_j h_j‖² (row adapter i, column task data j; log colour scale)",
-                 fontsize=10)
-    return figure_png(fig)
+    fig.suptitle("Interference E‖ΔW_i h_j‖² / E‖ΔW_j h_j‖² (row adapter i, column task data j)\n"
+                 f"{scale_text(scale)}, shared by all inits; {seed_text(results)}", fontsize=10)
+    return fig
+
+
+def interference_png(results: Mapping[str, Any]) -> bytes | None:
+    """Annotated heatmaps of the interference ratio matrix, one per init (standard = before OSRM, OSRM
+    inits = after), on one shared colour scale (logarithmic when the ratios span a range)."""
+    fig = interference_figure(results)
+    return None if fig is None else figure_png(fig)
 
 
 def single_task_png(results: Mapping[str, Any]) -> bytes | None:

@@ -290,6 +290,14 @@ def run_seeds(results: Mapping[str, Any]) -> list[Any]:
     return out
 
 
+def seed_text(results: Mapping[str, Any]) -> str:
+    """``seed 0`` (or ``seeds 0, 1, 2``; ``seed not recorded``): the short form for titles."""
+    seeds = run_seeds(results)
+    if not seeds:
+        return "seed not recorded"
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(str(s) for s in seeds)}"
+
+
 def seed_note(results: Mapping[str, Any]) -> str:
     """The seed statement put beside every number of one run (a table's caption, a figure's caption):
     ``One run, seed 0: ...`` or, for results over several seeds, which seeds and where the ± is."""
@@ -335,6 +343,30 @@ def train_time_problems(results: Mapping[str, Any]) -> list[str]:
                             f"{float(wall):.0f} s wall time in one process, so some stages were cached from an "
                             "earlier invocation")
     return problems
+
+
+def ratio_matrices(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(init, diagnostics) for every init, in config order, whose results carry an interference ratio matrix."""
+    inter = results.get("interference") or {}
+    return [(i, inter[i]) for i in init_names(results) if isinstance(inter.get(i), Mapping) and inter[i].get("ratio")]
+
+
+def interference_scale(results: Mapping[str, Any]) -> tuple[float, float, bool] | None:
+    """One colour scale for the interference heatmaps of every init of a run: ``(vmin, vmax, log)``
+    over the positive finite ratios of all inits (logarithmic when they span a range; linear from 0
+    otherwise); None without ratio matrices."""
+    values = [float(v) for _, d in ratio_matrices(results) for row in d["ratio"] for v in row if is_number(v) and v > 0]
+    if not ratio_matrices(results):
+        return None
+    if values and max(values) > min(values):
+        return min(values), max(values), True
+    return 0.0, max(values + [1.0]), False
+
+
+def scale_text(scale: tuple[float, float, bool]) -> str:
+    """``log colour scale 0.004 to 1`` (or ``linear colour scale 0 to 1``)."""
+    vmin, vmax, log = scale
+    return f"{'log' if log else 'linear'} colour scale {vmin:.3g} to {vmax:.3g}"
 
 
 # --------------------------------------------------------------------------- the tables

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from osrm_lora.diagnose import write_interference_png
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import atomic_file, read_json
 from osrm_lora.report.html import render_html
@@ -15,10 +16,13 @@ from osrm_lora.report.summary import markdown_table, results_rows, table_markdow
 from osrm_lora.report.tables import (
     SELECTION_RULE,
     init_names,
+    interference_scale,
     interference_table,
     manifest_tables,
     merge_cost_table,
+    ratio_matrices,
     robustness_table,
+    seed_note,
     single_task_table,
     summary_table,
     validate_results,
@@ -47,7 +51,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         table_markdown(summary_table(results)),
         "### Merged vs single-task per task",
         "",
-        "Test split. Each cell: merged / single-task (normalised %).",
+        f"{seed_note(results)}. Test split. Each cell: merged / single-task (normalised %).",
         "",
         markdown_table(header, rows),
         "",
@@ -91,6 +95,22 @@ def diagnostic_pngs(run_dir: Path, results: Mapping[str, Any]) -> dict[str, byte
     return out
 
 
+def rescale_diagnostic_pngs(run_dir: Path, results: Mapping[str, Any]) -> list[Path]:
+    """Redraw ``diagnostics/<init>/interference.png`` of every init whose results carry the ratio
+    matrix on ONE colour scale shared by all inits of the run (the diagnose stage draws each init alone,
+    on its own range), so the standalone heatmaps compare; returns the files written."""
+    scale = interference_scale(results)
+    written: list[Path] = []
+    if scale is None:
+        return written
+    for init, diag in ratio_matrices(results):
+        out = run_dir / "diagnostics" / init
+        if not out.is_dir():
+            continue
+        written.append(write_interference_png(diag, out / "interference.png", str(diag.get("label") or init), scale))
+    return written
+
+
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Read and check ``run_dir/results.json`` (one-line :class:`OsrmError` when absent or malformed)."""
     run_dir = Path(run_dir)
@@ -125,4 +145,11 @@ def write_report(run_dir: str | Path) -> Path:
             fh.write(text.encode("utf-8"))
             os.fchmod(fh.fileno(), REPORT_MODE)
     logger.info("report written: %s, %s", md_path, html_path)
+    try:
+        pngs = rescale_diagnostic_pngs(run_dir, results)
+    except Exception:  # the report is written; a heatmap that cannot be redrawn keeps its own scale
+        logger.warning("could not redraw the interference heatmaps on one colour scale", exc_info=True)
+    else:
+        if pngs:
+            logger.info("interference heatmaps redrawn on one colour scale: %s", ", ".join(str(p) for p in pngs))
     return md_path

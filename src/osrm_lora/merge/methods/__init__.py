@@ -1,3 +1,3 @@
 """Merge methods; importing this package registers all of them."""
 
-from osrm_lora.merge.methods import data_aware, dense_misc, linear, sparse, spectral  # noqa: F401
+from osrm_lora.merge.methods import data_aware, dense_misc, doge, linear, sparse, spectral  # noqa: F401
