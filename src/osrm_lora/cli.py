@@ -665,9 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main_entry(argv)
     finally:
-        from osrm_lora.distributed import shutdown
+        if "osrm_lora.distributed" in sys.modules:  # a process group exists only if the command loaded it
+            from osrm_lora.distributed import shutdown
 
-        shutdown()  # leave the process group (torchrun) whatever happened
+            shutdown()  # leave the process group (torchrun) whatever happened
 
 
 def _main_entry(argv: list[str] | None) -> int:
