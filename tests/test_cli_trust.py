@@ -425,3 +425,22 @@ def test_progress_on_a_pipe_is_plain_lines_with_an_eta(monkeypatch: pytest.Monke
     assert "about" in lines[0] and "left" in lines[0] and lines[0].endswith("loss 0.25")
     assert "left" not in lines[-1]
     assert logutil.plain_progress_line("a", 12, 30, 80.0) == "a: 40% (12/30), 1m20s elapsed, about 2m00s left"
+
+
+def test_evaluate_takes_a_full_model_merge_and_reproduces_the_adapter_merge(
+        trained: dict[str, Path], tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from osrm_lora.inference import score_adapters
+
+    dirs = [str(trained["a"]), str(trained["b"])]
+    full, peft = tmp_path / "full", tmp_path / "peft"
+    for out, extra in ((full, ["--format", "full", "--base-model", str(tiny_bert)]), (peft, [])):
+        assert main(["-q", "merge", "--method", "task_arithmetic", "-p", "scaling=0.8", *dirs, "--out", str(out),
+                     *extra]) == 0
+    capsys.readouterr()
+    by_full = score_adapters(dirs, merged=str(full), split="validation")
+    by_peft = score_adapters(dirs, merged=str(peft), split="validation")
+    own = score_adapters(dirs, split="validation")
+    assert [s.value for s in by_full] == pytest.approx([s.value for s in by_peft], abs=1e-9)
+    assert [s.n for s in by_full] == [s.n for s in own]
+    assert main(["evaluate", *dirs, "--merged", str(full), "--split", "validation"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2

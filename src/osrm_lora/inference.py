@@ -169,9 +169,18 @@ def check_adapter_dir(path: str | Path, what: str = "adapter directory") -> Path
     return p
 
 
+def is_full_model_dir(path: str | Path) -> bool:
+    """A whole model directory (``merge --format full``: config.json and weights, no adapter)."""
+    p = Path(path)
+    weights = any((p / f).exists() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    return p.is_dir() and (p / "config.json").exists() and weights and not (p / "adapter_config.json").exists()
+
+
 def check_merged_dir(path: str | Path, what: str = "merged adapter", option: str = "--merged") -> Path:
-    """A merged PEFT adapter directory; an EMR (per-task) merge output is refused with the names of
-    its per-task subfolders, which are the adapters to pass."""
+    """A merged PEFT adapter directory or a merged full model (``--format full``); an EMR (per-task)
+    merge output is refused with the names of its per-task subfolders, which are the adapters to pass."""
+    if is_full_model_dir(path):
+        return Path(path)
     p = check_adapter_dir(path, what)
     if not (p / "adapter_config.json").exists() and (p / "merge_info.json").exists():
         try:
@@ -216,16 +225,19 @@ def load_task_model(
     model: str | None = None,
     device: str | None = None,
 ) -> tuple[nn.Module, Any, HeadInfo]:
-    """A plain sequence classifier for the adapter's task: base + (own or merged) update + task head."""
+    """A plain sequence classifier for the adapter's task: base + (own or merged) update + task head.
+    A merged full model (``merge --format full``) is the base itself, with the task's head."""
     check_adapter_dir(adapter_dir)
     if merged is not None:
         check_merged_dir(merged)
     state, info = load_head(adapter_dir)
-    path = _base_path(model, info, adapter_dir)
+    full = merged is not None and is_full_model_dir(merged)
+    path = str(merged) if full else _base_path(model, info, adapter_dir)
     tokenizer = load_tokenizer(path)
     net = load_classifier(path, info.num_labels, info.problem_type, device=select_device(device), pad_token_id=tokenizer.pad_token_id)
     set_head(net, state, info.num_labels, info.problem_type)
-    apply_deltas(net, adapter_deltas(merged if merged is not None else adapter_dir))
+    if not full:
+        apply_deltas(net, adapter_deltas(merged if merged is not None else adapter_dir))
     net.eval()
     return net, tokenizer, info
 
