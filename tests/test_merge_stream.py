@@ -126,6 +126,7 @@ CASES = [
     ("do_merging", {}, {}),
     ("do_merging", {"base": "ties", "density": 0.5}, {}),
     ("opcm", {"norm": "module"}, {}),  # norm=model needs the whole model: refused when streamed
+    ("doge", {"steps": 20}, {}),
 ]
 NOT_STREAMED_HERE = {"adamerging", "regmean", "fisher"}  # refused / tested with a context below
 

@@ -114,6 +114,7 @@ _MAGNITUDE_TRIM: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "do_merging": lambda p: p.get("base") == "ties",
     "knots": lambda p: p.get("variant") == "ties",
     "core_space": lambda p: p.get("variant") == "ties",
+    "doge": lambda p: True,
 }
 _DARE = {"dare_linear", "dare_ties"}
 

@@ -168,7 +168,7 @@ def doge(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext)
        Lambda Delta))``, ``Lambda = sum_i lambda_i``, each gradient replaced by ``(I - Q Q^T) grad``;
     3. result ``scaling * sum_t lambda_t (tau_t + Delta) * mask_t``, ``mask_t`` the entries with
        ``|tau_t|`` among task ``t``'s ``int(density * N_t)`` largest over all its modules
-       (``threshold=task``, FusionBench; ``N_t`` counts the adapted matrices) or per matrix.
+       (``threshold=task``, FusionBench; ``N_t`` entries in all of them) or per matrix.
 
     Where FusionBench's steps are undefined for low-rank updates (singular vectors beyond the rank,
     an arbitrary null-space basis) only the nonzero ones are used; with full-rank updates the two
