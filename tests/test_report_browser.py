@@ -42,12 +42,29 @@ window.addEventListener("load", function () {
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
   var ids = Array.prototype.map.call(document.querySelectorAll("section[id], figure[id], table[id]"),
                                      function (e) { return e.id; });
+  var wraps = Array.prototype.map.call(document.querySelectorAll(".table-wrap"), function (w) {
+    return {overflow_x: getComputedStyle(w).overflowX, client: w.clientWidth, scroll: w.scrollWidth,
+            right: w.getBoundingClientRect().right};
+  });
+  var wrapped = [];  // cell texts laid out on more than one line
+  Array.prototype.forEach.call(document.querySelectorAll("td, th"), function (cell) {
+    var walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (var node = walker.nextNode(); node; node = walker.nextNode()) {
+      if (!node.textContent.trim()) continue;
+      var range = document.createRange();
+      range.selectNodeContents(node);
+      var tops = {};
+      Array.prototype.forEach.call(range.getClientRects(), function (r) { tops[Math.round(r.top)] = 1; });
+      if (Object.keys(tops).length > 1) wrapped.push(node.textContent);
+    }
+  });
   var pre = document.createElement("pre");
   pre.id = "check";
   pre.textContent = JSON.stringify({images_ok: ok, images: imgs.length,
                                     tables: document.querySelectorAll("table").length,
                                     figures: document.querySelectorAll("figure").length, ids: ids,
                                     scroll_width: document.documentElement.scrollWidth,
+                                    wraps: wraps, wrapped: wrapped,
                                     inner_width: window.innerWidth});
   document.body.appendChild(pre);
 });
@@ -119,6 +136,27 @@ def test_report_renders_in_chromium(chromium: Path, report_dir: Path, tmp_path: 
     assert {"summary", "results", "robustness-table", "single-task-table", "interference-table",
             "merge-cost-table", "manifest-run"} <= ids
     assert check["scroll_width"] <= check["inner_width"]  # wide tables scroll inside their box, not the page
+
+
+def test_report_readable_at_800_px(chromium: Path, report_dir: Path, tmp_path: Path) -> None:
+    """In an 800 px window the page itself does not scroll sideways: every table sits in a box that
+    scrolls horizontally (the wide ones really do), and no cell text (a method name) wraps."""
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    proc = _run(chromium, tmp_path / "profile-800", "--window-size=800,2000", "--virtual-time-budget=10000",
+                "--dump-dom", probe.as_uri())
+    m = re.search(r'<pre id="check">(.*?)</pre>', proc.stdout, re.S)
+    assert m, "the check script did not run: " + proc.stdout[-500:]
+    check = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
+                       .replace("&gt;", ">"))
+    assert check["inner_width"] == 800
+    assert check["scroll_width"] <= check["inner_width"]
+    wraps = check["wraps"]
+    assert len(wraps) == check["tables"]
+    assert all(w["overflow_x"] == "auto" and w["right"] <= check["inner_width"] for w in wraps), wraps
+    assert any(w["scroll"] > w["client"] for w in wraps)  # the per-task table is wider than the window
+    assert check["wrapped"] == [], check["wrapped"]
 
 
 def test_report_screenshot_is_non_trivial(chromium: Path, report_dir: Path, tmp_path: Path) -> None:

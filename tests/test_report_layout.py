@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
@@ -116,13 +117,13 @@ def test_every_results_table_states_the_seed(results: dict[str, Any]) -> None:
         assert table.caption.startswith("Seed 0 (one run, so no ± over seeds)."), (table.key, table.caption)
 
 
-@pytest.mark.xfail(reason="report layout work of this session left unfinished at the stop: section count and heatmap caption; see the closing note", strict=False)
 def test_markdown_and_html_state_the_seed_and_invent_no_spread(results: dict[str, Any]) -> None:
     md = markdown_report(results)
     sections = md.split("\n### ")[1:]
     result_sections = [s for s in sections if not s.startswith(("Run\n", "Library versions", "Data\n",
                                                                  "Initialisations"))]
-    assert len(result_sections) == 8  # the 7 tables above and the merged-vs-single table
+    # the tables above (the per-task one as the merged-vs-single table of results_rows) and the stage timings
+    assert len(result_sections) == 7
     for sec in result_sections:
         caption = sec.split("\n\n")[1]
         assert "Seed 0" in caption, sec[:80]
@@ -160,7 +161,7 @@ def _marker_boxes(fig: Figure, ax: Any) -> list[Bbox]:
     for coll in [c for c in ax.collections if c.get_gid() == "single-task-marker"]:
         half_w = math.sqrt(float(coll.get_sizes()[0])) / 2 * px
         half_h = float(coll.get_linewidths()[0]) / 2 * px
-        for x, y in ax.transData.transform(coll.get_offsets()):
+        for x, y in ax.transData.transform(np.ma.filled(coll.get_offsets(), np.nan)):
             if math.isfinite(y):
                 boxes.append(Bbox([[x - half_w, y - half_h], [x + half_w, y + half_h]]))
     return boxes
@@ -233,16 +234,16 @@ def _expected_scale(results: dict[str, Any]) -> tuple[float, float]:
     return min(vals), max(vals)
 
 
-@pytest.mark.xfail(reason="report layout work of this session left unfinished at the stop: section count and heatmap caption; see the closing note", strict=False)
 def test_report_heatmaps_share_one_colour_scale(results: dict[str, Any]) -> None:
     fig = plots.interference_figure(results)
     assert fig is not None
     images = [im for ax in fig.axes for im in ax.images]
     assert len(images) == len(results["interference"])
     assert {(im.norm.vmin, im.norm.vmax) for im in images} == {_expected_scale(results)}
-    page = render_html(results, {})
+    page = render_html(results, {"interference": plots.figure_png(fig)})
     vmin, vmax = _expected_scale(results)
-    assert f"log colour scale {vmin:.3g} to {vmax:.3g} shared by every init" in page
+    (caption,) = [c for c in parse(page).figcaptions if "ratio matrices" in c]
+    assert f"log colour scale {vmin:.3g} to {vmax:.3g} shared by every init" in caption
 
 
 def _png_description(path: Path) -> str:

@@ -200,8 +200,34 @@ def test_an_infeasible_region_is_never_chosen(trained: dict[str, Any], searched:
     assert trials[chosen["trial"]]["feasible"]
     assert trials[best["trial"]]["params"] == best["params"] and not trials[best["trial"]]["feasible"]
     assert trials[best["trial"]]["avg_validation"] > chosen["avg_validation"]  # the better one was infeasible
+    assert trials[best["trial"]]["objective"] == [pytest.approx(best["avg_validation"])]  # TPE: not penalised
     assert all(t["feasible"] == (t["constraint_violation"][0] <= 0) for t in record["trials"])
     assert record["constraints"] == [{"constraint": f"{task}>={floor:g}", "floor": pytest.approx(floor)}]
+
+
+def test_evaluation_budget_stops_the_search(trained: dict[str, Any], tmp_path: Path) -> None:
+    record = search_merge(trained["dirs"], tmp_path / "b", evaluator=trained["evaluator"], model_path=trained["model"],
+                          budget=SearchBudget(evaluations=3.0), seed=0)
+    used = record["budget"]["used"]["evaluations"]
+    last = record["trials"][-1]["cost"]
+    assert used >= 3.0 and used - last < 3.0  # stopped by the trial that spent the budget
+
+
+def test_random_sampler_penalises_infeasible_trials(trained: dict[str, Any], searched: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    complete = [t for t in searched["record"]["trials"] if t["state"] == "complete"]
+    task = trained["tasks"][1]
+    floor = sorted(t["validation"][task] for t in complete)[len(complete) // 2]
+    record = _search(trained, tmp_path / "r", 6, sampler="random", pruner="none", constraints=[f"{task}>={floor}"])
+    assert record["best"]["validation"][task] >= floor
+    for t in record["trials"]:  # the objective of an infeasible trial is its mean minus the violation
+        mean_val = sum(t["validation"].values()) / len(t["validation"])
+        penalty = max(0.0, t["constraint_violation"][0])
+        assert t["fidelities"][-1] == t["validation"]
+        assert penalty == pytest.approx(max(0.0, floor - t["validation"][task]))
+        assert (penalty > 0) == (not t["feasible"]) and mean_val == pytest.approx(t["avg_validation"])
+        assert t["objective"] == [pytest.approx(mean_val - penalty)]
+    assert any(not t["feasible"] for t in record["trials"])
 
 
 def test_no_feasible_trial_is_a_one_line_error(trained: dict[str, Any], tmp_path: Path) -> None:

@@ -61,7 +61,6 @@ import torch
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.backbone import load_head
 from osrm_lora.cards import adapter_hash
-from osrm_lora.data.task import Task
 from osrm_lora.diagnose import merged_evaluator_for
 from osrm_lora.encoding import Encoded
 from osrm_lora.errors import OsrmError
@@ -598,6 +597,7 @@ def _trial_record(t: optuna.trial.FrozenTrial, rungs: int) -> dict[str, Any]:
         "fidelities": [t.user_attrs[f"rung{k}"] for k in range(rungs) if f"rung{k}" in t.user_attrs],
         "validation": t.user_attrs.get("validation"),
         "avg_validation": mean(t.user_attrs["validation"].values()) if t.user_attrs.get("validation") else None,
+        "objective": None if t.values is None else [float(v) for v in t.values],  # what the sampler saw
         "constraint_violation": viol, "feasible": all(v <= 0 for v in viol),
         "cost": float(t.user_attrs.get("cost", 0.0)), "seconds": float(t.user_attrs.get("seconds", 0.0)),
     }

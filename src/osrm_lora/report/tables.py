@@ -355,9 +355,10 @@ def interference_scale(results: Mapping[str, Any]) -> tuple[float, float, bool] 
     """One colour scale for the interference heatmaps of every init of a run: ``(vmin, vmax, log)``
     over the positive finite ratios of all inits (logarithmic when they span a range; linear from 0
     otherwise); None without ratio matrices."""
-    values = [float(v) for _, d in ratio_matrices(results) for row in d["ratio"] for v in row if is_number(v) and v > 0]
-    if not ratio_matrices(results):
+    diags = ratio_matrices(results)
+    if not diags:
         return None
+    values = [float(v) for _, d in diags for row in d["ratio"] for v in row if is_number(v) and v > 0]
     if values and max(values) > min(values):
         return min(values), max(values), True
     return 0.0, max(values + [1.0]), False

@@ -129,7 +129,8 @@ def write_report(run_dir: str | Path) -> Path:
     the path of ``report.md``.
 
     Both files are rendered completely before either is written, then each is written to a temporary
-    file and renamed, so a failure leaves the previous report (or none) and no partial file.
+    file and renamed, so a failure leaves the previous report (or none) and no partial file. Afterwards
+    the standalone interference heatmaps are redrawn on one colour scale (:func:`rescale_diagnostic_pngs`).
     """
     run_dir = Path(run_dir)
     results = load_results(run_dir)
