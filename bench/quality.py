@@ -54,6 +54,7 @@ INITS = [
     {"name": "lori", "mode": "standard", "freeze_A": True, "b_sparsity": 0.9},
     {"name": "own-pen0.1", "mode": "own", "interference_penalty": 0.1},
     {"name": "own-pen1", "mode": "own", "interference_penalty": 1.0},
+    {"name": "own-pen3", "mode": "own", "interference_penalty": 3.0},
     {"name": "standard-pen1", "mode": "standard", "interference_penalty": 1.0},
 ]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
@@ -114,7 +115,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train": {"epochs": 4, "batch_size": 32, "lr": 1e-3, "head_lr": 1e-2, "max_length": 128,
                       "eval_batch_size": 256},
             "inits": _inits("standard", "own-frozenA", "lori", "standard-frozenA", "own-pen1", "own", "own-pen0.1",
-                            "standard-pen1", "code", "paper-frozenA", "own-k32"),
+                            "own-pen3", "standard-pen1", "code", "paper-frozenA", "own-k32"),
             "diagnose": False,
             "merge": {"methods": [*SHARED_METHODS, "emr"], "lambdas": HARD_LAMBDAS},
         },

@@ -53,6 +53,13 @@ class TrainSettings(_Strict):
     """With several processes training one adapter: ``ddp`` keeps a full model copy per process;
     ``fsdp`` shards the (frozen) base weights, the LoRA factors and the head over the processes
     (torch FSDP2, one unit per transformer block), for bases too large for one device."""
+    batched: bool = False
+    """Train the (init x task) adapters of a run together in one pass over one shared frozen base
+    (:func:`osrm_lora.train_batched.train_tasks_batched`): each batch concatenates examples of
+    several adapters, each routed through its own LoRA factors and head; every adapter keeps its own
+    optimizer, data order, clipping and best epoch, and is written exactly as when trained alone
+    (same numbers up to float rounding; dropout draws other masks). Ignored with ``parallel: data``
+    and for layouts the batched path refuses: those adapters are trained one at a time."""
 
 
 class InitSettings(_Strict):
@@ -118,6 +125,10 @@ class MergeSettings(_Strict):
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
     """The lambda grid: the merge is redone at every lambda (its ``scaling``) and the lambda with the
     best average validation score is kept."""
+    device: Literal["auto", "cpu"] = "auto"
+    """Where merges run: ``auto`` = on the run's device (the GPU when the run has one; dense methods
+    hold one module's stacked task deltas at a time there), ``cpu`` = always on the CPU (to leave GPU
+    memory to other work). Results agree to float32 rounding; DARE's random masks differ by device."""
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Fixed parameters per method (names and ranges as in ``osrm-lora merge --list``), checked when
     the config is loaded. A ``scaling`` given here is used as is: that method is merged at that

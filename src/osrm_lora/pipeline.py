@@ -619,54 +619,114 @@ def _parallel_mode(cfg: PipelineConfig, n_tasks: int, world_size: int) -> str:
 
 
 def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -> None:
-    """Train every (init, task) adapter: in one process one after the other; with several processes
-    either spread over them (``parallel: tasks``) or each with all of them (``parallel: data``)."""
+    """Train every (init, task) adapter: in one process one after the other (or, with
+    ``train.batched``, together in one pass); with several processes either spread over them
+    (``parallel: tasks``; batched: each process trains its share together) or each with all of them
+    (``parallel: data``, never batched)."""
     from osrm_lora.train import train_task
 
     cfg = ctx.cfg
     env = get_env()
     mode = _parallel_mode(cfg, len(ctx.tasks), env.world_size) if env.active else "tasks"
     subspaces: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    # `batched` enters the stage inputs only when set, so runs made before the setting existed stay finished
+    train_payload = cfg.train.model_dump(mode="json", exclude=None if cfg.train.batched else {"batched"})
+
+    def stage(init: InitSettings, task: Task) -> tuple[str, Path, dict[str, Any]]:
+        adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
+        payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
+                   "lora": cfg.lora.model_dump(mode="json"), "train": train_payload,
+                   "stats": ctx.stats_hash if init.mode != "standard" or init.interference_penalty > 0 else None}
+        return f"train/{init.name}/{task.name}", adir, payload
+
+    def options(init: InitSettings, task: Task) -> dict[str, Any]:
+        """The per-adapter arguments of train_task (and of a batched AdapterJob)."""
+        if init.mode != "standard" and init.name not in subspaces:
+            if mode == "data":  # every rank must train with the same subspace: rank 0's, broadcast
+                subspaces[init.name] = from_rank0(lambda: {
+                    t: {k: U.cpu() for k, U in b.items()}
+                    for t, b in init_subspaces(cfg, init, ctx.tasks, stats_dir).items()})
+            else:
+                subspaces[init.name] = init_subspaces(cfg, init, ctx.tasks, stats_dir)
+        basis = subspaces.get(init.name, {}).get(task.name)
+        init_A = {k: U[: cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
+        grams = None
+        if init.interference_penalty > 0:
+            from osrm_lora.osrm import interference_grams
+            from osrm_lora.stats import StatsStore
+
+            grams = interference_grams(StatsStore.load(stats_dir), task.name, [t.name for t in ctx.tasks])
+        return {"init_A": init_A, "freeze_A": init.freeze_A, "freeze_B": init.freeze_B, "init_name": init.name,
+                "A_subspace": basis if init.subspace_dim else None, "b_sparsity": init.b_sparsity,
+                "calibration_epochs": init.calibration_epochs, "interference_grams": grams,
+                "interference_penalty": init.interference_penalty}
 
     def job(item: tuple[InitSettings, Task]) -> None:
         init, task = item
-        adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
-        payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
-                   "lora": cfg.lora.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                   "stats": ctx.stats_hash if init.mode != "standard" or init.interference_penalty > 0 else None}
+        stage_id, adir, payload = stage(init, task)
 
         def _do() -> None:
-            if init.mode != "standard" and init.name not in subspaces:
-                if mode == "data":  # every rank must train with the same subspace: rank 0's, broadcast
-                    subspaces[init.name] = from_rank0(lambda: {
-                        t: {k: U.cpu() for k, U in b.items()}
-                        for t, b in init_subspaces(cfg, init, ctx.tasks, stats_dir).items()})
-                else:
-                    subspaces[init.name] = init_subspaces(cfg, init, ctx.tasks, stats_dir)
-            basis = subspaces.get(init.name, {}).get(task.name)
-            init_A = {k: U[: cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
-            grams = None
-            if init.interference_penalty > 0:
-                from osrm_lora.osrm import interference_grams
-                from osrm_lora.stats import StatsStore
-
-                grams = interference_grams(StatsStore.load(stats_dir), task.name, [t.name for t in ctx.tasks])
             train_task(task, adir, model=ctx.model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed,
-                       device=cfg.device, init_A=init_A, freeze_A=init.freeze_A,
-                       freeze_B=init.freeze_B, init_name=init.name,
-                       A_subspace=basis if init.subspace_dim else None, data_parallel=mode == "data",
-                       b_sparsity=init.b_sparsity, calibration_epochs=init.calibration_epochs,
-                       interference_grams=grams, interference_penalty=init.interference_penalty)
+                       device=cfg.device, data_parallel=mode == "data", **options(init, task))
 
         run = ctx.ledger.run_collective if mode == "data" else ctx.ledger.run
-        run("train", f"train/{init.name}/{task.name}", payload, [adir / "metrics.json"], _do)
+        run("train", stage_id, payload, [adir / "metrics.json"], _do)
 
     jobs = [(init, task) for init in cfg.inits for task in ctx.tasks]
     if mode == "data":
+        if cfg.train.batched:
+            logger.warning("train.batched is ignored with parallel: data (each adapter trains with all processes)")
         for item in jobs:
             job(item)
+    elif cfg.train.batched:
+        _train_batched(ctx, jobs, stage, options, job)
     else:
         run_jobs(jobs, job)
+
+
+def _train_batched(
+    ctx: RunContext,
+    jobs: Sequence[tuple[InitSettings, Task]],
+    stage: Callable[[InitSettings, Task], tuple[str, Path, dict[str, Any]]],
+    options: Callable[[InitSettings, Task], dict[str, Any]],
+    solo: Callable[[tuple[InitSettings, Task]], None],
+) -> None:
+    """``train.batched``: this process's share of the (init, task) adapters that are not finished,
+    trained together in one pass; each is recorded in the ledger (``train/<init>/<task>``, with its
+    share of the pass's time) as soon as it is written. Adapters the batched path refuses
+    (:class:`~osrm_lora.train_batched.BatchingUnsupported`) are trained one at a time instead."""
+    from osrm_lora.train import TrainResult
+    from osrm_lora.train_batched import AdapterJob, BatchingUnsupported, train_tasks_batched
+
+    cfg = ctx.cfg
+    error: BaseException | None = None
+    try:
+        pending = []
+        for init, task in shard(jobs):
+            stage_id, adir, payload = stage(init, task)
+            if ctx.ledger.done("train", stage_id, payload, [adir / "metrics.json"]):
+                ctx.ledger.skip(stage_id)
+            else:
+                pending.append((init, task, stage_id, adir, payload))
+        if pending:
+            specs = [AdapterJob(task, adir, seed=cfg.seed, train=cfg.train, **options(init, task))
+                     for init, task, _, adir, _ in pending]
+
+            def record(index: int, result: TrainResult) -> None:
+                _, _, stage_id, _, payload = pending[index]
+                ctx.ledger.finish("train", stage_id, payload, result.seconds)
+
+            try:
+                train_tasks_batched(specs, model=ctx.model_path, lora=cfg.lora, train=cfg.train, device=cfg.device,
+                                    on_result=record)
+            except BatchingUnsupported as exc:
+                logger.warning("train.batched: %s; training these %d adapters one at a time", exc, len(pending))
+                for init, task, *_ in pending:
+                    solo((init, task))
+    except Exception as exc:  # every rank must learn of a failure, or the others wait forever
+        error = exc
+    raise_if_any_failed(error)
+    barrier()
 
 
 def _dir_hash(path: Path) -> str | None:
@@ -709,7 +769,8 @@ def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Pat
                    lambda: merge_and_sweep(ctx.model_path, ctx.tasks, dirs, method, params, cfg.merge.lambdas, out,
                                            max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
                                            device=cfg.device, seed=cfg.seed, init_name=init.name,
-                                           stats_dir=stats_dir if stats_dir.exists() else None))
+                                           stats_dir=stats_dir if stats_dir.exists() else None,
+                                           merge_device=cfg.merge.device))
 
 
 def merge_and_sweep(
@@ -727,8 +788,12 @@ def merge_and_sweep(
     seed: int,
     init_name: str = "",
     stats_dir: Path | None = None,
+    merge_device: str = "auto",
 ) -> dict[str, Any]:
-    """Merge ``dirs`` with ``method`` at every lambda, select on validation, save the selected merge."""
+    """Merge ``dirs`` with ``method`` at every lambda, select on validation, save the selected merge.
+
+    ``merge_device="auto"`` merges on the evaluator's device (the GPU when there is one), ``"cpu"``
+    on the CPU."""
     from osrm_lora.adapters import load_adapter
     from osrm_lora.merge import get_method, merge, save_merge_result
     from osrm_lora.merge_inputs import build_merge_context
@@ -739,6 +804,10 @@ def merge_and_sweep(
     evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device)
     context = build_merge_context(info.needs, adapters, tasks, dirs, evaluator, stats_dir=stats_dir, seed=seed,
                                   max_length=max_length)
+    on = evaluator.device if merge_device == "auto" else torch.device(merge_device)
+    if on.type != "cpu":
+        adapters = [a.to(on) for a in adapters]
+        context = context.to(on)
     grid, lambda_source = lambda_grid(info, params, lambdas)
     if lambda_source == "config":
         logger.info("%s/%s: scaling %g from merge.params, no lambda sweep", init_name, method, grid[0])
@@ -749,7 +818,8 @@ def merge_and_sweep(
             p["scaling"] = lam
         return merge(adapters, method, p, context=context)
 
-    curve, best_result, selected = sweep(evaluator, merge_fn, grid)
+    curve, best_result, selected = sweep(evaluator, merge_fn, grid, merge_device=str(on))
+    best_result = best_result.to("cpu")
     single_test = {t.name: read_json(d / "metrics.json")["test"] for d, t in zip(dirs, tasks)}
     norm = normalised(selected.test, single_test)
     record = {

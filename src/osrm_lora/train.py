@@ -16,7 +16,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from osrm_lora.backbone import (
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.data.task import Task
 from osrm_lora.distributed import DistEnv, all_reduce_sum, barrier, get_env, rank_device
-from osrm_lora.encoding import collate, encode_split, train_batches
+from osrm_lora.encoding import Encoded, collate, encode_split, train_batches
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import autocast_context, evaluate
 from osrm_lora.fsutil import atomic_dir, write_json
@@ -159,9 +159,16 @@ def _subspace_projectors(
     peft_model: nn.Module, subspaces: Mapping[str, torch.Tensor], device: torch.device
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """(lora_A parameter, U (k x n)) pairs for the projected training of A."""
+    A = {lora_module_key(name): param for name, param in lora_parameters(peft_model, "lora_A").items()}
+    return subspace_projectors(A, subspaces, device)
+
+
+def subspace_projectors(
+    A: Mapping[str, nn.Parameter], subspaces: Mapping[str, torch.Tensor], device: torch.device
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(A parameter, U (k x n)) pairs for the projected training of A, ``A`` keyed by module key."""
     out = []
-    for name, param in lora_parameters(peft_model, "lora_A").items():
-        key = lora_module_key(name)
+    for key, param in A.items():
         if key not in subspaces:
             raise OsrmError(f"no OSRM subspace for module {key}; the statistics were made for other target modules")
         U = subspaces[key].to(device, torch.float32)
@@ -181,19 +188,34 @@ def _project_A(projectors: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
 
 
 def _trainable_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    return trainable_state(peft_model.named_parameters())
 
 
 def _load_trainable_state(peft_model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    params = dict(peft_model.named_parameters())
+    load_state(dict(peft_model.named_parameters()), state)
+
+
+def trainable_state(named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters that require gradients, by name."""
+    return {n: p.detach().clone() for n, p in named if p.requires_grad}
+
+
+def load_state(params: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` (from :func:`trainable_state`) back into ``params`` in place."""
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v)
 
 
 def _optimizer(peft_model: nn.Module, cfg: TrainSettings) -> torch.optim.Optimizer:
+    return optimizer_for(peft_model.named_parameters(), cfg)
+
+
+def optimizer_for(named: Iterable[tuple[str, nn.Parameter]], cfg: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters of ``named``: LoRA factors (names with ``.lora_``) at
+    ``cfg.lr``, the head at ``cfg.head_lr`` (default ``cfg.lr``)."""
     lora, head = [], []
-    for n, p in peft_model.named_parameters():
+    for n, p in named:
         if not p.requires_grad:
             continue
         (lora if ".lora_" in n else head).append(p)
@@ -252,11 +274,19 @@ GramLookup = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 
 def _penalty_fn(peft_model: nn.Module, grams: GramLookup, device: torch.device) -> Callable[[], torch.Tensor]:
     B = lora_parameters(peft_model, "lora_B")
+    pairs = [(lora_module_key(name), a, B[name.replace(".lora_A.", ".lora_B.")])
+             for name, a in lora_parameters(peft_model, "lora_A").items()]
+    return penalty_fn(pairs, grams, device)
+
+
+def penalty_fn(pairs: Iterable[tuple[str, nn.Parameter, nn.Parameter]], grams: GramLookup,
+               device: torch.device) -> Callable[[], torch.Tensor]:
+    """The interference ratio of the ``(module key, A, B)`` factors as a closure (see
+    :func:`interference_ratio`), with the second moments from ``grams``."""
     factors = []
-    for name, a in lora_parameters(peft_model, "lora_A").items():
-        own, others = grams(lora_module_key(name))
-        factors.append((a, B[name.replace(".lora_A.", ".lora_B.")], own.to(device, torch.float32),
-                        others.to(device, torch.float32)))
+    for key, a, b in pairs:
+        own, others = grams(key)
+        factors.append((a, b, own.to(device, torch.float32), others.to(device, torch.float32)))
 
     def penalty() -> torch.Tensor:
         return interference_ratio([(a.float(), b.float(), so, sx) for a, b, so, sx in factors])
@@ -338,12 +368,71 @@ def _calibrate_masks(loop: _Loop, peft_model: nn.Module, train: TrainSettings, e
             _train_epoch(loop, optimizer, scheduler, generator, progress)
     finally:
         progress.close()
-    B = lora_parameters(peft_model, "lora_B")
-    masks = sparsity_masks(B, sparsity)
+    masks = lori_masks(lora_parameters(peft_model, "lora_B"), sparsity, loop.task.name, epochs)
     _load_trainable_state(peft_model, initial)
+    return masks
+
+
+def lori_masks(B: Mapping[str, nn.Parameter], sparsity: float, task_name: str,
+               epochs: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(B parameter, mask) pairs of LoRI's global masks (:func:`sparsity_masks`) for the current B."""
+    masks = sparsity_masks(B, sparsity)
     kept = sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
-    logger.info("%s: LoRI masks keep %.1f%% of B after %d calibration epoch(s)", loop.task.name, 100 * kept, epochs)
+    logger.info("%s: LoRI masks keep %.1f%% of B after %d calibration epoch(s)", task_name, 100 * kept, epochs)
     return [(B[n], m.to(B[n].device)) for n, m in masks.items()]
+
+
+def check_train_options(
+    train: TrainSettings,
+    *,
+    freeze_A: bool,
+    freeze_B: bool,
+    b_sparsity: float | None,
+    interference_grams: GramLookup | None,
+    interference_penalty: float,
+) -> None:
+    """The option combinations :func:`train_task` refuses (OsrmError with a one-line message)."""
+    if freeze_A and freeze_B:
+        raise OsrmError("freeze_A and freeze_B together leave nothing to train; unfreeze one")
+    if (b_sparsity or interference_penalty) and train.strategy == "fsdp":
+        raise OsrmError("b_sparsity and interference_penalty are not supported with strategy: fsdp; use ddp")
+    if interference_penalty > 0 and interference_grams is None:
+        raise OsrmError("interference_penalty needs the tasks' activation statistics (interference_grams)")
+
+
+def initial_peft_model(model_path: str, num_labels: int, problem_type: str, lora: LoraSettings,
+                       train: TrainSettings, seed: int, dev: torch.device, pad_token_id: int | None) -> nn.Module:
+    """The classifier with its freshly initialised head and LoRA adapter, as :func:`train_task` starts
+    from. Call it right after ``set_seed(seed)``: the load sees that random state, the adapter is then
+    initialised from ``seed`` again (identically whatever loading consumed)."""
+    base = load_classifier(model_path, num_labels, problem_type, device=dev, pad_token_id=pad_token_id)
+    model_type = base.config.model_type
+    set_seed(seed)  # head init is seeded identically whatever loading consumed
+    return build_peft_model(base, lora, model_type, train_pooler=train.train_pooler)
+
+
+def set_factors(peft_model: nn.Module, init_A: Mapping[str, torch.Tensor] | None, *, freeze_A: bool,
+                freeze_B: bool) -> dict[str, torch.Tensor]:
+    """Install ``init_A`` (module key -> r x n; None keeps PEFT's A), freeze A and/or B as asked and
+    return the starting A per module key (for the drift)."""
+    if init_A is not None:
+        apply_A_to_peft(peft_model, init_A)
+    A0 = current_A(peft_model)
+    for p in lora_parameters(peft_model, "lora_A").values():
+        p.requires_grad_(not freeze_A)
+    for p in lora_parameters(peft_model, "lora_B").values():
+        p.requires_grad_(not freeze_B)
+    return A0
+
+
+def encode_train_validation(tokenizer: Any, task: Task, train: TrainSettings) -> tuple[Encoded, Encoded]:
+    """The encoded train and validation splits of ``task``; OsrmError when either is empty."""
+    regression = task.problem_type == "regression"
+    enc_train = encode_split(tokenizer, task.train, train.max_length, regression)
+    enc_val = encode_split(tokenizer, task.validation, train.max_length, regression)
+    if len(enc_train) == 0 or len(enc_val) == 0:
+        raise OsrmError(f"task {task.name} has an empty train or validation split; provide more data")
+    return enc_train, enc_val
 
 
 def train_task(
@@ -386,12 +475,8 @@ def train_task(
     -> own and other tasks' input second moments) adds ``interference_penalty`` x
     :func:`interference_ratio` to the loss and records the ratio per epoch.
     """
-    if freeze_A and freeze_B:
-        raise OsrmError("freeze_A and freeze_B together leave nothing to train; unfreeze one")
-    if (b_sparsity or interference_penalty) and train.strategy == "fsdp":
-        raise OsrmError("b_sparsity and interference_penalty are not supported with strategy: fsdp; use ddp")
-    if interference_penalty > 0 and interference_grams is None:
-        raise OsrmError("interference_penalty needs the tasks' activation statistics (interference_grams)")
+    check_train_options(train, freeze_A=freeze_A, freeze_B=freeze_B, b_sparsity=b_sparsity,
+                        interference_grams=interference_grams, interference_penalty=interference_penalty)
     start = time.perf_counter()
     env = get_env()
     ddp = env.active if data_parallel is None else (data_parallel and env.active)
@@ -401,23 +486,12 @@ def train_task(
     dev = rank_device(device)
     set_seed(seed)
     tokenizer = load_tokenizer(model_path)
-    base = load_classifier(model_path, task.num_labels, task.problem_type, device=dev, pad_token_id=tokenizer.pad_token_id)
-    model_type = base.config.model_type
-    set_seed(seed)  # head init is seeded identically whatever loading consumed
-    peft_model = build_peft_model(base, lora, model_type, train_pooler=train.train_pooler)
-    if init_A is not None:
-        apply_A_to_peft(peft_model, init_A)
-    A0 = current_A(peft_model)
-    for p in lora_parameters(peft_model, "lora_A").values():
-        p.requires_grad_(not freeze_A)
-    for p in lora_parameters(peft_model, "lora_B").values():
-        p.requires_grad_(not freeze_B)
+    peft_model = initial_peft_model(model_path, task.num_labels, task.problem_type, lora, train, seed, dev,
+                                    tokenizer.pad_token_id)
+    A0 = set_factors(peft_model, init_A, freeze_A=freeze_A, freeze_B=freeze_B)
 
     regression = task.problem_type == "regression"
-    enc_train = encode_split(tokenizer, task.train, train.max_length, regression)
-    enc_val = encode_split(tokenizer, task.validation, train.max_length, regression)
-    if len(enc_train) == 0 or len(enc_val) == 0:
-        raise OsrmError(f"task {task.name} has an empty train or validation split; provide more data")
+    enc_train, enc_val = encode_train_validation(tokenizer, task, train)
 
     if env.active and train.strategy == "fsdp":
         # every rank built the same seeded model, so the shards agree; sharding comes before the

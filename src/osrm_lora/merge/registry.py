@@ -7,6 +7,7 @@ paper link and flags. :func:`merge` validates the inputs and parameters and disp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -159,6 +160,18 @@ class MergeContext:
     streaming: bool = False
     magnitude_probe: Callable[[int, torch.Tensor], None] | None = None
 
+    def to(self, device: torch.device | str) -> MergeContext:
+        """A copy with the Gram and Fisher tensors on ``device`` (the callables are kept as they are)."""
+        return dataclasses.replace(
+            self,
+            grams=None if self.grams is None else [_dict_to(g, device) for g in self.grams],
+            fisher=None if self.fisher is None else [_dict_to(f, device) for f in self.fisher],
+        )
+
+
+def _dict_to(tensors: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in tensors.items()}
+
 
 @dataclass
 class MergeResult:
@@ -202,6 +215,16 @@ class MergeResult:
         if self.adapter is not None:
             return self.adapter.deltas()
         raise OsrmError(f"merge result of {self.method} is empty; rerun the merge")
+
+    def to(self, device: torch.device | str) -> MergeResult:
+        """A copy with every tensor (factors, deltas, the inputs' heads and biases) on ``device``."""
+        return dataclasses.replace(
+            self,
+            adapter=None if self.adapter is None else self.adapter.to(device),
+            deltas=None if self.deltas is None else _dict_to(self.deltas, device),
+            per_task_deltas=None if self.per_task_deltas is None else [_dict_to(d, device) for d in self.per_task_deltas],
+            inputs=[a.to(device) for a in self.inputs],
+        )
 
 
 MethodFn = Callable[[list[LoraAdapter], dict[str, Any], MergeContext], MergeResult]
