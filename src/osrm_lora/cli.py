@@ -550,6 +550,47 @@ def search(
     typer.echo(f"written to {out}/merged and {out}/search.json")
 
 
+@app.command()
+def rmm(
+    adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Trained adapter directories (each with its task head), one per task.")],
+    out: Annotated[Path, typer.Option(help="Output directory: rmm.json (candidates, reward curve, chosen architecture), merged/.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated merge methods whose merges are candidates besides each task's adapter ('' = adapters only).")] = "task_arithmetic,ties,dare_ties",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="METHOD.KEY=VALUE: a candidate method's parameter (repeatable; defaults otherwise).")] = None,
+    episodes: Annotated[int, typer.Option(help="Most episodes (each builds one architecture layer by layer).")] = 300,
+    budget: Annotated[int, typer.Option(help="Most merged-model evaluations on validation (subset rewards + the final re-scoring).")] = 200,
+    subset_size: Annotated[int, typer.Option(help="Validation examples per task behind each reward.")] = 32,
+    rescore: Annotated[int, typer.Option(help="Architectures re-scored on the whole validation split at the end (from the budget).")] = 3,
+    constraint: Annotated[Optional[list[str]], typer.Option(help="TASK>=FLOOR or TASK>=single-TOL: a floor on a task's validation score (repeatable).")] = None,
+    penalty: Annotated[float, typer.Option(help="Reward penalty per score point a constraint falls short.")] = 1.0,
+    seed: int = 0,
+    model: str = "default",
+    max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapters were trained with).")] = None,
+    device: str = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
+) -> None:
+    """Reinforced Model Merging: a PPO agent picks, layer by layer, one candidate's update (a task's
+    adapter or a merge) or none, rewarded on small validation subsets; writes the best architecture's
+    merge, chosen on the whole validation split and scored once on test.
+
+    Example: osrm-lora rmm runs/demo/adapters/standard/* --out runs/rmm --budget 200 --subset-size 32
+
+    Example: osrm-lora rmm a/ b/ c/ --out r/ --methods ties -p ties.density=0.3 --constraint mr>=single-2
+    """
+    from osrm_lora.rmm import parse_candidate_params, rmm_search, summary_lines
+
+    names = _csv(methods) or []
+    params = parse_candidate_params(list(param or []), names)
+    _model_arg(model)
+    _device_arg(device)
+    result = rmm_search([str(a) for a in adapters], out, methods=names, params=params, episodes=episodes,
+                        budget=budget, subset_size=subset_size, rescore=rescore, constraints=list(constraint or []),
+                        penalty=penalty, seed=seed, model=model, max_length=max_length, device=device,
+                        overwrite=overwrite)
+    for line in summary_lines(result.record):
+        typer.echo(line)
+    typer.echo(f"written to {out}/merged and {out}/rmm.json")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Adapter directories (each with its task head).")],

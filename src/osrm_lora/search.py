@@ -651,33 +651,46 @@ def _dominant_method(config: Mapping[str, Any]) -> str:
     return max(counts, key=lambda m: (counts[m], m))
 
 
-def _save(out: Path, adapters: Sequence[LoraAdapter], dirs: Sequence[Path], groups: Sequence[LayerGroup],
-          best: dict[str, Any], deltas: dict[str, torch.Tensor], model_path: str | None, seed: int) -> None:
+def save_found_merge(target: Path, adapters: Sequence[LoraAdapter], dirs: Sequence[Path], *, carrier: str,
+                     label: str, params: dict[str, Any], info: dict[str, Any], deltas: dict[str, torch.Tensor],
+                     model_path: str | None, scores: dict[str, Any], paper: str, reproduce: str) -> Path:
+    """Write a merge found by a search (dense ``deltas`` of every module) to ``target`` with the common
+    merge writer, so ``osrm-lora evaluate --merged`` and the other consumers of a merge read it; the
+    files name the search ``label`` (``merge_info.json`` method and params, the card) instead of the
+    registered ``carrier`` method the writer needs."""
     from osrm_lora.cards import merge_card
     from osrm_lora.merge.io import MERGE_INFO, save_merge_result
 
+    result = MergeResult(carrier, params, deltas=deltas, info=info, config=merged_config(adapters),
+                         task_names=[a.name for a in adapters],
+                         inputs=[LoraAdapter({}, a.config, a.name, dict(a.extra)) for a in adapters])
+    target = save_merge_result(result, target, base_model_path=model_path, inputs=[str(d) for d in dirs],
+                               scores=scores)
+    meta = read_json(target / MERGE_INFO)
+    meta.update({"method": label, "params": params})
+    write_json(target / MERGE_INFO, meta)
+    card = merge_card(method=label, params=params, base_model=model_path or result.config.get("base_model_name_or_path"),
+                      inputs=[str(d) for d in dirs], task_names=result.task_names, paper=paper, scores=scores,
+                      info=result.info, needs=(label,))
+    head, _, _ = card.partition("## Reproduce")
+    with atomic_file(target / "README.md") as fh:
+        fh.write(head + "## Reproduce\n\n" + reproduce)
+    return target
+
+
+def _save(out: Path, adapters: Sequence[LoraAdapter], dirs: Sequence[Path], groups: Sequence[LayerGroup],
+          best: dict[str, Any], deltas: dict[str, torch.Tensor], model_path: str | None, seed: int) -> None:
     params = {"groups": best["config"]["groups"], "seed": seed}
     info = {"search": f"../{RECORD}", "trial": best["trial"], "paper": PAPER,
             "groups": {g.name: list(g.modules) for g in groups}}
-    # save_merge_result names a registered method in its card; the files are relabelled "search" below
-    result = MergeResult(_dominant_method(best["config"]), params, deltas=deltas, info=info,
-                         config=merged_config(adapters), task_names=[a.name for a in adapters],
-                         inputs=[LoraAdapter({}, a.config, a.name, dict(a.extra)) for a in adapters])
     scores = {"split": "validation", "scores": best["validation"], "test": best["test"]}
-    target = save_merge_result(result, out / MERGED, base_model_path=model_path, inputs=[str(d) for d in dirs],
-                               scores=scores)
-    meta = read_json(target / MERGE_INFO)
-    meta.update({"method": "search", "params": params})
-    write_json(target / MERGE_INFO, meta)
-    card = merge_card(method="search", params=params, base_model=model_path or result.config.get("base_model_name_or_path"),
-                      inputs=[str(d) for d in dirs], task_names=result.task_names, paper=PAPER, scores=scores,
-                      info=result.info, needs=("search",))
-    head, _, _ = card.partition("## Reproduce")
-    card = head + ("## Reproduce\n\nFound by `osrm-lora search` (per layer group: merge method, coefficients and "
-                   f"adapter mask); `{RECORD}` beside this directory records the search and the chosen configuration, "
-                   f"and rerunning the same command on the same `--out` resumes it from `{STORAGE}`.\n")
-    with atomic_file(target / "README.md") as fh:
-        fh.write(card)
+    # save_merge_result names a registered method in its card; the files are relabelled "search"
+    save_found_merge(out / MERGED, adapters, dirs, carrier=_dominant_method(best["config"]), label="search",
+                     params=params, info=info, deltas=deltas, model_path=model_path, scores=scores, paper=PAPER,
+                     reproduce=("Found by `osrm-lora search` (per layer group: merge method, coefficients and "
+                                f"adapter mask); `{RECORD}` beside this directory records the search and the chosen "
+                                f"configuration, and rerunning the same command on the same `--out` resumes it from "
+                                f"`{STORAGE}`.\n"))
 
 
 def summary_lines(record: Mapping[str, Any]) -> list[str]:
