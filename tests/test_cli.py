@@ -8,9 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from osrm_lora.cli import main
+import typer
 
-COMMANDS = ["demo", "run", "report", "train", "profile", "init", "project", "diagnose", "merge", "evaluate", "evaluate-lm", "predict", "export"]
+from osrm_lora.cli import app, main
+
+# every registered subcommand, so a new one cannot ship without help and an example
+COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+def test_the_command_list_is_complete() -> None:
+    expected = {"demo", "run", "report", "train", "profile", "init", "project", "diagnose", "merge", "evaluate",
+                "evaluate-lm", "predict", "export", "search", "rmm"}
+    assert expected <= set(COMMANDS), sorted(expected - set(COMMANDS))
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

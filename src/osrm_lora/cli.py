@@ -31,7 +31,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-tasks_app = typer.Typer(help="List, inspect and fetch tasks and suites.", no_args_is_help=True, rich_markup_mode=None)
+tasks_app = typer.Typer(help="List, inspect and fetch tasks and suites.\n\nExample: osrm-lora tasks list\n\nExample: osrm-lora tasks show mr bbc", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(tasks_app, name="tasks")
 
 _STATE = {"verbosity": 0}
