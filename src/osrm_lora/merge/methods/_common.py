@@ -12,7 +12,7 @@ import torch
 from osrm_lora.adapters import LoraAdapter, LoraModule
 from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
-from osrm_lora.merge.registry import MergeContext, Param
+from osrm_lora.merge.types import MergeContext, Param
 
 # --- common parameters -------------------------------------------------------------------------
 SCALING = Param("scaling", "float", 1.0, "lambda: global coefficient of the merged update", low=0.0)

@@ -11,7 +11,7 @@ from osrm_lora.adapters import LoraAdapter
 from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
 from osrm_lora.merge.methods._common import SCALING, factor_adapter, module_keys
-from osrm_lora.merge.registry import MergeContext, MergeResult, Param, register_method
+from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from osrm_lora.merge.methods._common import (
     sparse_combine,
     task_weights,
 )
-from osrm_lora.merge.registry import MergeContext, MergeResult, Param, register_method
+from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
 
 
 def magnitude_direction(tau: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:

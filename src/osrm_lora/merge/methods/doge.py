@@ -23,7 +23,7 @@ from osrm_lora.adapters import LoraAdapter
 from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
 from osrm_lora.merge.methods._common import SCALING, THRESHOLD, _task_thresholds, dense_getter, module_keys
-from osrm_lora.merge.registry import MergeContext, MergeResult, Param, register_method
+from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as FusionBench uses them
 ADAM_EPS = 1e-8

@@ -7,7 +7,7 @@ from typing import Any
 from osrm_lora.adapters import LoraAdapter
 from osrm_lora.merge import ops
 from osrm_lora.merge.methods._common import SCALING, WEIGHTS, factor_adapter, module_keys, task_weights
-from osrm_lora.merge.registry import MergeContext, MergeResult, register_method
+from osrm_lora.merge.types import MergeContext, MergeResult, register_method
 
 
 def concat_merge(adapters: list[LoraAdapter], coeffs: list[float], name: str) -> LoraAdapter:

@@ -24,7 +24,7 @@ from osrm_lora.merge.methods._common import (
     sparse_combine,
     task_weights,
 )
-from osrm_lora.merge.registry import MergeContext, MergeResult, Param, register_method
+from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
 
 
 def _dense(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext, *, sparsify: str | None,

@@ -27,7 +27,7 @@ from osrm_lora.merge.methods._common import (
     sparse_combine,
     task_weights,
 )
-from osrm_lora.merge.registry import MergeContext, MergeResult, Param, register_method
+from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
 
 VARIANT_SPARSE = {"ta": (None, "sum"), "ties": ("magnitude", "ties"), "dare_ties": ("dare", "ties")}
 
