@@ -416,3 +416,66 @@ def test_radix_selection_equals_sorting(seed, k, with_ties):
     double = torch.cat([flat, flat])
     want2 = float(torch.sort(double, descending=True).values[2 * k - 1])
     assert ops.kth_largest_abs(lambda: iter(tensors), 2 * k, reduce=lambda h: 2 * h) == want2
+
+
+# ------------------------------------------------------------------------------------ Compress-then-Merge
+
+
+def _ctm_adapters(ranks: tuple[int, ...] = (3, 4, 2), seed: int = 11) -> list[LoraAdapter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q": (20, 16), "ffn": (30, 16)}
+    return [LoraAdapter({k: LoraModule(torch.randn(r, n, generator=g, dtype=torch.float64),
+                                       torch.randn(m, r, generator=g, dtype=torch.float64), 0.5)
+                         for k, (m, n) in shapes.items()},
+                        {"peft_type": "LORA", "r": r, "lora_alpha": r}, name=f"t{i}")
+            for i, r in enumerate(ranks)]
+
+
+def _numpy_ctm_ta(deltas: list[np.ndarray], rank: int, weights: list[float], lam: float) -> np.ndarray:
+    """Compress-then-Merge with task arithmetic from its definition, on dense float64 updates."""
+    U, _, _ = np.linalg.svd(np.concatenate(deltas, axis=1), full_matrices=False)
+    _, _, Vh = np.linalg.svd(np.concatenate(deltas, axis=0), full_matrices=False)
+    Ur, Vr = U[:, :rank], Vh[:rank].T
+    core = sum(w * (Ur.T @ d @ Vr) for w, d in zip(weights, deltas))
+    return lam * Ur @ core @ Vr.T
+
+
+@pytest.mark.parametrize("rank", [2, 4, 6])
+def test_ctm_matches_its_definition_and_reports_its_error(rank: int) -> None:
+    ads = _ctm_adapters()
+    weights, lam = [1.0, 0.5, 2.0], 0.8
+    res = merge(ads, "ctm", {"rank": rank, "scaling": lam, "weights": weights})
+    for key, mod in res.adapter.modules.items():
+        deltas = [ad.modules[key].delta().numpy() for ad in ads]
+        want = _numpy_ctm_ta(deltas, rank, weights, lam)
+        scale = np.abs(want).max()  # the merge computes in float32
+        np.testing.assert_allclose(mod.delta().double().numpy(), want, rtol=0, atol=2e-5 * scale)
+        assert mod.rank == rank and np.linalg.matrix_rank(mod.delta().double().numpy(), tol=1e-4 * scale) <= rank
+        ta = lam * sum(w * d for w, d in zip(weights, deltas))
+        assert res.info["relative_error"][key] == pytest.approx(
+            np.linalg.norm(want - ta) / np.linalg.norm(ta), rel=1e-3, abs=1e-5)
+        total = sum(np.square(d).sum() for d in deltas)
+        U, _, _ = np.linalg.svd(np.concatenate(deltas, axis=1), full_matrices=False)
+        _, _, Vh = np.linalg.svd(np.concatenate(deltas, axis=0), full_matrices=False)
+        kept = sum(np.square(U[:, :rank].T @ d @ Vh[:rank].T).sum() for d in deltas) / total
+        assert res.info["kept_energy"][key] == pytest.approx(kept, rel=1e-5)
+
+
+def test_ctm_at_the_full_core_rank_is_lossless_task_arithmetic() -> None:
+    ads = _ctm_adapters()
+    res = merge(ads, "ctm", {"rank": 9})  # 3 + 4 + 2: the whole core space
+    ta = merge(ads, "task_arithmetic", {})
+    for key, mod in res.adapter.modules.items():
+        torch.testing.assert_close(mod.delta(), ta.deltas_for()[key], rtol=1e-5, atol=1e-5)
+    assert res.info["max_relative_error"] < 1e-5
+
+
+def test_ctm_default_rank_and_sparse_variants() -> None:
+    ads = _ctm_adapters()
+    res = merge(ads, "ctm", {})
+    assert set(res.info["rank"].values()) == {4}  # the largest input rank
+    for variant in ("ties", "dare_ties"):
+        out = merge(ads, "ctm", {"variant": variant, "rank": 3, "density": 0.5, "seed": 1})
+        assert set(out.info["rank"].values()) == {3}
+        assert all(0 < e < 1.5 for e in out.info["relative_error"].values())
+        assert all(0 < k <= 1 for k in out.info["kept_energy"].values())

@@ -120,6 +120,9 @@ CASES = [
     ("core_space", {}, {}),
     ("core_space", {"variant": "ties"}, {}),
     ("core_space", {"variant": "tsv"}, {}),
+    ("ctm", {}, {}),
+    ("ctm", {"variant": "ties", "rank": 3}, {}),  # threshold=task from the pre-pass on the compressed cores
+    ("ctm", {"variant": "dare_ties", "rank": 2}, {}),
     ("tsv_m", {}, {}),
     ("iso_c", {}, {}),
     ("iso_cts", {}, {}),

@@ -277,7 +277,7 @@ def every_method(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_every_registered_method_runs_through_the_pipeline(every_method: dict[str, Any]) -> None:
     run_dir = every_method["root"] / "run"
     by_method = {r["method"]: r for r in every_method["results"]["merged"]}
-    assert sorted(by_method) == sorted(every_method["methods"]) and len(by_method) == 18
+    assert sorted(by_method) == sorted(every_method["methods"]) and len(by_method) == 19
     for method, rec in by_method.items():
         assert (run_dir / "merges" / "standard" / method / "sweep.json").is_file(), method
         assert sorted(rec["test"]) == ["colours", "polar"], method

@@ -41,7 +41,7 @@ over its modules, sums all-reduced), handed to the per-step merges through
   all-reduced), passed as ``context.task_thresholds``. Same output.
 - ``do_merging``: ``base="ta"`` per module; ``base="ties"`` with ``threshold="task"`` gets the
   thresholds of the row directions from the same pre-pass. Same output.
-- ``knots``, ``core_space``: the decomposition is per module; ``variant="ties"`` with
+- ``knots``, ``core_space``, ``ctm``: the decomposition is per module; ``variant="ties"`` with
   ``threshold="task"`` gets the thresholds of the task coordinates / cores from the pre-pass;
   ``variant="dare_ties"`` uses per-module DARE seeds (below); ``ta``/``tsv`` are per module.
 - ``dare_linear``, ``dare_ties`` (and the DARE variants above): in memory the masks come from one
@@ -114,6 +114,7 @@ _MAGNITUDE_TRIM: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     "do_merging": lambda p: p.get("base") == "ties",
     "knots": lambda p: p.get("variant") == "ties",
     "core_space": lambda p: p.get("variant") == "ties",
+    "ctm": lambda p: p.get("variant") == "ties",
     "doge": lambda p: True,
 }
 _DARE = {"dare_linear", "dare_ties"}
