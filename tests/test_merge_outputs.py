@@ -249,6 +249,18 @@ def test_full_format_needs_base_model_names_the_flag(tmp_path: Path, plain_dirs:
     nothing_left(tmp_path / "x")
 
 
+@pytest.mark.parametrize("flag", [["--svd-rank", "2"], ["--max-error", "0.01"]])
+def test_full_format_refuses_the_peft_only_rank_options(tmp_path: Path, base_dir: Path, plain_dirs: list[str],
+                                                       flag: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(["merge", *plain_dirs, "--method", "ties", "--format", "full", "--base-model", str(base_dir),
+                        *flag, "--out", str(tmp_path / "full")], capsys)
+    assert code == 2 and f"{flag[0]} applies to the PEFT output only" in err and err.count("\n") <= 1, err
+    nothing_left(tmp_path / "full")
+    res = merge([load_adapter(d) for d in plain_dirs], "ties", ignore_extra=True)
+    with pytest.raises(OsrmError, match="applies to the PEFT output only"):
+        save_merge_result(res, tmp_path / "api", format="full", base_model_path=str(base_dir), svd_rank=2)
+
+
 # ------------------------------------------------------------------------------------------------ item 3: biases
 
 

@@ -313,6 +313,8 @@ def test_rerun_keeps_the_stage_timings_of_cached_stages(every_method: dict[str, 
     assert first and set(first) >= {"profile", "train/standard/colours", "merge/standard/emr"}
     assert again["stage_seconds"] == first  # every stage was skipped as finished: the first run's times
     assert read_json(every_method["root"] / "run" / "manifest.json")["stage_seconds"] == first
+    assert every_method["first_manifest"]["stages_cached"] == []  # a fresh run skips nothing
+    assert again["stages_cached"] == sorted(first)  # the rerun skipped every stage, and says so
 
 
 def test_adapters_of_the_run_list_sorted_target_modules(every_method: dict[str, Any]) -> None:

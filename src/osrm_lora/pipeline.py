@@ -104,6 +104,7 @@ class StageLedger:
     force: frozenset[str] = frozenset()
     timings: dict[str, float] = field(default_factory=dict)
     previous: dict[str, float] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)  # stage ids skipped as finished, in the order met
 
     def _marker(self, stage_id: str) -> Path:
         return self.run_dir / ".stages" / f"{stage_id.replace('/', '__')}.json"
@@ -128,6 +129,7 @@ class StageLedger:
     def skip(self, stage_id: str) -> None:
         """Record a stage skipped as finished, with the seconds it took when it ran (if known)."""
         logger.info("skipping %s (finished, inputs unchanged)", stage_id)
+        self.cached.append(stage_id)
         seconds = self.previous.get(stage_id)
         if seconds is None:
             try:
@@ -403,6 +405,7 @@ class RunContext:
     stats_hash: str | None = None  # content hash of the statistics store, computed once after profiling
     adapter_hashes: dict[str, list[str | None]] = field(default_factory=dict)  # per init, once after training
     stage_seconds: dict[str, float] = field(default_factory=dict)  # every process's stage timings
+    stages_cached: list[str] = field(default_factory=list)  # every process's stages skipped as finished
 
 
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
@@ -447,6 +450,7 @@ def _manifest(ctx: RunContext, started: float) -> dict[str, Any]:
         "processes": get_env().world_size,
         "output_hashes": output_hashes(ctx.run_dir),
         "stage_seconds": ctx.stage_seconds,
+        "stages_cached": ctx.stages_cached,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -593,6 +597,7 @@ def _run_pipeline(
 
     for timings in all_gather_objects(ctx.ledger.timings):  # stages skipped as finished keep their earlier time
         ctx.stage_seconds.update(timings)
+    ctx.stages_cached = sorted({s for cached in all_gather_objects(ctx.ledger.cached) for s in cached})
     results: dict[str, Any] | None = None
     if env.is_main:
         results = _assemble(ctx, train_results, merged, diagnostics)

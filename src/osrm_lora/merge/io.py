@@ -659,6 +659,10 @@ def check_output_options(format: str, svd_rank: int | None, base_model_path: str
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise OsrmError(f"svd_rank must be an integer >= 1, got {svd_rank!r}; pass e.g. --svd-rank 16")
     check_max_error(max_error)
+    if format == "full" and (svd_rank is not None or max_error is not None):
+        option = "--svd-rank" if svd_rank is not None else "--max-error"
+        raise OsrmError(f"{option} applies to the PEFT output only; --format full folds the exact merge into the "
+                        f"base weights: drop {option} or use --format peft")
     base_model_path = base_model_path or (config or {}).get("base_model_name_or_path")
     if format == "full" and not base_model_path:
         raise OsrmError("format=full needs the base model; pass --base-model (base_model_path= from Python)")
