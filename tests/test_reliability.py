@@ -21,7 +21,8 @@ from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import atomic_dir, remove_stale_temporaries, sha256_file
 from tinymodels import keyword_task, write_tiny_model
 
-TIMING_KEYS = {"merge_seconds", "merge_peak_mb", "seconds", "wall_seconds", "stage_seconds"}  # measurements
+TIMING_KEYS = {"merge_seconds", "merge_peak_mb", "seconds", "wall_seconds", "stage_seconds",
+               "stages_cached"}  # measurements, and which stages this invocation found finished
 
 # Loaded by the child interpreter (PYTHONPATH): when OSRM_TEST_HANG_TASK is set, training of that task
 # stops inside its atomic output directory (after the head is written, before the rename) and waits to

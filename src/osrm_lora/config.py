@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from osrm_lora.constraints import Constraint
 from osrm_lora.data.spec import TaskSpec
 from osrm_lora.data.suites import load_suite
 from osrm_lora.errors import ConfigError, OsrmError
@@ -133,6 +134,21 @@ class MergeSettings(_Strict):
     """Fixed parameters per method (names and ranges as in ``osrm-lora merge --list``), checked when
     the config is loaded. A ``scaling`` given here is used as is: that method is merged at that
     scaling only, with no lambda sweep (the other methods still sweep ``lambdas``)."""
+
+    constraints: list[str] = Field(default_factory=list)
+    """Tasks whose validation score must not drop: ``TASK>=FLOOR`` (score points) or
+    ``TASK>=single-TOL`` (its own adapter's validation score minus TOL). Every method's lambda is then
+    chosen on validation among the lambdas that meet them (the best overall when none does, with a
+    warning), each merge records whether its constraints hold, and AdaMerging adds a penalty on the
+    constraint tasks' validation loss to its objective (its ``constraint_weight``)."""
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, value: list[str]) -> list[str]:
+        try:
+            return [Constraint.parse(v).text() for v in value]
+        except OsrmError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("lambdas")
     @classmethod

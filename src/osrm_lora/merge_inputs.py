@@ -91,34 +91,69 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
     return out
 
 
-def entropy_function(evaluator: Any, n_per_task: int = 32,
-                     seed: int = 0) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """AdaMerging objective: mean over tasks of the mean prediction entropy on unlabeled VALIDATION inputs."""
+_Batch = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str, torch.Tensor]
+
+
+def _validation_batches(evaluator: Any, n_per_task: int, seed: int,
+                        only: Sequence[int] | None = None) -> list[_Batch]:
+    """Per task (or the tasks ``only``): a random batch of ``n_per_task`` VALIDATION examples, its head,
+    problem type and labels, on the evaluator's device (the same draw for the same seed)."""
     model = evaluator.model
     gen = torch.Generator().manual_seed(seed)
-    batches = []
     dev = next(model.parameters()).device
-    for slot in evaluator.slots:
+    out = []
+    for i, slot in enumerate(evaluator.slots):
         enc = slot.encoded["validation"]
         idx = torch.randperm(len(enc), generator=gen)[:n_per_task].tolist()
-        batch = {k: v.to(dev) for k, v in collate(evaluator.tokenizer, [enc.features[i] for i in idx]).items()}
+        if only is not None and i not in only:
+            continue
+        batch = {k: v.to(dev) for k, v in collate(evaluator.tokenizer, [enc.features[j] for j in idx]).items()}
         head = {k: v.to(dev) for k, v in slot.head.items()}
-        batches.append((batch, head, slot.task.problem_type))
+        out.append((batch, head, slot.task.problem_type, enc.labels[idx].to(dev)))
+    return out
+
+
+def _merged_logits(evaluator: Any) -> Callable[[dict[str, torch.Tensor], _Batch], torch.Tensor]:
+    """``logits(deltas, batch)``: the model with ``W0 + delta`` and the batch's head, differentiable in the deltas."""
+    model = evaluator.model
+    dev = next(model.parameters()).device
     base = {n: p.detach() for n, p in model.named_parameters()}
 
-    def entropy_fn(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-        evaluator._restore()
-        model.eval()
-        total = torch.zeros((), device=dev)
+    def logits(deltas: dict[str, torch.Tensor], item: _Batch) -> torch.Tensor:
         weights = {}
         for key, delta in deltas.items():
             name = resolve_module_key(model, key) + ".weight"
             weights[name] = base[name] + delta.to(dev)
+        batch, head = item[0], item[1]
+        return functional_call(model, {**base, **weights, **head}, args=(), kwargs=batch).logits.float()
+
+    return logits
+
+
+def _task_loss(logits: torch.Tensor, problem: str, labels: torch.Tensor) -> torch.Tensor:
+    if problem == "regression":
+        return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+    if problem == "multi_label_classification":
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    return torch.nn.functional.cross_entropy(logits, labels.long())
+
+
+def entropy_function(evaluator: Any, n_per_task: int = 32,
+                     seed: int = 0) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """AdaMerging objective: mean over tasks of the mean prediction entropy on unlabeled VALIDATION inputs."""
+    batches = _validation_batches(evaluator, n_per_task, seed)
+    logits_of = _merged_logits(evaluator)
+    dev = next(evaluator.model.parameters()).device
+
+    def entropy_fn(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        evaluator._restore()
+        evaluator.model.eval()
+        total = torch.zeros((), device=dev)
         count = 0
-        for batch, head, problem in batches:
-            if problem == "regression":
+        for item in batches:
+            if item[2] == "regression":
                 continue
-            logits = functional_call(model, {**base, **weights, **head}, args=(), kwargs=batch).logits.float()
+            logits = logits_of(deltas, item)
             p = logits.softmax(-1)
             total = total + (-(p * logits.log_softmax(-1)).sum(-1)).mean()
             count += 1
@@ -127,6 +162,32 @@ def entropy_function(evaluator: Any, n_per_task: int = 32,
         return total / count
 
     return entropy_fn
+
+
+def constraint_function(evaluator: Any, own_deltas: Sequence[dict[str, torch.Tensor]], tasks: Sequence[int],
+                        n_per_task: int = 32, seed: int = 0) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Penalty of constraint-aware AdaMerging: over the constraint ``tasks`` (indices), the mean rise of
+    the task loss on a labeled VALIDATION batch of the merged model above its own adapter's,
+    ``mean_c relu(loss_c(merged) - loss_c(own))`` (0 while every constraint task is served as well as
+    by its own adapter). The loss (cross-entropy, BCE or MSE by problem type) stands in for the score,
+    which has no gradient; the score floors themselves are checked on the selected merge."""
+    if not tasks:
+        raise OsrmError("constraint_function needs at least one constraint task")
+    batches = _validation_batches(evaluator, n_per_task, seed + 1, only=tasks)
+    logits_of = _merged_logits(evaluator)
+    evaluator._restore()
+    evaluator.model.eval()
+    with torch.no_grad():
+        own = [_task_loss(logits_of(own_deltas[t], item), item[2], item[3]) for t, item in zip(sorted(tasks), batches)]
+
+    def constraint_fn(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        evaluator._restore()
+        evaluator.model.eval()
+        rises = [torch.relu(_task_loss(logits_of(deltas, item), item[2], item[3]) - ref)
+                 for item, ref in zip(batches, own)]
+        return torch.stack(rises).mean()
+
+    return constraint_fn
 
 
 def build_merge_context(
@@ -139,8 +200,10 @@ def build_merge_context(
     stats_dir: Path | None,
     seed: int,
     max_length: int = 128,
+    constraint_tasks: Sequence[int] = (),
 ) -> Any:
-    """A :class:`MergeContext` with whatever the method needs."""
+    """A :class:`MergeContext` with whatever the method needs; with ``constraint_tasks`` (indices) a
+    method that optimises on data (AdaMerging) also gets the constraint penalty."""
     from osrm_lora.merge import MergeContext
 
     needs = set(needs)
@@ -153,4 +216,7 @@ def build_merge_context(
         ctx.fisher = fisher_diagonals(evaluator, adapter_dirs, seed=seed, max_length=max_length)
     if "entropy_fn" in needs or "adamerging_eval" in needs:
         ctx.entropy_fn = entropy_function(evaluator, seed=seed)
+        if constraint_tasks:
+            own = [{k: m.delta() for k, m in ad.modules.items()} for ad in adapters]
+            ctx.constraint_fn = constraint_function(evaluator, own, constraint_tasks, seed=seed)
     return ctx

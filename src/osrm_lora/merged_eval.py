@@ -135,11 +135,14 @@ def sweep(
     *,
     with_test_curve: bool = True,
     merge_device: str = "cpu",
+    feasible: Callable[[dict[str, float]], bool] | None = None,
 ) -> tuple[list[SweepPoint], Any, SweepPoint]:
     """Merge at each lambda, score on validation (and test, for the robustness curve only).
 
     Returns the curve, the merge result at the selected lambda and the selected point. Selection
-    uses the average VALIDATION score only; ties go to the smaller lambda. Each point records the
+    uses the average VALIDATION score only; ties go to the smaller lambda. With ``feasible`` (a test
+    on the validation scores, e.g. constraint floors) the best feasible lambda is kept, and the best
+    overall only when none is feasible. Each point records the
     merge's time and peak memory (:func:`osrm_lora.memory.measure_peak` on ``merge_device``: exact
     on CUDA; sampled resident memory on CPU, where memory freed by an earlier merge is reused, so the
     first point shows the peak best).
@@ -148,7 +151,7 @@ def sweep(
     from osrm_lora.logutil import Progress
 
     curve: list[SweepPoint] = []
-    best: tuple[float, float, Any, SweepPoint] | None = None
+    best: tuple[tuple[bool, float], float, Any, SweepPoint] | None = None
     progress = Progress(f"merge + evaluate ({len(evaluator.slots)} tasks)", len(lambdas), {"lam": "λ={:g}"})
     for lam in lambdas:
         progress.advance(0, lam=lam)
@@ -163,8 +166,9 @@ def sweep(
         point = SweepPoint(lam, val, test, seconds, peak.bytes / 2**20)
         curve.append(point)
         logger.debug("lambda %.2f: validation avg %.2f", lam, point.avg_validation)
-        if best is None or point.avg_validation > best[0]:
-            best = (point.avg_validation, lam, result, point)
+        key = (feasible is None or feasible(val), point.avg_validation)
+        if best is None or key > best[0]:
+            best = (key, lam, result, point)
         progress.advance(1, lam=lam)
     progress.close()
     assert best is not None

@@ -65,6 +65,7 @@ from osrm_lora.distributed import (
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.evaluate import mean, normalised
 from osrm_lora.fsutil import atomic_file, cache_dir, claim_output, read_json, sha256_json, write_json
+from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.merge.registry import MethodInfo, get_method, resolve_params
 from osrm_lora.report.tables import grid_edge
 
@@ -201,6 +202,13 @@ def task_fingerprint(task: Task) -> str:
 
 
 # --------------------------------------------------------------------------- stages
+def _check_constraints(cfg: PipelineConfig, names: Sequence[str]) -> None:
+    try:
+        check_constraint_tasks([Constraint.parse(c) for c in cfg.merge.constraints], names)
+    except OsrmError as exc:
+        raise ConfigError(f"merge.constraints: {exc}; fix merge.constraints in the config") from None
+
+
 def resolve_tasks(cfg: PipelineConfig, cache: str | None = None, hf_loader: Any = None) -> list[Task]:
     """Load the suite's and the listed tasks (duplicate names are an error).
 
@@ -215,6 +223,7 @@ def resolve_tasks(cfg: PipelineConfig, cache: str | None = None, hf_loader: Any 
     dups = sorted({n for n in names if names.count(n) > 1})
     if dups:
         raise ConfigError(f"duplicate task names {dups}; give each task a unique name")
+    _check_constraints(cfg, names)
     if len(tasks) < 2:
         logger.warning("only one task: merging needs two or more to be meaningful")
     return tasks
@@ -373,6 +382,7 @@ def check_run(cfg: PipelineConfig, *, force: Sequence[str] = (), cache: str | No
     their caches (not cached = fetched on the first run), local data files are read."""
     forced = validate_force(force)
     specs = task_specs(cfg)
+    _check_constraints(cfg, [s.name for s in specs])
     root = cache_dir(cache)
     task_lines = [check_task(s, root) for s in specs]
     model, model_type = check_model(cfg.model)
@@ -770,12 +780,14 @@ def _merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Pat
                "lambdas": cfg.merge.lambdas, "seed": cfg.seed, "tasks": ctx.fingerprints}
     if _needs_grams(method):  # RegMean merges with the statistics: re-merge when they change
         payload["stats"] = ctx.stats_hash
+    if cfg.merge.constraints:  # enters the inputs only when set, so earlier runs stay finished
+        payload["constraints"] = cfg.merge.constraints
     ctx.ledger.run("merge", f"merge/{init.name}/{method}", payload, [out / "sweep.json"],
                    lambda: merge_and_sweep(ctx.model_path, ctx.tasks, dirs, method, params, cfg.merge.lambdas, out,
                                            max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
                                            device=cfg.device, seed=cfg.seed, init_name=init.name,
                                            stats_dir=stats_dir if stats_dir.exists() else None,
-                                           merge_device=cfg.merge.device))
+                                           merge_device=cfg.merge.device, constraints=cfg.merge.constraints))
 
 
 def merge_and_sweep(
@@ -794,11 +806,14 @@ def merge_and_sweep(
     init_name: str = "",
     stats_dir: Path | None = None,
     merge_device: str = "auto",
+    constraints: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Merge ``dirs`` with ``method`` at every lambda, select on validation, save the selected merge.
 
     ``merge_device="auto"`` merges on the evaluator's device (the GPU when there is one), ``"cpu"``
-    on the CPU."""
+    on the CPU. ``constraints`` (``TASK>=FLOOR`` / ``TASK>=single-TOL``, see
+    :class:`osrm_lora.constraints.Constraint`): the lambda is chosen among those meeting them on
+    validation."""
     from osrm_lora.adapters import load_adapter
     from osrm_lora.merge import get_method, merge, save_merge_result
     from osrm_lora.merge_inputs import build_merge_context
@@ -807,8 +822,14 @@ def merge_and_sweep(
     info = get_method(method)
     adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
     evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device)
+    parsed = [Constraint.parse(c) for c in constraints]
+    names = [t.name for t in tasks]
+    check_constraint_tasks(parsed, names)
+    single_val = {t.name: read_json(d / "metrics.json")["validation"] for d, t in zip(dirs, tasks)}
+    floors = {c.text(): c.resolve(single_val) for c in parsed}
     context = build_merge_context(info.needs, adapters, tasks, dirs, evaluator, stats_dir=stats_dir, seed=seed,
-                                  max_length=max_length)
+                                  max_length=max_length,
+                                  constraint_tasks=sorted({names.index(c.task) for c in parsed}))
     on = evaluator.device if merge_device == "auto" else torch.device(merge_device)
     if on.type != "cpu":
         adapters = [a.to(on) for a in adapters]
@@ -823,7 +844,11 @@ def merge_and_sweep(
             p["scaling"] = lam
         return merge(adapters, method, p, context=context)
 
-    curve, best_result, selected = sweep(evaluator, merge_fn, grid, merge_device=str(on))
+    def feasible(scores: dict[str, float]) -> bool:
+        return all(v <= 0 for v in shortfalls(parsed, floors, scores))
+
+    curve, best_result, selected = sweep(evaluator, merge_fn, grid, merge_device=str(on),
+                                         feasible=feasible if parsed else None)
     best_result = best_result.to("cpu")
     single_test = {t.name: read_json(d / "metrics.json")["test"] for d, t in zip(dirs, tasks)}
     norm = normalised(selected.test, single_test)
@@ -851,6 +876,15 @@ def merge_and_sweep(
         ],
         "inputs": [str(d) for d in dirs],
     }
+    if parsed:
+        record["constraints"] = [
+            {"constraint": c.text(), "floor": floors[c.text()], "validation": selected.validation[c.task],
+             "test": selected.test[c.task], "met_on_validation": selected.validation[c.task] >= floors[c.text()]}
+            for c in parsed]
+        record["constraints_met"] = all(r["met_on_validation"] for r in record["constraints"])
+        if not record["constraints_met"]:
+            logger.warning("%s/%s: no lambda meets the constraints %s on validation; kept the best lambda",
+                           init_name, method, ", ".join(c.text() for c in parsed))
     save_merge_result(best_result, out, base_model_path=model_path, inputs=[str(d) for d in dirs],
                       scores={"split": "validation", "lambda": record["lambda"], "scores": selected.validation,
                               "test": selected.test})

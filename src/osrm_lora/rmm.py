@@ -54,14 +54,8 @@ from osrm_lora.fsutil import claim_output, write_json
 from osrm_lora.inference import check_adapter_dir
 from osrm_lora.merge.registry import MergeContext, get_method, merge, resolve_params
 from osrm_lora.merged_eval import MergedEvaluator
-from osrm_lora.search import (
-    Constraint,
-    LayerGroup,
-    _check_constraint_tasks,
-    check_methods,
-    layer_groups,
-    save_found_merge,
-)
+from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
+from osrm_lora.search import LayerGroup, check_methods, layer_groups, save_found_merge
 
 logger = logging.getLogger(__name__)
 
@@ -525,7 +519,7 @@ def rmm_search(
         if evaluator is None:
             from osrm_lora.diagnose import merged_evaluator_for
 
-            _check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before the data
+            check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before the data
             evaluator, model_path = merged_evaluator_for(dirs, model=model, max_length=max_length,
                                                          batch_size=batch_size, device=device,
                                                          splits=("validation", "test"))
@@ -548,7 +542,7 @@ def _search(evaluator: MergedEvaluator, dirs: Sequence[Path], out: Path, *, meth
         raise OsrmError(f"the evaluator has {len(tasks)} tasks for {len(dirs)} adapters; give one adapter per task")
     if any("validation" not in slot.encoded for slot in evaluator.slots):
         raise OsrmError("the evaluator must hold the validation split (splits=('validation', ...))")
-    _check_constraint_tasks(constraints, tasks)
+    check_constraint_tasks(constraints, tasks)
     adapters = [load_adapter(d, name=t) for d, t in zip(dirs, tasks)]
     for ad, d in zip(adapters, dirs):
         if ad.trains_biases:
@@ -568,7 +562,7 @@ def _search(evaluator: MergedEvaluator, dirs: Sequence[Path], out: Path, *, meth
     floors = {c.text(): c.resolve(single) for c in constraints}
 
     def violations(scores: Mapping[str, float]) -> list[float]:
-        return [floors[c.text()] - scores[c.task] for c in constraints]
+        return shortfalls(constraints, floors, scores)
 
     streams = [SubsetStream(len(slot.encoded["validation"]), subset_size,
                             torch.Generator().manual_seed(seed * 1000003 + 7919 * t + 1))

@@ -61,6 +61,7 @@ import torch
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.backbone import load_head
 from osrm_lora.cards import adapter_hash
+from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.diagnose import merged_evaluator_for
 from osrm_lora.encoding import Encoded
 from osrm_lora.errors import OsrmError
@@ -84,60 +85,9 @@ RECORD = "search.json"
 MERGED = "merged"
 STUDY = "osrm-lora-search"
 PAPER = "https://arxiv.org/abs/2502.04030"
-_CONSTRAINT = re.compile(r"^(?P<task>.+?)\s*>=\s*(?P<rhs>.+)$")
-_SINGLE = re.compile(r"^single\s*(?:-\s*(?P<tol>[0-9.eE+-]+))?$")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class Constraint:
-    """Task ``task``'s validation score must stay at or above a floor: ``floor`` (absolute, in score
-    points) or, with ``tolerance``, its own adapter's validation score minus ``tolerance``."""
-
-    task: str
-    floor: float | None = None
-    tolerance: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.floor is None) == (self.tolerance is None):
-            raise OsrmError(f"constraint on {self.task}: give either an absolute floor or a tolerance below the "
-                            "single-task score, e.g. '{0}>=80' or '{0}>=single-2'".format(self.task))
-        for v in (self.floor, self.tolerance):
-            if v is not None and not math.isfinite(v):
-                raise OsrmError(f"constraint on {self.task}: the floor must be a finite number, got {v!r}")
-        if self.tolerance is not None and self.tolerance < 0:
-            raise OsrmError(f"constraint on {self.task}: the tolerance must be >= 0, got {self.tolerance:g}; "
-                            f"write e.g. {self.task}>=single-2")
-
-    @classmethod
-    def parse(cls, text: str) -> Constraint:
-        """``TASK>=FLOOR`` (absolute) or ``TASK>=single`` / ``TASK>=single-TOL`` (relative)."""
-        m = _CONSTRAINT.match(text.strip())
-        hint = "write TASK>=FLOOR (e.g. mr>=80) or TASK>=single-TOL (e.g. mr>=single-2)"
-        if m is None:
-            raise OsrmError(f"constraint {text!r} is not valid; {hint}")
-        task, rhs = m.group("task").strip(), m.group("rhs").strip()
-        rel = _SINGLE.match(rhs)
-        try:
-            if rel is not None:
-                return cls(task, tolerance=float(rel.group("tol") or 0.0))
-            return cls(task, floor=float(rhs))
-        except ValueError:
-            raise OsrmError(f"constraint {text!r} is not valid; {hint}") from None
-
-    def text(self) -> str:
-        if self.floor is not None:
-            return f"{self.task}>={self.floor:g}"
-        return f"{self.task}>=single-{self.tolerance:g}"
-
-    def resolve(self, single: Mapping[str, float]) -> float:
-        """The floor in score points, given the tasks' single-task validation scores."""
-        if self.floor is not None:
-            return float(self.floor)
-        assert self.tolerance is not None
-        return float(single[self.task]) - float(self.tolerance)
-
-
 @dataclass(frozen=True)
 class SearchBudget:
     """When to stop: ``evaluations`` (full-validation evaluations: a fidelity with a fraction f of the
@@ -222,12 +172,6 @@ def check_methods(methods: Sequence[str]) -> list[str]:
         if name not in out:
             out.append(name)
     return out
-
-
-def _check_constraint_tasks(constraints: Sequence[Constraint], tasks: Sequence[str]) -> None:
-    unknown = [c.task for c in constraints if c.task not in tasks]
-    if unknown:
-        raise OsrmError(f"constraint task {unknown[0]!r} is not one of the merged tasks ({', '.join(tasks)})")
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -470,7 +414,7 @@ def search_merge(
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / MERGED, ignore_errors=True)
         if evaluator is None:
-            _check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before loading data
+            check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before loading data
             evaluator, model_path = merged_evaluator_for(dirs, model=model, max_length=max_length,
                                                          batch_size=batch_size, device=device,
                                                          splits=("validation", "test"))
@@ -481,7 +425,7 @@ def search_merge(
             raise OsrmError(f"the evaluator has {len(tasks)} tasks for {len(dirs)} adapters; give one adapter per task")
         if objective == "pareto" and len(tasks) < 2:
             raise OsrmError("a Pareto search needs at least two tasks; use --objective mean")
-        _check_constraint_tasks(parsed, tasks)
+        check_constraint_tasks(parsed, tasks)
         adapters = [load_adapter(d, name=t) for d, t in zip(dirs, tasks)]
         for ad, d in zip(adapters, dirs):
             if ad.trains_biases:
@@ -505,7 +449,7 @@ def search_merge(
         penalise = bool(parsed) and sampler == "random"  # the random sampler ignores constraints
 
         def violations(scores: Mapping[str, float]) -> list[float]:
-            return [floors[c.text()] - scores[c.task] for c in parsed]
+            return shortfalls(parsed, floors, scores)
 
         def set_constraints(trial: optuna.Trial, viol: Sequence[float]) -> None:
             """The violations at the last fidelity scored, for the samplers (TPE, NSGA-II) to learn

@@ -128,6 +128,10 @@ class MergeContext:
       ``W0 + delta`` (e.g. ``torch.func.functional_call``) on a batch of *unlabeled* inputs of the
       tasks and return the mean prediction entropy (summed or averaged over tasks). It is called once
       per optimisation step and must not detach the deltas.
+    - ``constraint_fn``: for adamerging, optional. Same call contract as ``entropy_fn``; returns a
+      differentiable penalty >= 0 that is 0 while the constraint tasks are served as well as by their
+      own adapters (:func:`osrm_lora.merge_inputs.constraint_function`), added to the loss with the
+      method's ``constraint_weight``.
     - ``seed``: seed of random methods (DARE) unless the method's own ``seed`` parameter is given.
 
     Fields for merging a model a few modules at a time (:mod:`osrm_lora.merge.stream`), where the
@@ -149,6 +153,7 @@ class MergeContext:
     grams: list[dict[str, torch.Tensor]] | None = None
     fisher: list[dict[str, torch.Tensor]] | None = None
     entropy_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    constraint_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
     seed: int = 0
     task_thresholds: list[float] | None = None
     task_rescalers: list[float] | None = None

@@ -130,7 +130,9 @@ def regmean(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeConte
                   choices=("task", "layer")),
             Param("steps", "int", 500, "Adam steps", low=1),
             Param("lr", "float", 1e-3, "Adam learning rate", low=0.0, low_open=True),
-            Param("init", "float", 0.3, "initial coefficient", low=0.0, high=1.0)],
+            Param("init", "float", 0.3, "initial coefficient", low=0.0, high=1.0),
+            Param("constraint_weight", "float", 1.0,
+                  "weight of the constraint penalty (context.constraint_fn, when constraints are given)", low=0.0)],
     description="learn task-/layer-wise TA coefficients by minimising prediction entropy on unlabeled data",
     paper="https://arxiv.org/abs/2310.02575",
     exact_in_factor_space=True,
@@ -141,6 +143,7 @@ def adamerging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
 
     Coefficients ``lambda[t]`` (task-wise) or ``lambda[t, module]`` (layer-wise), initialised to
     ``init`` and clamped to [0, 1] after each Adam step, minimise ``context.entropy_fn(deltas)``
+    (plus ``constraint_weight * context.constraint_fn(deltas)`` when the context has constraints)
     where ``deltas[key] = sum_t lambda[t(, key)] s_t B_t A_t`` (see :class:`MergeContext` for the
     contract). The result is exact in factor space (concatenated, coefficient-scaled factors).
     """
@@ -151,7 +154,9 @@ def adamerging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
     coeff = torch.full((T, len(keys) if layer else 1), float(params["init"]), device=dev, requires_grad=True)
     opt = torch.optim.Adam([coeff], lr=float(params["lr"]))
     factors = {k: [ops.scaled_factors(ad, k) for ad in adapters] for k in keys}
-    history = []
+    history: list[float] = []
+    penalties: list[float] = []
+    weight = float(params["constraint_weight"])
     for step in range(int(params["steps"])):
         opt.zero_grad()
         deltas = {}
@@ -163,11 +168,15 @@ def adamerging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
         loss = ctx.entropy_fn(deltas)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
             raise OsrmError("context.entropy_fn must return a differentiable 0-dim tensor; do not detach the deltas")
+        history.append(float(loss.detach()))
+        if ctx.constraint_fn is not None and weight > 0:
+            penalty = ctx.constraint_fn(deltas)
+            penalties.append(float(penalty.detach()))
+            loss = loss + weight * penalty
         loss.backward()
         opt.step()
         with torch.no_grad():
             coeff.clamp_(0.0, 1.0)
-        history.append(float(loss.detach()))
         if step % 50 == 0:
             logger.debug("adamerging step %d entropy %.5f", step, history[-1])
     c = coeff.detach()
@@ -178,4 +187,6 @@ def adamerging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
     ad = factor_adapter(adapters, merged, "adamerging")
     info = {"coefficients": c.cpu().tolist(), "modules": keys if layer else None,
             "entropy_first": history[0], "entropy_last": history[-1]}
+    if penalties:
+        info.update(constraint_penalty_first=penalties[0], constraint_penalty_last=penalties[-1])
     return MergeResult("adamerging", params, adapter=ad, info=info)
