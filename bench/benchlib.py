@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from osrm_lora.errors import OsrmError
-from osrm_lora.memory import PeakMemory, free_memory, measure_peak, sync
 from osrm_lora.fsutil import _json_default as fsutil_json_default
 from osrm_lora.fsutil import atomic_file
+from osrm_lora.memory import PeakMemory, free_memory, measure_peak, sync
 
 logger = logging.getLogger(__name__)
 

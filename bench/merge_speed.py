@@ -35,10 +35,10 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import benchlib as bu  # noqa: E402
 import torch
 from torch import nn
 
-import benchlib as bu  # noqa: E402
 from osrm_lora.adapters import LoraAdapter, LoraModule
 from osrm_lora.merge import list_methods, merge
 
@@ -375,7 +375,7 @@ def run(preset_name: str, out_dir: Path, methods: list[str] | None, md_path: Pat
         dense = not info_by[method].exact_in_factor_space
         repeats = 1 if scaled else (p.dense_repeats if dense else p.repeats)
         logger.info("ours: %s%s", method, " (subset)" if scaled else "")
-        timing, peak, res = bu.time_call(lambda: merge(ads, method, params), device=dev, warmup=0, repeats=repeats,
+        timing, peak, res = bu.time_call(lambda ads=ads, method=method, params=params: merge(ads, method, params), device=dev, warmup=0, repeats=repeats,
                                          keep_result=True)
         entry = {"params": params, "timing": timing.to_json(), "peak": peak.to_json() if peak else None,
                  "exact_in_factor_space": info_by[method].exact_in_factor_space,
@@ -395,7 +395,7 @@ def run(preset_name: str, out_dir: Path, methods: list[str] | None, md_path: Pat
         if not scaled:
             peft_after_drop(method)
         bu.free_memory(dev)
-    del peft_full, peft_sub
+    peft_full = peft_sub = None  # release them (the closures above read these names)
     bu.free_memory(dev)
 
     # --- summary --------------------------------------------------------------------------------

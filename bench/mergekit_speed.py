@@ -30,13 +30,12 @@ except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import benchlib as bu  # noqa: E402
+import merge_speed as ms  # noqa: E402
 import torch
 
-import benchlib as bu  # noqa: E402
 from osrm_lora.adapters import load_adapter, save_adapter
 from osrm_lora.merge import merge
-
-import merge_speed as ms  # noqa: E402
 
 logger = logging.getLogger("bench.mergekit_speed")
 NAME = "mergekit_speed"
@@ -133,7 +132,7 @@ def run(preset: str, mk_python: str, out_dir: Path, md_path: Path | None) -> dic
                 times.append(run_mergekit(mk_python, cfg, out, torch.get_num_threads()))
             mk_out = root / f"out_{method}_{p.dense_repeats - 1}"
 
-            t_mem, _, res = bu.time_call(lambda: merge(adapters, method, ours_params), warmup=0,
+            t_mem, _, res = bu.time_call(lambda method=method, ours_params=ours_params: merge(adapters, method, ours_params), warmup=0,
                                          repeats=p.dense_repeats, keep_result=True, measure_memory=False)
 
             def end_to_end(method: str = method, ours_params: dict[str, Any] = ours_params) -> None:

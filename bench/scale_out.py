@@ -39,9 +39,8 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(ROOT / "src"))
 
-import torch
-
 import benchlib as bu  # noqa: E402
+import torch  # noqa: E402
 
 logger = logging.getLogger("bench.scale_out")
 
@@ -64,11 +63,10 @@ SEED = 0
 
 # ------------------------------------------------------------------------------------------ worker
 def _capped(task: Any, n: int) -> Any:
+    import random
     from dataclasses import replace
 
     from osrm_lora.data.task import Split
-
-    import random
 
     tr = task.train
     idx = sorted(random.Random(SEED).sample(range(len(tr)), min(n, len(tr))))  # a seeded random subset

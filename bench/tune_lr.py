@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from benchlib import BenchRecord, command_line, machine_info, markdown_table, write_results  # noqa: E402
+
 from osrm_lora.config import LoraSettings, TrainSettings  # noqa: E402
 from osrm_lora.data import load_task  # noqa: E402
 from osrm_lora.logutil import setup_logging  # noqa: E402

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import write_tiny_model
 
 from osrm_lora.backbone import (
     HeadInfo,
@@ -20,7 +21,6 @@ from osrm_lora.backbone import (
     target_module_keys,
 )
 from osrm_lora.errors import OsrmError
-from tinymodels import write_tiny_model
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tinymodels import tiny_config, write_tiny_model, write_tokenizer
 
 from osrm_lora.cli import main
 from osrm_lora.data.sources import archive, builtin
 from osrm_lora.fsutil import sha256_file
-from tinymodels import tiny_config, write_tiny_model, write_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

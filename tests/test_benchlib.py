@@ -6,10 +6,10 @@ import json
 import os
 from pathlib import Path
 
+import benchlib as bu
 import pytest
 import torch
 
-import benchlib as bu
 from osrm_lora.errors import OsrmError
 
 

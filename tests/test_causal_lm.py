@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import WORDS, tiny_config, write_tokenizer
 
 from osrm_lora.errors import OsrmError
 from osrm_lora.inference import evaluate_causal_lm
-from tinymodels import WORDS, tiny_config, write_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import typer
 
 from osrm_lora.cli import app, main
@@ -36,7 +35,7 @@ def test_every_subcommand_has_help_with_an_example(command: str, capsys: pytest.
 def test_unknown_method_is_one_line_error(tmp_path: Path) -> None:
     proc = _cli("merge", "--method", "no_such_method", str(tmp_path / "a"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import WORDS, tiny_config, write_tokenizer
 
 from osrm_lora import inference
 from osrm_lora.cli import main
@@ -21,7 +22,6 @@ from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.data import load_task
 from osrm_lora.errors import DataError
 from osrm_lora.train import train_task
-from tinymodels import WORDS, tiny_config, write_tokenizer
 
 LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 

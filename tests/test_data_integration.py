@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from osrm_lora.data.suites import DEMO_MAX_EVAL, DEMO_MAX_TRAIN
 from osrm_lora.data import load_suite, load_task
+from osrm_lora.data.suites import DEMO_MAX_EVAL, DEMO_MAX_TRAIN
 
 pytestmark = pytest.mark.integration
 

@@ -127,7 +127,7 @@ def test_missing_column_names_found_columns(tmp_path: Path) -> None:
 
 def test_undecodable_text_says_encoding_and_fix(tmp_path: Path) -> None:
     path = tmp_path / "latin.csv"
-    path.write_bytes("text,label\n".encode() + "".join(f"caf\u00e9 {i},{i % 2}\n" for i in range(20)).encode("latin-1"))
+    path.write_bytes(b"text,label\n" + "".join(f"caf\u00e9 {i},{i % 2}\n" for i in range(20)).encode("latin-1"))
     with pytest.raises(DataError) as err:
         load_task(_spec(path), tmp_path / "c")
     msg = str(err.value)

@@ -15,7 +15,7 @@ from osrm_lora.errors import OsrmError
 from osrm_lora.stats import collect_statistics
 
 WORDS = [f"w{i}" for i in range(60)]
-KEYS = [f"bert.encoder.layer.{l}.attention.self.{m}" for l in range(2) for m in ("query", "value")]
+KEYS = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from dist_worker import LORA, TRAIN, ddp_task, stats_texts
 from distutil import torchrun
+from safetensors.torch import load_file
+from tinymodels import write_keyword_tasks
+
 from osrm_lora import distributed as D
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import read_json
 from osrm_lora.stats import StatsStore
 from osrm_lora.train import local_share, train_task
-from tinymodels import write_keyword_tasks
 
 HERE = Path(__file__).parent
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import keyword_task
 
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.errors import OsrmError
 from osrm_lora.inference import export_models, load_task_model, predict_texts
 from osrm_lora.train import train_task
-from tinymodels import keyword_task
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def adapters(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
     root = tmp_path_factory.mktemp("adapters")
     cfg = TrainSettings(epochs=1, batch_size=16, lr=5e-3, max_length=16)
     out = []
-    for name, kws, labels in (("kw", ["red"], 2), ("kw3", ["blue"], 2)):
+    for name, kws, _labels in (("kw", ["red"], 2), ("kw3", ["blue"], 2)):
         t = keyword_task(name, kws, n=48)
         train_task(t, root / name, model=str(tiny_bert), train=cfg, lora=LoraSettings(rank=2, alpha=4), seed=1)
         out.append(root / name)

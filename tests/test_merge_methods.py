@@ -233,7 +233,7 @@ def test_knots_ties_numpy():
     res = merge(ads, "knots", {"variant": "ties", "density": 0.5, "threshold": "matrix", "scaling": 1.0,
                                "s_on_v": False})
     ref = dense(ads)
-    for k, (m, n) in SHAPES.items():
+    for k, (_m, n) in SHAPES.items():
         cat = np.concatenate([r[k] for r in ref], axis=1)
         U, S, Vh = np.linalg.svd(cat, full_matrices=False)
         keep = S > 1e-6 * S[0]
@@ -324,7 +324,7 @@ def test_regmean_numpy():
     grams = []
     for _ in ads:
         gd = {}
-        for k, (m, n) in SHAPES.items():
+        for k, (_m, n) in SHAPES.items():
             X = torch.randn(20, n, generator=g)
             gd[k] = X.T @ X
         grams.append(gd)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distutil import torchrun
 from safetensors.torch import load_file
 
-from distutil import torchrun
 from osrm_lora.adapters import PREFIX, AdapterReader, LoraAdapter, LoraModule, load_adapter, save_adapter
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import read_json

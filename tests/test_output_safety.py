@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 import yaml
 from safetensors.torch import load_file
+from tinymodels import write_tiny_model
 
 from osrm_lora import fsutil
 from osrm_lora.cli import main
@@ -43,7 +44,6 @@ from osrm_lora.fsutil import (
     sha256_file,
     write_json,
 )
-from tinymodels import write_tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from test_data_hf import glue_standin
+from tinymodels import write_tiny_model
 
 from osrm_lora.config import config_to_dict, load_config, parse_config
 from osrm_lora.pipeline import run_pipeline
-from test_data_hf import glue_standin
-from tinymodels import write_tiny_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "glue-roberta-large.yaml"
 
@@ -49,5 +49,5 @@ def test_paper_protocol_runs_offline_on_stand_ins(tmp_path: Path) -> None:
         assert set(rec["test"]) == {"glue/cola", "glue/mrpc", "glue/stsb"}
         assert all(v == v for v in rec["test"].values()), rec  # no NaN
     # selection split is the held-out part of GLUE train; the reported split is GLUE validation (12 rows)
-    for task, meta in results["manifest"]["tasks"].items():
+    for _task, meta in results["manifest"]["tasks"].items():
         assert meta["n_test"] == 12 and meta["n_train"] + meta["n_validation"] == 60

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tinymodels import write_keyword_tasks
 
 from osrm_lora.config import parse_config
 from osrm_lora.fsutil import read_json
 from osrm_lora.pipeline import run_pipeline
-from tinymodels import write_keyword_tasks
 
 
 def _no_timing(records: list[dict]) -> list[dict]:

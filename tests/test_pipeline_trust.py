@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tinymodels import write_keyword_tasks
 
 from osrm_lora.cli import main
 from osrm_lora.config import load_config, parse_config
@@ -32,7 +33,6 @@ from osrm_lora.pipeline import (
 from osrm_lora.report.summary import print_results, results_rows
 from osrm_lora.report.tables import grid_edge, summary_table
 from osrm_lora.report.writer import markdown_report
-from tinymodels import write_keyword_tasks
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SRC = Path(__file__).resolve().parents[1] / "src"

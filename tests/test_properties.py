@@ -181,9 +181,8 @@ def test_statistics_accumulate_over_any_split_of_the_samples(data: tuple[list[to
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from tinymodels import write_tiny_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = write_tiny_model(tmp_path_factory.mktemp("tiny"), "bert")
     return AutoModelForSequenceClassification.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))

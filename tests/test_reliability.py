@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tinymodels import keyword_task, write_tiny_model
 
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import atomic_dir, remove_stale_temporaries, sha256_file
-from tinymodels import keyword_task, write_tiny_model
 
 TIMING_KEYS = {"merge_seconds", "merge_peak_mb", "seconds", "wall_seconds", "stage_seconds",
                "stages_cached"}  # measurements, and which stages this invocation found finished

@@ -22,8 +22,7 @@ import pytest
 from PIL import Image
 
 from osrm_lora.errors import OsrmError
-from osrm_lora.report import markdown_table, print_results, results_rows, write_report
-from osrm_lora.report import plots
+from osrm_lora.report import markdown_table, plots, print_results, results_rows, write_report
 from osrm_lora.report.html import SECTIONS, render_html
 from osrm_lora.report.tables import per_task_table, summary_table
 from osrm_lora.report.writer import render_figures

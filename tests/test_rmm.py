@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from tinymodels import write_keyword_tasks
 
 from osrm_lora.adapters import load_adapter
 from osrm_lora.cli import main
@@ -38,7 +39,6 @@ from osrm_lora.rmm import (
 )
 from osrm_lora.search import layer_groups
 from osrm_lora.train import train_task
-from tinymodels import write_keyword_tasks
 
 TASKS = [("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2), ("nato", ["alpha", "bravo"], 3)]
 

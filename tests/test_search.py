@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from tinymodels import write_keyword_tasks
 
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.cli import main
@@ -28,7 +29,6 @@ from osrm_lora.search import (
     sha_promotable,
 )
 from osrm_lora.train import train_task
-from tinymodels import write_keyword_tasks
 
 TASKS = [("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2), ("nato", ["alpha", "bravo"], 3)]
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
+from tinymodels import keyword_task
 
 from osrm_lora.cli import main
 from osrm_lora.fsutil import read_json
-from tinymodels import keyword_task
 
 
 def _jsonl(task, path: Path) -> Path:

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinymodels import keyword_task
 
 from osrm_lora.backbone import load_classifier, load_head, load_tokenizer, set_head
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import read_json
 from osrm_lora.train import build_peft_model, train_task
-from tinymodels import keyword_task
 
 FAST = TrainSettings(epochs=2, batch_size=16, lr=5e-3, max_length=16, eval_batch_size=64)
 

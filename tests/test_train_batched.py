@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinymodels import WORDS, keyword_task, tiny_config, write_keyword_tasks, write_tokenizer
 
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.data.task import Split, Task
@@ -22,7 +23,6 @@ from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import read_json
 from osrm_lora.train import initial_peft_model, set_factors, set_seed, train_task
 from osrm_lora.train_batched import AdapterJob, BatchingUnsupported, MultiAdapterModel, train_tasks_batched
-from tinymodels import WORDS, keyword_task, tiny_config, write_keyword_tasks, write_tokenizer
 
 LORA = LoraSettings(rank=4, alpha=8)
 FAST = TrainSettings(epochs=3, batch_size=8, lr=2e-2, max_length=16, eval_batch_size=64)

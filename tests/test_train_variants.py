@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tinymodels import keyword_task
 
 from osrm_lora.config import InitSettings, LoraSettings, TrainSettings
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import read_json
 from osrm_lora.train import interference_ratio, output_energy, sparsity_masks, train_task
-from tinymodels import keyword_task
 
 FAST = TrainSettings(epochs=2, batch_size=16, lr=5e-3, max_length=16, eval_batch_size=64)
 LORA = LoraSettings(rank=4, alpha=8, target_modules=["query", "value"])
@@ -111,9 +111,10 @@ def test_penalty_without_statistics_and_bad_settings_are_refused(tiny_bert: Path
 
 
 def test_pipeline_trains_lori_and_penalised_inits(tmp_path: Path) -> None:
+    from tinymodels import write_keyword_tasks
+
     from osrm_lora.config import parse_config
     from osrm_lora.pipeline import run_pipeline
-    from tinymodels import write_keyword_tasks
 
     tasks = write_keyword_tasks(tmp_path, [("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2)],
                                 n=64)

@@ -286,7 +286,7 @@ class HeadInfo:
         return {**self.__dict__, "label_names": list(self.label_names)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "HeadInfo":
+    def from_json(cls, data: Mapping[str, Any]) -> HeadInfo:
         try:
             return cls(
                 task=str(data["task"]),
@@ -375,7 +375,7 @@ def architecture_prefix(config: Mapping[str, Any]) -> str:
         return ""
 
 
-_NAMES_CACHE: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+_NAMES_CACHE: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _module_names(model: nn.Module) -> set[str]:

@@ -232,7 +232,7 @@ def leave_one_out(evaluator: MergedEvaluator, adapters: Sequence[LoraAdapter], s
     drag: list[list[float | None]] = []
     for i in range(len(tasks)):
         rest = task_arithmetic_deltas([a for k, a in enumerate(adapters) if k != i], scaling)
-        scores = evaluator.evaluate(lambda _: rest, split)
+        scores = evaluator.evaluate(lambda _, rest=rest: rest, split)
         without.append({t: (None if j == i else scores[t]) for j, t in enumerate(tasks)})
         drag.append([None if j == i else scores[t] - full[t] for j, t in enumerate(tasks)])
     mean_drag = {tasks[i]: mean(v for v in row if v is not None) for i, row in enumerate(drag)}

@@ -131,7 +131,7 @@ class Progress:
             self._bar = None
         self._plain = False
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -147,8 +147,8 @@ def sweep(
     on CUDA; sampled resident memory on CPU, where memory freed by an earlier merge is reused, so the
     first point shows the peak best).
     """
-    from osrm_lora.memory import measure_peak
     from osrm_lora.logutil import Progress
+    from osrm_lora.memory import measure_peak
 
     curve: list[SweepPoint] = []
     best: tuple[tuple[bool, float], float, Any, SweepPoint] | None = None

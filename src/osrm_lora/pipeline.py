@@ -43,6 +43,7 @@ from osrm_lora.backbone import (
     select_device,
 )
 from osrm_lora.config import InitSettings, MergeSettings, PipelineConfig, config_to_dict
+from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.data import load_suite, load_task
 from osrm_lora.data.canonical import canonical_paths
 from osrm_lora.data.metrics import METRICS
@@ -65,7 +66,6 @@ from osrm_lora.distributed import (
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.evaluate import mean, normalised
 from osrm_lora.fsutil import atomic_file, cache_dir, claim_output, read_json, sha256_json, write_json
-from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.merge.registry import MethodInfo, get_method, resolve_params
 from osrm_lora.report.tables import grid_edge
 

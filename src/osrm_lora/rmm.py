@@ -32,9 +32,9 @@ validation split; the test split is scored once, for it. See docs/SEARCH.md.
 from __future__ import annotations
 
 import copy
-import shutil
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from torch import nn
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.backbone import load_head
 from osrm_lora.cards import adapter_hash
+from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.encoding import Encoded
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import mean
@@ -54,7 +55,6 @@ from osrm_lora.fsutil import claim_output, write_json
 from osrm_lora.inference import check_adapter_dir
 from osrm_lora.merge.registry import MergeContext, get_method, merge, resolve_params
 from osrm_lora.merged_eval import MergedEvaluator
-from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.search import LayerGroup, check_methods, layer_groups, save_found_merge
 
 logger = logging.getLogger(__name__)
@@ -626,7 +626,7 @@ def _search(evaluator: MergedEvaluator, dirs: Sequence[Path], out: Path, *, meth
     rescored: list[dict[str, Any]] = []
     for arch, why in picks:
         deltas = compose_deltas(candidates, groups, arch)
-        scores = evaluator.evaluate(lambda i: deltas, "validation")
+        scores = evaluator.evaluate(lambda i, deltas=deltas: deltas, "validation")
         viol = violations(scores)
         rescored.append({
             "architecture": describe(arch), "indices": list(arch), "picked_by": why,

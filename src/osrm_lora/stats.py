@@ -278,7 +278,7 @@ class StatsStore:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "StatsStore":
+    def load(cls, path: str | os.PathLike[str]) -> StatsStore:
         """Read a store written by :meth:`save`."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -305,7 +305,7 @@ class MultiAdapterModel:
 
     @classmethod
     def build(cls, jobs: Sequence[AdapterJob], *, model: str | None = None, lora: LoraSettings = LoraSettings(),
-              train: TrainSettings = TrainSettings(), device: str | None = None) -> "MultiAdapterModel":
+              train: TrainSettings = TrainSettings(), device: str | None = None) -> MultiAdapterModel:
         """Load the base once and give every job its starting adapter and head: exactly the ones
         :func:`~osrm_lora.train.train_task` starts from (same seeds, same ``init_A``, same freezing).
 

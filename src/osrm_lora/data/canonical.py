@@ -42,7 +42,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: Sequence[int]) -> "Examples":
+    def subset(self, indices: Sequence[int]) -> Examples:
         return Examples(
             texts=[self.texts[i] for i in indices],
             labels=[self.labels[i] for i in indices],

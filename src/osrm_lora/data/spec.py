@@ -92,7 +92,7 @@ class TaskSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _source_fields(self) -> "TaskSpec":
+    def _source_fields(self) -> TaskSpec:
         set_fields = self.model_fields_set
         def misplaced(names: Iterable[str]) -> list[str]:
             return [n for n in names if n in set_fields and getattr(self, n) is not None]
@@ -117,7 +117,7 @@ class TaskSpec(BaseModel):
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def parse(cls, obj: "str | TaskSpec | Mapping[str, Any]") -> "TaskSpec":
+    def parse(cls, obj: str | TaskSpec | Mapping[str, Any]) -> TaskSpec:
         """A spec from a built-in name, ``glue/<task>``, a mapping (YAML/JSON) or a spec; ConfigError if invalid."""
         if isinstance(obj, TaskSpec):
             return obj
@@ -176,7 +176,7 @@ def spec_from_name(name: str) -> TaskSpec:
     raise OsrmError(f"unknown task {name!r}; known tasks: {', '.join(known_task_names())} (or a local/hf task spec)")
 
 
-def resolve_specs(items: Iterable["str | TaskSpec | Mapping[str, Any]"]) -> list[TaskSpec]:
+def resolve_specs(items: Iterable[str | TaskSpec | Mapping[str, Any]]) -> list[TaskSpec]:
     """Parse a list of task entries; ConfigError on duplicate task names."""
     specs = [TaskSpec.parse(item) for item in items]
     seen: set[str] = set()
@@ -188,7 +188,7 @@ def resolve_specs(items: Iterable["str | TaskSpec | Mapping[str, Any]"]) -> list
 
 
 def load_task(
-    spec: "str | TaskSpec | Mapping[str, Any]",
+    spec: str | TaskSpec | Mapping[str, Any],
     cache: str | Path | None = None,
     *,
     hf_loader: Any = None,
@@ -246,6 +246,6 @@ def load_task(
     )
 
 
-def load_tasks(specs: Iterable["str | TaskSpec | Mapping[str, Any]"], cache: str | Path | None = None, **kwargs: Any) -> list[Task]:
+def load_tasks(specs: Iterable[str | TaskSpec | Mapping[str, Any]], cache: str | Path | None = None, **kwargs: Any) -> list[Task]:
     """:func:`load_task` for each entry, after checking names are unique."""
     return [load_task(s, cache, **kwargs) for s in resolve_specs(specs)]

@@ -26,7 +26,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: list[int] | tuple[int, ...]) -> "Split":
+    def subset(self, indices: list[int] | tuple[int, ...]) -> Split:
         return Split(
             texts=tuple(self.texts[i] for i in indices),
             labels=tuple(self.labels[i] for i in indices),  # type: ignore[arg-type]

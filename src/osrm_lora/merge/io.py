@@ -533,9 +533,8 @@ def _write_peft(result: MergeResult, deltas: dict[str, torch.Tensor] | None, tar
 
 
 def _load_base(base_model_path: str) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer
-
     import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         cfg = AutoConfig.from_pretrained(base_model_path)

@@ -94,8 +94,8 @@ from osrm_lora.adapters import (
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import atomic_dir
 from osrm_lora.merge import io, ops
-from osrm_lora.merge.io import BaseCheckpoint, resolve_base_model
 from osrm_lora.merge import registry as R
+from osrm_lora.merge.io import BaseCheckpoint, resolve_base_model
 from osrm_lora.merge.methods._common import merged_config
 
 logger = logging.getLogger(__name__)

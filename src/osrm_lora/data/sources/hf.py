@@ -105,7 +105,7 @@ def resolve_hf_splits(available: list[str], requested: Mapping[str, str] | None,
     return {s: s for s in ("train", "validation", "test") if s in available}
 
 
-def load_hf_source(spec: "TaskSpec", loader: HFLoader | None = None) -> SourceData:
+def load_hf_source(spec: TaskSpec, loader: HFLoader | None = None) -> SourceData:
     """Load a ``source: hf`` or ``source: glue`` task into :class:`SourceData`."""
     loader = loader or default_loader
     if spec.source == "glue":

@@ -140,7 +140,7 @@ def _texts(values: list[Any], path: Path, column: str) -> list[str]:
     return out
 
 
-def load_local_source(spec: "TaskSpec") -> SourceData:
+def load_local_source(spec: TaskSpec) -> SourceData:
     """Read a local task described by ``spec`` into :class:`SourceData` (labels mapped, hashed)."""
     files: dict[str, Path] = {}
     if spec.path:

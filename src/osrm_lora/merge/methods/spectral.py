@@ -7,7 +7,6 @@ m x n matrix is formed, and return a factor-form adapter (``delta = B @ A``).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import torch
