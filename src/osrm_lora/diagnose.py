@@ -33,7 +33,7 @@ from osrm_lora.backbone import load_head
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import mean
 from osrm_lora.fsutil import atomic_file, write_json
-from osrm_lora.inference import _base_path, _task_for, check_adapter_dir, run_max_length
+from osrm_lora.inference import base_model_for, check_adapter_dir, run_max_length, task_for_adapter
 from osrm_lora.merge.registry import merge
 from osrm_lora.merged_eval import MergedEvaluator
 from osrm_lora.osrm import load_tasks_adapters
@@ -198,8 +198,8 @@ def merged_evaluator_for(adapter_dirs: Sequence[str | os.PathLike[str]], *, mode
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise OsrmError(f"two adapters are of task {dup[0]!r}; pass one adapter per task")
-    model_path = _base_path(model, infos[0], dirs[0])
-    tasks = [_task_for(d, info) for d, info in zip(dirs, infos)]
+    model_path = base_model_for(model, infos[0], dirs[0])
+    tasks = [task_for_adapter(d, info) for d, info in zip(dirs, infos)]
     evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=run_max_length(dirs[0], max_length),
                                 batch_size=batch_size, device=device, splits=tuple(splits))
     return evaluator, model_path

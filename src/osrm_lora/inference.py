@@ -202,7 +202,7 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_adapter(adapter_dir).deltas()
 
 
-def _base_path(model: str | None, info: HeadInfo, adapter_dir: str | Path) -> str:
+def base_model_for(model: str | None, info: HeadInfo, adapter_dir: str | Path) -> str:
     """--model if given, else the base model the adapter's head.json records (a missing local path
     from another machine: the embedded default model)."""
     if model in (None, "", "default") and info.base_model:
@@ -232,7 +232,7 @@ def load_task_model(
         check_merged_dir(merged)
     state, info = load_head(adapter_dir)
     full = merged is not None and is_full_model_dir(merged)
-    path = str(merged) if full else _base_path(model, info, adapter_dir)
+    path = str(merged) if full else base_model_for(model, info, adapter_dir)
     tokenizer = load_tokenizer(path)
     net = load_classifier(path, info.num_labels, info.problem_type, device=select_device(device), pad_token_id=tokenizer.pad_token_id)
     set_head(net, state, info.num_labels, info.problem_type)
@@ -259,7 +259,7 @@ def run_max_length(adapter_dir: str | Path, max_length: int | None = None) -> in
     return int(recorded) if isinstance(recorded, int) and recorded > 1 else DEFAULT_MAX_LENGTH
 
 
-def _task_for(adapter_dir: str | Path, info: HeadInfo) -> Any:
+def task_for_adapter(adapter_dir: str | Path, info: HeadInfo) -> Any:
     """The adapter's task with the run's splits: the task spec training recorded (local files, HF
     datasets, caps), else the task name, capped to the split sizes the run recorded."""
     from osrm_lora.data import load_task
@@ -344,7 +344,7 @@ def _score_one(adir: str, merged: str | None, split: str, model: str | None, max
     from osrm_lora.evaluate import evaluate
 
     net, tok, info = load_task_model(adir, merged=merged, model=model, device=device)
-    task = _task_for(adir, info)
+    task = task_for_adapter(adir, info)
     metrics = run_metrics(adir)
     recorded_n = metrics.get(f"n_{split}")
     if isinstance(recorded_n, int) and recorded_n != len(task.split(split)):

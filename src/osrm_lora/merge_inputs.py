@@ -46,7 +46,7 @@ def grams_from_store(stats_dir: Path, adapters: Sequence[Any], tasks: Sequence[T
 def _peft_on(evaluator: Any, adapter_dir: Path, slot: Any) -> nn.Module:
     from peft import PeftModel
 
-    evaluator._restore()
+    evaluator.restore()
     set_head(evaluator.model, slot.head, slot.info.num_labels, slot.info.problem_type)
     return PeftModel.from_pretrained(evaluator.model, str(adapter_dir), is_trainable=True)
 
@@ -146,7 +146,7 @@ def entropy_function(evaluator: Any, n_per_task: int = 32,
     dev = next(evaluator.model.parameters()).device
 
     def entropy_fn(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-        evaluator._restore()
+        evaluator.restore()
         evaluator.model.eval()
         total = torch.zeros((), device=dev)
         count = 0
@@ -175,13 +175,13 @@ def constraint_function(evaluator: Any, own_deltas: Sequence[dict[str, torch.Ten
         raise OsrmError("constraint_function needs at least one constraint task")
     batches = _validation_batches(evaluator, n_per_task, seed + 1, only=tasks)
     logits_of = _merged_logits(evaluator)
-    evaluator._restore()
+    evaluator.restore()
     evaluator.model.eval()
     with torch.no_grad():
         own = [_task_loss(logits_of(own_deltas[t], item), item[2], item[3]) for t, item in zip(sorted(tasks), batches)]
 
     def constraint_fn(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-        evaluator._restore()
+        evaluator.restore()
         evaluator.model.eval()
         rises = [torch.relu(_task_loss(logits_of(deltas, item), item[2], item[3]) - ref)
                  for item, ref in zip(batches, own)]

@@ -90,10 +90,11 @@ class MergedEvaluator:
         return [s.task.name for s in self.slots]
 
     def _apply(self, deltas: Mapping[str, torch.Tensor]) -> None:
-        self._restore()
+        self.restore()
         self._originals = apply_deltas(self.model, deltas)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put back the base weights that the last evaluation changed (a no-op when none is folded in)."""
         with torch.no_grad():
             for path, original in self._originals.items():
                 self.model.get_submodule(path).weight.copy_(original)
@@ -111,7 +112,7 @@ class MergedEvaluator:
                 set_head(self.model, slot.head, slot.info.num_labels, slot.info.problem_type)
                 scores[slot.task.name] = evaluate(self.model, self.tokenizer, slot.task, slot.encoded[split], self.batch_size)
         finally:
-            self._restore()
+            self.restore()
         return scores
 
 
