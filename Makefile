@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/osrm-lora demo --out runs/demo
 
 test: setup
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -m "not integration" -q
 
 test-integration: setup

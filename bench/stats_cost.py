@@ -8,8 +8,14 @@
 2. PEFT's CorDA covariance collection (``peft.tuners.lora.corda.calib_cov_distribution``, the step
    ``preprocess_corda`` runs) on the same model and samples. Its hook squeezes the batch dimension,
    so it is fed one sample at a time; ours is timed at batch 1 and at its default batch size.
-3. OSRM initialisation (``compute_osrm_A``, modes paper and own) for 8 tasks on one q/v input group
-   of size n from random SPD second moments (n = 4096, Llama-3-8B q/v, on h100; smaller on cpu).
+3. OSRM initialisation, modes paper and own, for 8 tasks on ``osrm_layers`` q/v input groups of
+   size n from random SPD second moments (n = 4096 x 32 layers, Llama-3-8B q/v, on h100; n = 1024 x 2
+   layers on cpu): the old per-(task, group) loop (timed on ``osrm_legacy_layers`` layers and scaled
+   linearly), the batched exact path (``solver="eigh"``, the default) and the subset solver
+   (``solver="subset"``), with the principal angles between their subspaces.
+
+``--osrm-only`` runs part 3 alone and writes it as preset ``<preset>-osrm`` (its own JSON and
+BENCHMARKS.md section), e.g. ``python bench/stats_cost.py --preset h100 --osrm-only`` on a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import time
 import zlib
@@ -30,12 +37,12 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import benchlib as bu  # noqa: E402
 import numpy as np
 import torch
 
-import benchlib as bu  # noqa: E402
 from osrm_lora.errors import OsrmError
-from osrm_lora.osrm import compute_osrm_A
+from osrm_lora.osrm import compute_osrm_bases, fix_row_signs, principal_angles
 from osrm_lora.stats import STORE_VERSION, StatsStore, collect_statistics, sample_indices
 
 logger = logging.getLogger("bench.stats_cost")
@@ -64,15 +71,17 @@ class Preset:
     osrm_tasks: int
     rank: int
     repeats: int
+    osrm_layers: int = 1
+    osrm_legacy_layers: int = 1
 
 
 PRESETS = {
     "smoke": Preset("cpu", tasks=2, n_samples=8, batch_size=4, max_length=32, corda_samples=4, osrm_n=64, osrm_tasks=3,
-                    rank=4, repeats=1),
+                    rank=4, repeats=1, osrm_layers=2, osrm_legacy_layers=1),
     "cpu": Preset("cpu", tasks=4, n_samples=64, batch_size=16, max_length=128, corda_samples=32, osrm_n=1024,
-                  osrm_tasks=8, rank=16, repeats=3),
+                  osrm_tasks=8, rank=16, repeats=3, osrm_layers=2, osrm_legacy_layers=1),
     "h100": Preset("cuda", tasks=8, n_samples=256, batch_size=32, max_length=128, corda_samples=128, osrm_n=4096,
-                   osrm_tasks=8, rank=16, repeats=3),
+                   osrm_tasks=8, rank=16, repeats=3, osrm_layers=32, osrm_legacy_layers=2),
 }
 
 
@@ -188,49 +197,191 @@ def corda_covariance(model: Any, tokenizer: Any, texts: dict[str, list[str]], ta
 
 # ------------------------------------------------------------------------------------------------ OSRM
 
+TARGET_OSRM = "OSRM init, 8 tasks x 32 layers Llama-3-8B q/v shapes <= 5 s on one H200, principal angles <= 1e-3 rad"
 
-def synthetic_store(tasks: int, n: int, seed: int, device: torch.device) -> StatsStore:
-    """A statistics store with one q/v input group of size ``n`` and random SPD Gram matrices
-    (spectra decaying over five orders of magnitude), made on ``device`` and kept as float32 on CPU."""
+
+def synthetic_store(tasks: int, n: int, seed: int, device: torch.device, layers: int = 1) -> StatsStore:
+    """A statistics store with ``layers`` q/v input groups of size ``n`` (one per layer, as a Llama
+    q_proj/v_proj pair reads one input) and random SPD Gram matrices (spectra decaying over five
+    orders of magnitude), made on ``device`` and kept as float32 on CPU. Layer 0 is the same as
+    before this function took ``layers``."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    group = "model.layers.0.self_attn.q_proj+v_proj"
-    members = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
     count = 4096
     tensors: dict[str, torch.Tensor] = {}
     decay = torch.exp(-torch.linspace(0, math.log(1e5) / 2, n, device=device))
     names = [f"t{i}" for i in range(tasks)]
-    for t in names:
-        W = torch.randn(n, n, generator=gen, device=device) * decay / math.sqrt(n)
-        Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, device=device))
-        W = Q @ W
-        G = (W @ W.T) * count + 1e-6 * count * torch.eye(n, device=device)
-        tensors[f"{t}::{group}::count"] = torch.tensor(count, dtype=torch.int64)
-        tensors[f"{t}::{group}::sum"] = torch.zeros(n)
-        tensors[f"{t}::{group}::gram"] = G.float().cpu()
-        tensors[f"{t}::{group}::sample_means"] = torch.zeros(1, n)
+    groups, members_of, module_to_group = [], {}, {}
+    for layer in range(layers):
+        group = f"model.layers.{layer}.self_attn.q_proj+v_proj"
+        members = [f"model.layers.{layer}.self_attn.q_proj", f"model.layers.{layer}.self_attn.v_proj"]
+        groups.append(group)
+        members_of[group] = members
+        module_to_group.update({m: group for m in members})
+        for t in names:
+            W = torch.randn(n, n, generator=gen, device=device) * decay / math.sqrt(n)
+            Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, device=device))
+            W = Q @ W
+            G = (W @ W.T) * count + 1e-6 * count * torch.eye(n, device=device)
+            tensors[f"{t}::{group}::count"] = torch.tensor(count, dtype=torch.int64)
+            tensors[f"{t}::{group}::sum"] = torch.zeros(n)
+            tensors[f"{t}::{group}::gram"] = G.float().cpu()
+            tensors[f"{t}::{group}::sample_means"] = torch.zeros(1, n)
     meta = {"version": STORE_VERSION, "model_fingerprint": "synthetic", "model_class": "synthetic", "tokenizer": "",
             "vocab_size": None, "max_length": None, "n_samples": None, "seed": seed, "include_padding": False,
             "pad_to_max_length": False, "dtype": "float32", "target_modules": ["q_proj", "v_proj"], "tasks": names,
-            "per_task": {t: {"samples": 1, "tokens": count} for t in names}, "groups": [group],
-            "group_members": {group: members}, "group_dims": {group: n}, "module_to_group": {m: group for m in members}}
+            "per_task": {t: {"samples": 1, "tokens": count} for t in names}, "groups": groups,
+            "group_members": members_of, "group_dims": {g: n for g in groups}, "module_to_group": module_to_group}
     return StatsStore(tensors=tensors, meta=meta)
+
+
+def legacy_osrm_bases(store: StatsStore, tasks: Sequence[str], rank: int, mode: str, groups: Sequence[str], *,
+                      ridge: float = 1e-3, device: torch.device | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-task, per-group OSRM code before batching (osrm.py at commit 1e9f22e), kept verbatim
+    for timing and comparison: S_-i summed on the CPU for every task, one full eigh per problem.
+    ``{task: {group: A (float64, CPU)}}``."""
+
+    def sym64(S: torch.Tensor) -> torch.Tensor:
+        S = S.detach().to(dtype=torch.float64)
+        return (S + S.T) / 2
+
+    def paper(S_other: torch.Tensor) -> torch.Tensor:
+        _, vecs = torch.linalg.eigh(sym64(S_other))
+        return fix_row_signs(vecs[:, :rank].T.contiguous())
+
+    def own(S_own: torch.Tensor, S_other: torch.Tensor) -> torch.Tensor:
+        Si, So = sym64(S_own), sym64(S_other)
+        n = So.shape[0]
+        tr = float(torch.trace(So))
+        eps = ridge * tr / n if tr > 0 else ridge
+        L = torch.linalg.cholesky(So + eps * torch.eye(n, dtype=torch.float64, device=So.device))
+        C = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, Si, upper=False).T, upper=False)
+        _, Y = torch.linalg.eigh((C + C.T) / 2)
+        V = torch.linalg.solve_triangular(L.T, Y[:, -rank:].flip(1), upper=True)
+        return fix_row_signs(torch.linalg.qr(V)[0].T.contiguous())
+
+    out: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
+    for t in tasks:
+        others = [j for j in tasks if j != t]
+        for g in groups:
+            S_other = sum(store.second_moment(j, g) for j in others)
+            assert isinstance(S_other, torch.Tensor)
+            if device is not None:
+                S_other = S_other.to(device)
+            if mode == "paper":
+                out[t][g] = paper(S_other).cpu()
+            else:
+                out[t][g] = own(store.second_moment(t, g).to(S_other.device), S_other).cpu()
+    return out
+
+
+def _max_angle(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> float:
+    return max(float(principal_angles(a[t][g], b[t][g]).max()) for t in a for g in a[t])
+
+
+def _warm_up(dev: torch.device) -> None:
+    """Load the solver libraries (cuSOLVER/cuBLAS handles) before anything is timed."""
+    x = torch.randn(4, 64, 64, dtype=torch.float64, device=dev)
+    s = x @ x.mT + torch.eye(64, dtype=torch.float64, device=dev)
+    chol = torch.linalg.cholesky(s)
+    torch.linalg.solve_triangular(chol, s, upper=False)
+    torch.linalg.eigh(s)
+    torch.linalg.eigh(s[:, :40, :40])
+    torch.linalg.qr(x[..., :8])
+    torch.linalg.svdvals(x[..., :8])
+    bu.sync(dev)
+
+
+def run_osrm(p: Preset, dev: torch.device) -> dict[str, Any]:
+    """Old per-module path (on ``osrm_legacy_layers`` layers, scaled linearly to all layers: it is a
+    sequential loop over (task, layer)), the batched exact path (``solver="eigh"``) and the subset
+    solver, on ``osrm_layers`` q/v groups; principal angles between them."""
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    store = synthetic_store(p.osrm_tasks, p.osrm_n, SEED, dev, layers=p.osrm_layers)
+    made_s = time.perf_counter() - t0
+    _warm_up(dev)
+    groups = store.groups
+    legacy_groups = groups[:p.osrm_legacy_layers]
+    scale = len(groups) / len(legacy_groups)
+    mem = dev.type == "cuda"  # the CPU peak sampler would need one more (long) call
+    rows = []
+    for mode in ("paper", "own"):
+        leg_t, leg_pk, legacy = bu.time_call(
+            lambda mode=mode: legacy_osrm_bases(store, store.tasks, p.rank, mode, legacy_groups, device=dev),
+            device=dev, warmup=0, repeats=1, keep_result=True, measure_memory=mem)
+        row: dict[str, Any] = {"mode": mode, "n": p.osrm_n, "tasks": p.osrm_tasks, "layers": len(groups),
+                               "rank": p.rank, "problems": p.osrm_tasks * len(groups),
+                               "legacy": {"timing": leg_t.to_json(), "layers_timed": len(legacy_groups),
+                                          "scaled_s": leg_t.best * scale,
+                                          "peak": leg_pk.to_json() if leg_pk else None}}
+        new: dict[str, Any] = {}
+        for solver in ("eigh", "subset"):
+            tm, pk, (bases, report) = bu.time_call(
+                lambda mode=mode, solver=solver: compute_osrm_bases(store, store.tasks, p.rank, mode, device=dev,
+                                                                    solver=solver),
+                device=dev, warmup=0, repeats=1, keep_result=True, measure_memory=mem)
+            new[solver] = bases
+            A0 = bases[store.tasks[0]][groups[0]]
+            orth = float(torch.linalg.norm(A0 @ A0.T - torch.eye(p.rank, dtype=torch.float64)))
+            row[solver] = {"timing": tm.to_json(), "peak": pk.to_json() if pk else None, "orthonormality_err": orth,
+                           "speedup_vs_legacy": leg_t.best * scale / tm.best,
+                           "report": {k: v for k, v in report.items()}}
+            logger.info("osrm %s %s n=%d x%d layers: %.2fs (legacy %.2fs scaled)", mode, solver, p.osrm_n,
+                        len(groups), tm.best, leg_t.best * scale)
+        sub_legacy = {t: {g: new["eigh"][t][g] for g in legacy_groups} for t in store.tasks}
+        row["angle_eigh_vs_legacy"] = _max_angle(legacy, sub_legacy)
+        row["angle_subset_vs_eigh"] = _max_angle(new["eigh"], new["subset"])
+        rows.append(row)
+        del legacy, new
+        bu.free_memory(dev)
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"rows": rows, "store_seconds": made_s, "target": osrm_target(p, rows, dev),
+            "load_average": {"start": load_start, "end": load_end}}
+
+
+def osrm_target(p: Preset, rows: list[dict[str, Any]], dev: torch.device) -> dict[str, Any]:
+    """The Targets row. Met/missed only when measured on an H200 at the target shapes; otherwise
+    'not measured on GPU' (or on which GPU it was measured)."""
+    worst_s = max(r["subset"]["timing"]["best_s"] for r in rows)
+    worst_angle = max(r["angle_subset_vs_eigh"] for r in rows)
+    target_shape = p.osrm_n == 4096 and p.osrm_tasks == 8 and p.osrm_layers == 32
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    if dev.type != "cuda":
+        status = "not measured on GPU"
+    elif not target_shape:
+        status = f"not measured at the target shapes ({name})"
+    elif "H200" not in name:
+        status = ("met" if worst_s <= 5.0 and worst_angle <= 1e-3 else "missed") + f" on {name}, not an H200"
+    else:
+        status = "met" if worst_s <= 5.0 and worst_angle <= 1e-3 else "missed"
+    return {"target": TARGET_OSRM, "seconds": worst_s, "angle": worst_angle, "status": status,
+            "shape": f"{p.osrm_tasks} tasks x {p.osrm_layers} layers, n={p.osrm_n}, rank {p.rank}", "device": name}
 
 
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run(preset_name: str, out_dir: Path, model_name: str, md_path: Path | None) -> dict[str, Any]:
+def run(preset_name: str, out_dir: Path, model_name: str, md_path: Path | None,
+        osrm_only: bool = False) -> dict[str, Any]:
     p = PRESETS[preset_name]
     dev = bu.pick_device(p.device)
     torch.manual_seed(SEED)
     machine = bu.machine_info(dev)
     logger.info("machine: %s", bu.describe_machine(machine))
+    if osrm_only:
+        results: dict[str, Any] = {"profile": [], "corda": {}, "osrm": run_osrm(p, dev)}
+        md, notes = summary(p, results, "-", 0, machine, osrm_only=True)
+        rec = bu.BenchRecord(name=NAME, preset=f"{preset_name}-osrm", command=bu.command_line(),
+                             seeds={"osrm": SEED}, machine=machine, settings={"preset": p.__dict__},
+                             results=results, summary_md=md, notes=notes)
+        bu.write_results(rec, out_dir, benchmarks_md=md_path)
+        return results
     model, tok, model_desc = load_model(model_name, dev)
     texts = make_texts(p.tasks, p.n_samples, SEED)
     from osrm_lora.backbone import default_target_modules
 
     default_targets = default_target_modules(getattr(model.config, "model_type", "bert"))
-    results: dict[str, Any] = {"profile": [], "corda": {}, "osrm": []}
+    results = {"profile": [], "corda": {}, "osrm": {}}
     kw = dict(n_samples=p.n_samples, max_length=p.max_length, seed=SEED)
 
     tokens = plain_forward(model, tok, texts, batch_size=p.batch_size, **kw)  # warm-up
@@ -272,20 +423,11 @@ def run(preset_name: str, out_dir: Path, model_name: str, md_path: Path | None) 
             why += (" (peft.tuners.lora.corda imports `attr` from the attrs package, which peft does not declare "
                     "as a dependency; `pip install attrs` enables this comparison)")
         results["corda"] = {"available": False, "why": why}
-    del model
+    model = None  # release it (the closures above read this name)
     bu.free_memory(dev)
 
     # OSRM init
-    store = synthetic_store(p.osrm_tasks, p.osrm_n, SEED, dev)
-    for mode in ("paper", "own"):
-        tm, pk, A = bu.time_call(lambda mode=mode: compute_osrm_A(store, store.tasks, p.rank, mode, device=dev), device=dev,
-                                 warmup=0, repeats=1 if p.osrm_n >= 4096 else p.repeats, keep_result=True)
-        A0 = A[store.tasks[0]][store.modules[0]].double()
-        orth = float(torch.linalg.norm(A0 @ A0.T - torch.eye(p.rank, dtype=torch.float64)))
-        results["osrm"].append({"mode": mode, "n": p.osrm_n, "tasks": p.osrm_tasks, "rank": p.rank,
-                                "timing": tm.to_json(), "peak": pk.to_json() if pk else None,
-                                "orthonormality_err": orth, "met_10s": tm.best <= 10.0})
-        logger.info("osrm %s n=%d: %.2fs", mode, p.osrm_n, tm.best)
+    results["osrm"] = run_osrm(p, dev)
 
     md, notes = summary(p, results, model_desc, tokens, machine)
     rec = bu.BenchRecord(name=NAME, preset=preset_name, command=bu.command_line(), seeds={"data": SEED, "osrm": SEED},
@@ -295,7 +437,11 @@ def run(preset_name: str, out_dir: Path, model_name: str, md_path: Path | None) 
     return results
 
 
-def summary(p: Preset, res: dict[str, Any], model_desc: str, tokens: int, machine: dict[str, Any]) -> tuple[str, list[str]]:
+def summary(p: Preset, res: dict[str, Any], model_desc: str, tokens: int, machine: dict[str, Any],
+            osrm_only: bool = False) -> tuple[str, list[str]]:
+    if osrm_only:
+        md, notes = osrm_summary(p, res["osrm"], machine)
+        return "\n".join(md), notes
     lines = ["### Statistics collection vs plain forward", ""]
     rows = [[r["targets"], r["groups"], ",".join(map(str, r["gram_dims"])), bu.fmt_seconds(r["forward"]["median_s"]),
              bu.fmt_seconds(r["profile"]["median_s"]), f"{r['ratio']:.3f}x", "met" if r["met"] else "missed",
@@ -314,13 +460,8 @@ def summary(p: Preset, res: dict[str, Any], model_desc: str, tokens: int, machin
         lines += ["", f"CorDA time / our time: {c['speedup_vs_corda']:.2f}x."]
     else:
         lines.append(f"Not available in this PEFT: {c.get('why')}")
-    lines += ["", "### OSRM initialisation (compute_osrm_A, one q/v input group)", ""]
-    rows = [[o["mode"], o["n"], o["tasks"], o["rank"], bu.fmt_seconds(o["timing"]["best_s"]),
-             bu.fmt_seconds(o["timing"]["best_s"] * 32), f"{o['orthonormality_err']:.1e}",
-             ("met" if o["met_10s"] else "missed") + ("" if o["n"] >= 4096 else " (n < 4096: not the target size)")]
-            for o in res["osrm"]]
-    lines.append(bu.markdown_table(["mode", "n", "tasks", "rank", "time (1 group, all tasks)", "x32 layers",
-                                    "||AA^T-I||", "target <= 10 s"], rows))
+    osrm_md, osrm_notes = osrm_summary(p, res["osrm"], machine)
+    lines += [""] + osrm_md
     notes = [
         f"Model: {model_desc}; {p.tasks} synthetic tasks (seeded random sentences), {p.n_samples} samples each, "
         f"max_length {p.max_length}, batch {p.batch_size}, {tokens} non-padding tokens per pass; float32 Gram.",
@@ -329,14 +470,61 @@ def summary(p: Preset, res: dict[str, Any], model_desc: str, tokens: int, machin
         "CorDA's hook squeezes the batch dimension, so it only works with one sample per forward; it normalises "
         "each sample by its max |x| and keeps one covariance per module (not per shared-input group), so its "
         "values are not comparable to ours, only its cost.",
-        f"OSRM: {p.osrm_tasks} tasks with random SPD second moments (n={p.osrm_n}, float32 Gram); "
-        f"compute_osrm_A runs its float64 eigen-decompositions on {machine.get('device', 'the benchmark device')} "
-        f"({machine.get('cpu_cores_usable')} usable CPU cores here); 'x32 layers' is a linear extrapolation to all "
-        "Llama-3-8B layers (one q/v group per layer).",
     ]
-    if p.osrm_n < 4096:
-        notes.append(f"The <= 10 s OSRM target is stated for n=4096 on an H100 machine; this preset uses n={p.osrm_n}.")
+    notes += osrm_notes
     return "\n".join(lines), notes
+
+
+def osrm_summary(p: Preset, o: dict[str, Any], machine: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Markdown lines and notes of the OSRM part."""
+    lines = [f"### OSRM initialisation ({p.osrm_tasks} tasks x {p.osrm_layers} q/v groups, n={p.osrm_n}, "
+             f"rank {p.rank}: {p.osrm_tasks * p.osrm_layers} eigenproblems per mode)", ""]
+    rows = []
+    for r in o["rows"]:
+        leg = r["legacy"]
+        rows.append([r["mode"], "old per-module loop",
+                     bu.fmt_seconds(leg["scaled_s"]) + (" *" if leg["layers_timed"] < r["layers"] else ""),
+                     "1.00x", "-", "-"])
+        for solver in ("eigh", "subset"):
+            x = r[solver]
+            rep_ = x["report"]
+            angle = r["angle_eigh_vs_legacy"] if solver == "eigh" else r["angle_subset_vs_eigh"]
+            against = "vs old" if solver == "eigh" else "vs eigh"
+            extra = (f"{rep_['by_subset']}/{rep_['problems']} by subset, {len(rep_['fallback'])} fell back"
+                     + (f", max bound {rep_['max_bound']:.1e}" if rep_.get("max_bound") is not None else "")
+                     if solver == "subset" else "exact")
+            rows.append([r["mode"], f"batched {solver}", bu.fmt_seconds(x["timing"]["best_s"]),
+                         f"{x['speedup_vs_legacy']:.2f}x", f"{angle:.1e} ({against})", extra])
+    lines.append(bu.markdown_table(["mode", "path", "time (all tasks, all groups)", "speed-up vs old",
+                                    "max principal angle (rad)", "solver"], rows))
+    t = o["target"]
+    lines += ["", "`*` old path timed on a subset of layers and scaled linearly (it loops over tasks and layers).",
+              "", "### Targets", ""]
+    value = (f"{t['seconds']:.3g} s, {t['angle']:.1e} rad" if t["status"] != "not measured on GPU"
+             else f"- (here: {t['seconds']:.3g} s, {t['angle']:.1e} rad at {t['shape']} on CPU)")
+    lines.append(bu.markdown_table(["target", "value", "status"], [[t["target"], value, t["status"]]]))
+    notes = [
+        f"OSRM: {p.osrm_tasks} tasks x {p.osrm_layers} q/v input groups with random SPD second moments "
+        f"(n={p.osrm_n}, float32 Gram, spectra decaying over 5 orders of magnitude), rank {p.rank}; float64 solves on "
+        f"{machine.get('device', 'the benchmark device')} ({machine.get('cpu_cores_usable')} usable CPU cores); "
+        f"one timed call each (store generation, {o['store_seconds']:.0f} s, not timed).",
+        "Old path: osrm.py before batching (per task and group: S_-i summed on the CPU, one full eigh). Batched eigh: "
+        "all tasks and groups of one size stacked, S_-i = total - S_i, batched Cholesky/triangular solves/eigh; "
+        "must agree with the old path to float64 rounding. Subset: Chebyshev-filtered subspace iteration for the r "
+        "needed eigenvectors with a residual bound per problem, falling back to eigh above subset_tol=1e-6 rad.",
+        "Principal angles from the sines (svdvals of (I - P_A) Q_B), float64 bases before the float32 cast.",
+    ]
+    la = o.get("load_average") or {}
+    cores = machine.get("cpu_cores_usable")
+    if la.get("start") is not None and cores and max(la["start"], la["end"]) > 1.25 * cores:
+        notes.append(f"The CPU was shared while this ran (1-min load average {la['start']:.1f} at the start, "
+                     f"{la['end']:.1f} at the end, on {cores} usable cores): absolute times are inflated and the "
+                     "ratios between paths are indicative only.")
+    if t["status"] == "not measured on GPU":
+        notes.append(f"The target is for n=4096 x 32 layers on an H200 and is not measured here; this CPU run uses "
+                     f"n={p.osrm_n} x {p.osrm_layers} layers. The GPU figure comes from "
+                     "`python bench/stats_cost.py --preset h100 --osrm-only` on that machine.")
+    return lines, notes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,21 +533,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--model", default="default", help="model name or path (default: the embedded MiniLM)")
     ap.add_argument("--benchmarks-md", default=None, help="markdown file to update (default: BENCHMARKS.md)")
+    ap.add_argument("--osrm-only", action="store_true", help="only the OSRM part (written as preset <preset>-osrm)")
     args = ap.parse_args(argv)
     bu.setup_logging()
     t0 = time.perf_counter()
-    res = run(args.preset, Path(args.out), args.model, Path(args.benchmarks_md) if args.benchmarks_md else None)
+    res = run(args.preset, Path(args.out), args.model, Path(args.benchmarks_md) if args.benchmarks_md else None,
+              osrm_only=args.osrm_only)
     print(f"\nstats_cost --preset {args.preset}: {time.perf_counter() - t0:.0f} s total")
     for r in res["profile"]:
         print(f"  profile/forward ({r['targets']}): {r['ratio']:.3f}x [{'met' if r['met'] else 'MISSED'} <= 1.10x]")
     c = res["corda"]
     if c.get("available"):
         print(f"  batch 1: ours {c['ours_ratio']:.3f}x forward, CorDA {c['corda_ratio']:.3f}x forward")
-    else:
+    elif not args.osrm_only:
         print(f"  CorDA not timed: {c.get('why')}")
-    for o in res["osrm"]:
-        print(f"  osrm {o['mode']} n={o['n']} x{o['tasks']} tasks: {o['timing']['best_s']:.2f} s "
-              f"[{'met' if o['met_10s'] else 'MISSED'} <= 10 s]")
+    for o in res["osrm"]["rows"]:
+        print(f"  osrm {o['mode']} n={o['n']} x{o['tasks']} tasks x{o['layers']} layers: old {o['legacy']['scaled_s']:.2f} s, "
+              f"eigh {o['eigh']['timing']['best_s']:.2f} s ({o['eigh']['speedup_vs_legacy']:.2f}x, "
+              f"{o['angle_eigh_vs_legacy']:.1e} rad), subset {o['subset']['timing']['best_s']:.2f} s "
+              f"({o['subset']['speedup_vs_legacy']:.2f}x, {o['angle_subset_vs_eigh']:.1e} rad)")
+    t = res["osrm"]["target"]
+    print(f"  [{t['status']}] {t['target']}: {t['seconds']:.3g} s, {t['angle']:.1e} rad ({t['shape']}, {t['device']})")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,10 @@ def test_parse_config_round_trip() -> None:
 
     cfg = parse_config({"suite": "demo", "lora": {"rank": 4}})
     assert parse_config(config_to_dict(cfg)) == cfg
+
+
+def test_init_solver_setting() -> None:
+    cfg = parse_config({"suite": "demo", "inits": [{"name": "p", "mode": "paper", "solver": "subset"}, "standard"]})
+    assert cfg.inits[0].solver == "subset" and cfg.inits[1].solver == "eigh"
+    with pytest.raises(ConfigError, match="solver"):
+        parse_config({"suite": "demo", "inits": [{"name": "p", "mode": "paper", "solver": "lobpcg"}]})

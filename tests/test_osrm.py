@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +22,12 @@ from osrm_lora.osrm import (
     apply_A_to_peft,
     code_mode_A,
     compute_osrm_A,
+    compute_osrm_bases,
+    fix_row_signs,
     lora_energy,
     own_mode_A,
     paper_mode_A,
+    principal_angles,
     project_adapter,
     project_lora,
     run_project,
@@ -168,7 +173,7 @@ def test_own_mode_matches_scipy_generalised_eigh_and_beats_paper():
         assert_same_subspace(direct, V[:, -r:].T, tol=1e-10)
         A_pap = compute_osrm_A(store, store.tasks, r, "paper")[i]["m"].double().numpy()
 
-        def ratio(A):
+        def ratio(A, S_own=S_own, S_oth=S_oth):
             return np.trace(A @ S_own @ A.T) / np.trace(A @ S_oth @ A.T)
 
         assert ratio(A_own) > 1.2 * ratio(A_pap)
@@ -200,7 +205,7 @@ def test_apply_A_to_peft_sets_A_keeps_outputs_and_freezes():
     with torch.no_grad():
         ref = base(input_ids=ids).logits
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
-    keys = [f"bert.encoder.layer.{l}.attention.self.{m}" for l in range(2) for m in ("query", "value")]
+    keys = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
     g = torch.Generator().manual_seed(1)
     A_map = {k: torch.linalg.qr(torch.randn(32, 4, generator=g))[0].T.contiguous() for k in keys}
     done = apply_A_to_peft(peft_model, A_map, freeze_A=True)
@@ -315,3 +320,278 @@ def test_explicit_device_gives_the_same_subspaces() -> None:
         for t in ref:
             for k in ref[t]:
                 assert dev[t][k].device.type == "cpu" and torch.allclose(ref[t][k], dev[t][k])
+
+
+# --------------------------------------------------------------------------------------------------
+# batched and subset eigensolvers (issue 14 item 4)
+# --------------------------------------------------------------------------------------------------
+FIXTURE = Path(__file__).parent / "fixtures" / "osrm_init"
+
+
+def _legacy_bases(store, tasks, rank, mode, ridge=1e-3, code_means="task"):
+    """The per-task, per-group OSRM code before batching (osrm.py at commit 1e9f22e), kept here only
+    as the reference: ``{task: {group: A (float64)}}``."""
+
+    def sym64(S):
+        S = S.detach().to(dtype=torch.float64)
+        return (S + S.T) / 2
+
+    def code(X):
+        n = X.shape[1]
+        _, _, Vh = torch.linalg.svd(X.to("cpu", torch.float64), full_matrices=True)
+        return fix_row_signs(Vh[n - rank:].clone())
+
+    def paper(S_other):
+        _, vecs = torch.linalg.eigh(sym64(S_other))
+        return fix_row_signs(vecs[:, :rank].T.contiguous())
+
+    def own(S_own, S_other):
+        Si, So = sym64(S_own), sym64(S_other)
+        n = So.shape[0]
+        tr = float(torch.trace(So))
+        eps = ridge * tr / n if tr > 0 else ridge
+        L = torch.linalg.cholesky(So + eps * torch.eye(n, dtype=torch.float64))
+        C = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, Si, upper=False).T, upper=False)
+        _, Y = torch.linalg.eigh((C + C.T) / 2)
+        V = torch.linalg.solve_triangular(L.T, Y[:, -rank:].flip(1), upper=True)
+        return fix_row_signs(torch.linalg.qr(V)[0].T.contiguous())
+
+    out = {t: {} for t in tasks}
+    for t in tasks:
+        others = [j for j in tasks if j != t]
+        for g in store.groups:
+            if mode == "code":
+                mean_fn = store.task_mean if code_means == "task" else store.token_mean
+                out[t][g] = code(torch.stack([mean_fn(j, g) for j in others]))
+                continue
+            S_other = sum(store.second_moment(j, g) for j in others)
+            out[t][g] = paper(S_other) if mode == "paper" else own(store.second_moment(t, g), S_other)
+    return out
+
+
+def _max_angle(a, b) -> float:
+    return max(float(principal_angles(a[t][g], b[t][g]).max()) for t in a for g in a[t])
+
+
+def _spd(n: int, eigenvalues: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q diag(ev) Q^T, X)`` with ``X = diag(sqrt(ev)) Q^T``, so a task whose tokens are the rows of
+    ``X`` has exactly that Gram matrix (up to rounding) and second moment ``Gram / n``."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    X = eigenvalues.sqrt()[:, None] * Q.T
+    return X.T @ X, X
+
+
+def multi_group_store(T: int = 4, seed: int = 0):
+    """T tasks, five input groups of two sizes (12 and 20), random full-rank inputs."""
+    g = torch.Generator().manual_seed(seed)
+    dims = {"l0.q": 12, "l0.o": 20, "l1.q": 12, "l1.o": 20, "l2.q": 12}
+    samples = {}
+    for t in range(T):
+        scale = 1.0 + t  # tasks of different magnitudes
+        samples[f"t{t}"] = {m: [scale * torch.randn(int(torch.randint(5, 15, (1,), generator=g)), n, generator=g,
+                                                    dtype=torch.float64) @ torch.diag(torch.linspace(0.2, 2, n, dtype=torch.float64))
+                                for _ in range(4)] for m, n in dims.items()}
+    return stats_from_samples(samples)
+
+
+def test_fixture_pipeline_init_is_unchanged_by_batching():
+    """The tiny BERT's statistics (tests/fixtures/osrm_init, generated with the pre-batching code):
+    the default (batched eigh) path gives the same subspaces (<= 1e-8 rad, float64), the same signs,
+    and float32 A equal to the stored ones to float32 rounding."""
+    from safetensors.torch import load_file
+
+    store = StatsStore.load(FIXTURE / "stats")
+    ref = load_file(str(FIXTURE / "A_reference.safetensors"))
+    assert len(store.tasks) == 3 and len({store.meta["group_dims"][g] for g in store.groups}) == 2
+    for mode in ("code", "paper", "own"):
+        for rank in (4, 8):
+            A32 = compute_osrm_A(store, store.tasks, rank, mode, ridge=1e-3)
+            bases, report = compute_osrm_bases(store, store.tasks, rank, mode, ridge=1e-3)
+            assert report["problems"] == len(store.tasks) * len(store.groups)
+            for t in store.tasks:
+                for key in store.modules:
+                    g = store.group_of(key)
+                    want64 = ref[f"{mode}/r{rank}/{t}/{key}/f64"]
+                    assert float(principal_angles(want64, bases[t][g]).max()) <= 1e-8, (mode, rank, t, key)
+                    torch.testing.assert_close(bases[t][g], want64, atol=1e-9, rtol=0)  # same signs, no rotation
+                    torch.testing.assert_close(A32[t][key], ref[f"{mode}/r{rank}/{t}/{key}/f32"], atol=1e-6, rtol=0)
+            # and the same as the pre-batching code run live
+            assert _max_angle(_legacy_bases(store, store.tasks, rank, mode), bases) <= 1e-8
+
+
+@pytest.mark.parametrize("mode", ["code", "paper", "own"])
+def test_batched_equals_per_module(mode):
+    """Several groups of two sizes and four tasks of different scales: one batched solve per size,
+    one problem per solve (``max_batch_bytes=1``) and the per-module reference agree."""
+    store = multi_group_store()
+    ref = _legacy_bases(store, store.tasks, 3, mode)
+    batched, rep = compute_osrm_bases(store, store.tasks, 3, mode)
+    single, rep1 = compute_osrm_bases(store, store.tasks, 3, mode, max_batch_bytes=1)
+    assert rep["batches"] == 2 and rep1["batches"] == rep1["problems"] == 4 * 5
+    assert _max_angle(ref, batched) <= 1e-8 and _max_angle(ref, single) <= 1e-8
+    for t in store.tasks:
+        for g in store.groups:
+            torch.testing.assert_close(batched[t][g], ref[t][g], atol=1e-8, rtol=0)
+            A = batched[t][g]
+            torch.testing.assert_close(A @ A.T, torch.eye(3, dtype=torch.float64), atol=1e-12, rtol=0)
+    # the float32 A per module of compute_osrm_A are the batched bases
+    A32 = compute_osrm_A(store, store.tasks, 3, mode)
+    for t in store.tasks:
+        for key in store.modules:
+            assert torch.equal(A32[t][key], batched[t][store.group_of(key)].float())
+
+
+def test_stacked_inputs_solve_like_single_matrices():
+    rng = np.random.default_rng(3)
+    Ms = [rng.normal(size=(40, 10)) for _ in range(5)]
+    S = torch.tensor(np.stack([m.T @ m / 40 for m in Ms]))
+    So = S[[1, 2, 3, 4, 0]] + S[[2, 3, 4, 0, 1]]
+    stack_p = paper_mode_A(So, 3)
+    stack_o = own_mode_A(S, So, 3)
+    assert stack_p.shape == stack_o.shape == (5, 3, 10)
+    for b in range(5):
+        assert float(principal_angles(stack_p[b], paper_mode_A(So[b], 3)).max()) <= 1e-10
+        assert float(principal_angles(stack_o[b], own_mode_A(S[b], So[b], 3)).max()) <= 1e-10
+    # the sign rule on a stack is the rule per row
+    torch.testing.assert_close(fix_row_signs(stack_p), torch.stack([fix_row_signs(a) for a in stack_p]))
+    assert all(row[row.abs().argmax()] > 0 for a in stack_o for row in a)
+
+
+def test_own_cholesky_reduction_matches_inverse_sqrt_reference():
+    """own mode (batched Cholesky: L^-1 S_i L^-T, eigh, back substitution) against a float64 reference
+    written from the definition: M = S_-i + eps I, C' = M^-1/2 S_i M^-1/2 from an explicit
+    eigendecomposition of M, top-r eigenvectors y, v = M^-1/2 y, orthonormalised."""
+    rng = np.random.default_rng(7)
+    n, r, ridge = 24, 5, 1e-3
+    S_own, S_oth = [], []
+    for _ in range(4):
+        a, b = rng.normal(size=(60, n)) * np.linspace(2, 0.1, n), rng.normal(size=(80, n)) * np.linspace(0.1, 2, n)
+        S_own.append(a.T @ a / 60)
+        S_oth.append(b.T @ b / 80)
+    S_own_t, S_oth_t = torch.tensor(np.stack(S_own)), torch.tensor(np.stack(S_oth))
+    got = own_mode_A(S_own_t, S_oth_t, r, ridge=ridge)
+    for b in range(4):
+        Si, So = (S_own[b] + S_own[b].T) / 2, (S_oth[b] + S_oth[b].T) / 2
+        M = So + ridge * np.trace(So) / n * np.eye(n)
+        m, U = np.linalg.eigh(M)
+        M_mhalf = (U / np.sqrt(m)) @ U.T
+        w, Y = np.linalg.eigh(M_mhalf @ Si @ M_mhalf)
+        assert w[-r] - w[-r - 1] > 1e-3 * w[-1]  # a determined subspace
+        V = M_mhalf @ Y[:, -r:]
+        angle = float(principal_angles(got[b], torch.tensor(V.T)).max())
+        assert angle <= 1e-10, angle
+        # the same generalised eigenvalues: the Rayleigh quotients of the rows
+        ratio = np.trace(got[b].numpy() @ Si @ got[b].numpy().T) / np.trace(got[b].numpy() @ M @ got[b].numpy().T)
+        assert ratio <= w[-1] + 1e-9 and ratio >= w[-r] - 1e-9
+
+
+def test_others_as_total_minus_own_in_float64():
+    """S_-i = total - S_i instead of the direct sum: entrywise difference within a few ulps of the
+    total; the subspaces agree to ~1e-12 rad; a task that outweighs the others uses the direct sum."""
+    from osrm_lora.osrm import _others
+
+    rng = np.random.default_rng(11)
+    T, n = 6, 30
+    S = []
+    for t in range(T):
+        X = rng.normal(size=(200, n)) * np.linspace(0.05, 1 + t, n)
+        S.append(X.T @ X / 200)
+    S_t = torch.tensor(np.stack(S))
+    total = S_t[0].clone()
+    for j in range(1, T):
+        total += S_t[j]
+    u = torch.finfo(torch.float64).eps / 2
+    for i in range(T):
+        direct = sum(S_t[j] for j in range(T) if j != i)
+        diff = _others(S_t, i, total)
+        err = (diff - direct).abs().max().item()
+        assert err <= 2 * T * u * total.abs().max().item(), (i, err)
+        assert float(principal_angles(paper_mode_A(diff, 4), paper_mode_A(direct, 4)).max()) <= 1e-12
+    # a dominant task: total - S_0 would lose digits of the others, so the direct sum is used (bitwise)
+    S_dom = S_t.clone()
+    S_dom[0] *= 1e8
+    tot_dom = S_dom[0].clone()
+    for j in range(1, T):
+        tot_dom += S_dom[j]
+    assert torch.equal(_others(S_dom, 0, tot_dom), sum(S_dom[j] for j in range(1, T)))
+    # two tasks: the other one, no arithmetic
+    assert torch.equal(_others(S_t[:2], 0, None), S_t[1])
+
+
+def two_task_store(ev_other: torch.Tensor, ev_own: torch.Tensor, seed: int = 0):
+    """Two tasks whose second moments have the given spectra (shared random eigenvectors): S_-0 = S_1,
+    and own's generalised eigenvalues of task 0 are ev_own / (ev_other + eps)."""
+    n = ev_other.numel()
+    _, X1 = _spd(n, ev_other * n, seed)
+    _, X0 = _spd(n, ev_own * n, seed)
+    return stats_from_samples({"a": {"m": [X0]}, "b": {"m": [X1]}})
+
+
+def test_subset_solver_matches_eigh_on_well_separated_spectra():
+    n, r = 160, 4
+    ev_other = torch.logspace(-2, 1, n, dtype=torch.float64)  # smallest eigenvalues 2.2% apart
+    ev_own = torch.logspace(-3, 0, n, dtype=torch.float64).flip(0) * torch.linspace(1, 3, n, dtype=torch.float64)
+    store = two_task_store(ev_other, ev_own)
+    for mode in ("paper", "own"):
+        exact, rep_e = compute_osrm_bases(store, store.tasks, r, mode)
+        sub, rep_s = compute_osrm_bases(store, store.tasks, r, mode, solver="subset", subset_tol=1e-8)
+        assert rep_e["by_subset"] == 0 and rep_s["by_subset"] == rep_s["problems"] == 2, rep_s
+        assert rep_s["fallback"] == [] and rep_s["max_bound"] <= 1e-8
+        assert _max_angle(exact, sub) <= 1e-6
+        for t in store.tasks:
+            A = sub[t]["m"]
+            torch.testing.assert_close(A @ A.T, torch.eye(r, dtype=torch.float64), atol=1e-12, rtol=0)
+            assert all(row[row.abs().argmax()] > 0 for row in A)
+            torch.testing.assert_close(A, exact[t]["m"], atol=1e-6, rtol=0)  # same signs: no flips
+        again, _ = compute_osrm_bases(store, store.tasks, r, mode, solver="subset", subset_tol=1e-8)
+        assert all(torch.equal(again[t]["m"], sub[t]["m"]) for t in store.tasks)  # seeded: deterministic
+    # public per-matrix API and compute_osrm_A take the solver too
+    S = store.second_moment("b", "m")
+    assert float(principal_angles(paper_mode_A(S, r, solver="subset"), paper_mode_A(S, r)).max()) <= 1e-6
+    A32 = compute_osrm_A(store, store.tasks, r, "own", solver="subset")
+    assert A32["a"]["m"].dtype == torch.float32 and A32["a"]["m"].shape == (r, n)
+
+
+def test_subset_solver_falls_back_to_eigh_on_a_nearly_degenerate_spectrum():
+    n, r = 160, 4
+    ev = torch.logspace(-2, 1, n, dtype=torch.float64)
+    ev[r] = ev[r - 1] * (1 + 1e-11)  # lambda_r and lambda_{r+1} nearly equal: the r-subspace is ill-determined
+    store = two_task_store(ev, ev.flip(0))
+    exact, _ = compute_osrm_bases(store, ["a", "b"], r, "paper")
+    sub, rep = compute_osrm_bases(store, ["a", "b"], r, "paper", solver="subset")
+    fell = {f["task"] for f in rep["fallback"]}
+    assert "a" in fell and rep["by_subset"] + len(rep["fallback"]) == 2
+    assert all(f["bound"] > 1e-6 for f in rep["fallback"])
+    for t in fell:  # the fallback IS the exact path
+        assert torch.equal(sub[t]["m"], exact[t]["m"])
+
+
+def test_solver_setting_is_checked():
+    store = multi_group_store(T=2)
+    with pytest.raises(OsrmError, match="unknown eigensolver"):
+        compute_osrm_A(store, store.tasks, 2, "paper", solver="lobpcg")
+    with pytest.raises(OsrmError, match="subset_tol"):
+        compute_osrm_bases(store, store.tasks, 2, "paper", solver="subset", subset_tol=0.0)
+    with pytest.raises(OsrmError, match="not in the statistics store"):
+        compute_osrm_bases(store, store.tasks, 2, "paper", groups=["nope"])
+    with pytest.raises(OsrmError, match="at least two tasks"):
+        compute_osrm_bases(store, store.tasks[:1], 2, "paper")
+    # groups too small for the subset solver use eigh: same result as the default
+    a, rep = compute_osrm_bases(store, store.tasks, 2, "own", solver="subset")
+    b, _ = compute_osrm_bases(store, store.tasks, 2, "own")
+    assert rep["by_subset"] == 0 and all(torch.equal(a[t][g], b[t][g]) for t in a for g in a[t])
+
+
+def test_principal_angles_resolve_tiny_angles():
+    """The sine-based angles resolve 1e-12 rad; arccos of the cosines would read 0 or ~1e-8."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(30, 4, generator=g, dtype=torch.float64))[0]
+    P = torch.linalg.qr(torch.randn(30, 1, generator=g, dtype=torch.float64) - Q @ (Q.T @ torch.randn(30, 1, generator=g, dtype=torch.float64)))[0]
+    P = P - Q @ (Q.T @ P)
+    P = P / P.norm()
+    for theta in (1e-12, 1e-9, 1e-5, 0.3):
+        B = Q.clone()
+        B[:, 0] = math.cos(theta) * Q[:, 0] + math.sin(theta) * P[:, 0]
+        ang = principal_angles(Q.T, B.T)
+        assert ang.max().item() == pytest.approx(theta, rel=1e-4, abs=1e-15)

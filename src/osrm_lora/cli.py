@@ -6,9 +6,9 @@ is printed as a traceback unless ``-v`` is given.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -237,9 +237,8 @@ def train(
     """
     from osrm_lora.config import LoraSettings, TrainSettings
     from osrm_lora.data import load_task
-    from osrm_lora.train import load_init_A, train_task
-
     from osrm_lora.distributed import main_first
+    from osrm_lora.train import load_init_A, train_task
 
     lora = LoraSettings(rank=rank, alpha=alpha, dropout=dropout, target_modules=_csv(target_modules))
     _model_arg(model)
@@ -279,10 +278,15 @@ def profile(
     """
     import torch
 
-    from osrm_lora.backbone import default_target_modules, load_classifier, load_tokenizer, resolve_model_path, select_device
-    from osrm_lora.stats import collect_statistics
-
+    from osrm_lora.backbone import (
+        default_target_modules,
+        load_classifier,
+        load_tokenizer,
+        resolve_model_path,
+        select_device,
+    )
     from osrm_lora.distributed import barrier, main_first
+    from osrm_lora.stats import collect_statistics
 
     _model_arg(model)
     _device_arg(device)

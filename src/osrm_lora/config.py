@@ -71,6 +71,11 @@ class InitSettings(_Strict):
     freeze_A: bool = False
     freeze_B: bool = False
     ridge: float = Field(1e-3, gt=0)
+    solver: Literal["eigh", "subset"] = "eigh"
+    """OSRM eigensolver: ``eigh`` (exact, batched over modules and tasks) or ``subset`` (only the r
+    needed eigenvectors by filtered subspace iteration, each checked by a residual bound on its
+    principal angles and redone with ``eigh`` when the bound exceeds 1e-6 rad; faster for large
+    hidden sizes). See docs/METHOD.md."""
     subspace_dim: int | None = Field(None, gt=0)
     """OSRM subspace of dimension k >= rank: A starts as its best r directions and is projected
     back onto it after every optimizer step (between frozen A, k = rank, and free A)."""
@@ -96,7 +101,7 @@ class InitSettings(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _not_both_frozen(self) -> "InitSettings":
+    def _not_both_frozen(self) -> InitSettings:
         if self.freeze_A and self.freeze_B:
             raise ValueError("freeze_A and freeze_B together leave nothing to train")
         if self.subspace_dim is not None and self.mode == "standard":
@@ -212,7 +217,7 @@ class PipelineConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "PipelineConfig":
+    def _check(self) -> PipelineConfig:
         if not self.suite and not self.tasks:
             raise ValueError("name a suite or list tasks")
         names = [i.name for i in self.inits]
@@ -249,7 +254,7 @@ def _task_entry(index: int, item: Any) -> Any:
         raise ValueError(f"{label}: {where + ': ' if where else ''}{msg}") from None
 
 
-def _task_count(cfg: "PipelineConfig") -> int:
+def _task_count(cfg: PipelineConfig) -> int:
     """Number of adapters a merge will see: the suite's tasks plus the listed ones."""
     try:
         suite = len(load_suite(cfg.suite)) if cfg.suite else 0

@@ -276,7 +276,7 @@ def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task
         raise ConfigError(f"init {init.name}: subspace_dim {k} is smaller than the LoRA rank {cfg.lora.rank}; "
                           "use subspace_dim >= rank")
     return compute_osrm_A(store, [t.name for t in tasks], k, init.mode, ridge=init.ridge,
-                          device=select_device(cfg.device))
+                          device=select_device(cfg.device), solver=init.solver)
 
 
 # --------------------------------------------------------------------------- run --check
@@ -649,7 +649,7 @@ def _train_all(ctx: RunContext, stats_dir: Path, base_payload: dict[str, Any]) -
 
     def stage(init: InitSettings, task: Task) -> tuple[str, Path, dict[str, Any]]:
         adir = ctx.run_dir / "adapters" / init.name / task_dirname(task.name)
-        payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json"),
+        payload = {**base_payload, "task": ctx.fingerprints[task.name], "init": init.model_dump(mode="json", exclude={"solver"} if init.solver == "eigh" else None),
                    "lora": cfg.lora.model_dump(mode="json"), "train": train_payload,
                    "stats": ctx.stats_hash if init.mode != "standard" or init.interference_penalty > 0 else None}
         return f"train/{init.name}/{task.name}", adir, payload
