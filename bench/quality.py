@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from benchlib import BenchRecord, command_line, machine_info, markdown_table, write_results  # noqa: E402
+
 from osrm_lora.config import parse_config  # noqa: E402
 from osrm_lora.evaluate import mean  # noqa: E402
 from osrm_lora.fsutil import read_json  # noqa: E402
