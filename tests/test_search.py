@@ -9,12 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from tinymodels import write_keyword_tasks
+from tinymodels import KEYWORD_TASKS, trained_keyword_adapters
 
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.cli import main
-from osrm_lora.config import LoraSettings, TrainSettings
-from osrm_lora.data import load_task
 from osrm_lora.diagnose import interference_ranking, leave_one_out
 from osrm_lora.errors import OsrmError
 from osrm_lora.merged_eval import MergedEvaluator
@@ -28,31 +26,14 @@ from osrm_lora.search import (
     search_merge,
     sha_promotable,
 )
-from osrm_lora.train import train_task
 
-TASKS = [("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2), ("nato", ["alpha", "bravo"], 3)]
+TASKS = KEYWORD_TASKS
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Three adapters (rank 2) trained on local keyword tasks; a MergedEvaluator over them."""
-    root = tmp_path_factory.mktemp("search")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("OSRM_LORA_CACHE", str(root / "cache"))
-    try:
-        specs = write_keyword_tasks(root, TASKS, n=80)
-        tasks = [load_task(s) for s in specs]
-        dirs = []
-        for t in tasks:
-            train_task(t, root / "adapters" / t.name, model=str(tiny_bert), lora=LoraSettings(rank=2),
-                       train=TrainSettings(epochs=6, max_length=12, lr=0.05, batch_size=8))
-            dirs.append(root / "adapters" / t.name)
-    finally:
-        mp.undo()
-    evaluator = MergedEvaluator(str(tiny_bert), tasks, dirs, max_length=12, splits=("validation", "test"))
-    adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
-    return {"root": root, "dirs": dirs, "evaluator": evaluator, "adapters": adapters, "model": str(tiny_bert),
-            "tasks": [t.name for t in tasks]}
+    return trained_keyword_adapters(tiny_bert, tmp_path_factory.mktemp("search"), TASKS)
 
 
 @pytest.fixture()

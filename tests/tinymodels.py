@@ -91,3 +91,38 @@ def write_keyword_tasks(root: Path, tasks: list[tuple[str, list[str], int]], n: 
                     fh.write(json.dumps({"text": x, "label": ["no", "yes"][y]}) + "\n")
         specs.append({"name": name, "source": "local", "path": str(path)})
     return specs
+
+
+KEYWORD_TASKS = [("colours", ["red", "green", "blue"], 1), ("polar", ["good", "bad"], 2), ("nato", ["alpha", "bravo"], 3)]
+
+
+def trained_keyword_adapters(model: Path, root: Path, tasks: list[tuple[str, list[str], int]] = KEYWORD_TASKS) -> dict:
+    """Rank-2 adapters trained on local keyword tasks under ``root`` and a MergedEvaluator over them:
+    ``{"root", "dirs", "evaluator", "adapters", "model", "tasks"}`` (shared by the search and RMM tests)."""
+    import os
+
+    from osrm_lora.adapters import load_adapter
+    from osrm_lora.config import LoraSettings, TrainSettings
+    from osrm_lora.data import load_task
+    from osrm_lora.merged_eval import MergedEvaluator
+    from osrm_lora.train import train_task
+
+    old = os.environ.get("OSRM_LORA_CACHE")
+    os.environ["OSRM_LORA_CACHE"] = str(root / "cache")
+    try:
+        specs = write_keyword_tasks(root, tasks, n=80)
+        loaded = [load_task(s) for s in specs]
+        dirs = []
+        for t in loaded:
+            train_task(t, root / "adapters" / t.name, model=str(model), lora=LoraSettings(rank=2),
+                       train=TrainSettings(epochs=6, max_length=12, lr=0.05, batch_size=8))
+            dirs.append(root / "adapters" / t.name)
+    finally:
+        if old is None:
+            os.environ.pop("OSRM_LORA_CACHE", None)
+        else:
+            os.environ["OSRM_LORA_CACHE"] = old
+    evaluator = MergedEvaluator(str(model), loaded, dirs, max_length=12, splits=("validation", "test"))
+    adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, loaded)]
+    return {"root": root, "dirs": dirs, "evaluator": evaluator, "adapters": adapters, "model": str(model),
+            "tasks": [t.name for t in loaded]}
