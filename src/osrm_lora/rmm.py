@@ -45,17 +45,15 @@ import torch
 from torch import nn
 
 from osrm_lora.adapters import LoraAdapter, load_adapter
-from osrm_lora.backbone import load_head
 from osrm_lora.cards import adapter_hash
 from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.encoding import Encoded
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import mean
 from osrm_lora.fsutil import claim_output, write_json
-from osrm_lora.inference import check_adapter_dir
 from osrm_lora.merge.registry import MergeContext, get_method, merge, resolve_params
 from osrm_lora.merged_eval import MergedEvaluator
-from osrm_lora.search import LayerGroup, check_methods, layer_groups, save_found_merge
+from osrm_lora.search import LayerGroup, check_methods, layer_groups, save_found_merge, search_evaluator
 
 logger = logging.getLogger(__name__)
 
@@ -517,12 +515,8 @@ def rmm_search(
             (out / RECORD).unlink(missing_ok=True)
             shutil.rmtree(out / MERGED, ignore_errors=True)
         if evaluator is None:
-            from osrm_lora.diagnose import merged_evaluator_for
-
-            check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before the data
-            evaluator, model_path = merged_evaluator_for(dirs, model=model, max_length=max_length,
-                                                         batch_size=batch_size, device=device,
-                                                         splits=("validation", "test"))
+            evaluator, model_path = search_evaluator(dirs, parsed, model=model, max_length=max_length,
+                                                     batch_size=batch_size, device=device)
         try:
             return _search(evaluator, dirs, out, methods=methods, params=params, episodes=episodes, budget=budget,
                            subset_size=subset_size, rescore=rescore, constraints=parsed, penalty=float(penalty),

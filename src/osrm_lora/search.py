@@ -174,6 +174,15 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return out
 
 
+def search_evaluator(dirs: Sequence[Path], constraints: Sequence[Constraint], *, model: str | None,
+                     max_length: int | None, batch_size: int, device: str | None) -> tuple[MergedEvaluator, str]:
+    """The evaluator of a search over ``dirs`` (validation and test splits); the constraints' tasks
+    are checked against the adapters' heads before any data is loaded."""
+    check_constraint_tasks(constraints, [load_head(check_adapter_dir(d))[1].task for d in dirs])
+    return merged_evaluator_for(dirs, model=model, max_length=max_length, batch_size=batch_size, device=device,
+                                splits=("validation", "test"))
+
+
 # ---------------------------------------------------------------------------------------------- merging
 def restrict(adapter: LoraAdapter, keys: Sequence[str]) -> LoraAdapter:
     """``adapter`` with only the modules ``keys`` (and no non-LoRA tensors)."""
@@ -414,10 +423,8 @@ def search_merge(
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / MERGED, ignore_errors=True)
         if evaluator is None:
-            check_constraint_tasks(parsed, [load_head(check_adapter_dir(d))[1].task for d in dirs])  # before loading data
-            evaluator, model_path = merged_evaluator_for(dirs, model=model, max_length=max_length,
-                                                         batch_size=batch_size, device=device,
-                                                         splits=("validation", "test"))
+            evaluator, model_path = search_evaluator(dirs, parsed, model=model, max_length=max_length,
+                                                     batch_size=batch_size, device=device)
         tasks = evaluator.task_names
         if any(not {"validation", "test"} <= set(slot.encoded) for slot in evaluator.slots):
             raise OsrmError("the evaluator must hold the validation and test splits (splits=('validation', 'test'))")
