@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from benchlib import BenchRecord, command_line, machine_info, markdown_table, write_results  # noqa: E402
 
-from osrm_lora.config import parse_config  # noqa: E402
+from osrm_lora.config import ALL_LINEAR, parse_config  # noqa: E402
 from osrm_lora.evaluate import mean  # noqa: E402
 from osrm_lora.fsutil import read_json  # noqa: E402
 from osrm_lora.logutil import setup_logging  # noqa: E402
@@ -60,7 +60,6 @@ INITS = [
 ]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
 HARD_LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0]
-ALL_LINEAR = ["query", "key", "value", "intermediate.dense", "output.dense"]
 SHARED_METHODS = ["task_arithmetic", "ties", "tsv_m", "core_space", "regmean", "knots"]
 PER_TASK_METHODS = {"emr"}  # one deployed model per task: reported apart, never the recommendation
 

@@ -22,6 +22,11 @@ from osrm_lora.merge.registry import get_method, resolve_params
 
 InitMode = Literal["standard", "code", "paper", "own"]
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
+ALL_LINEAR: tuple[str, ...] = ("query", "key", "value", "intermediate.dense", "output.dense")
+"""LoRA targets for every linear layer of a BERT-style encoder block (MiniLM, BERT): names match as
+suffixes, as in PEFT (``name == t`` or ``name.endswith("." + t)``), so ``output.dense`` covers both
+``attention.output.dense`` and the feed-forward ``output.dense``: 6 modules per layer. The regime
+where merging hurts (``bench/quality.py --preset gpu-hard``, the demo)."""
 
 
 class _Strict(BaseModel):
