@@ -111,7 +111,12 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
     force: Annotated[Optional[list[str]], typer.Option(help="Recompute a stage (repeatable): profile, train, diagnose, merge, all.")] = None,
 ) -> None:
-    """Run the embedded demo: MiniLM-L6 on mr/hedge/bbc/spam (subsampled), standard LoRA vs OSRM, merged.
+    """Run the embedded demo: MiniLM-L6 on mr/bbc/spam (subsampled), standard LoRA vs OSRM, merged.
+
+    LoRA r=16 (alpha 32) on all linear layers, where merging hurts; inits standard and OSRM own with A
+    frozen; merged with Task Arithmetic (one shared model, lambda chosen on validation) and EMR (one
+    model per task). About 4 minutes on 2 CPU cores: 320 training and up to 300 validation/test
+    examples per task, 2 epochs, 32 tokens, one seed.
 
     Example: osrm-lora demo --out runs/demo
     """
