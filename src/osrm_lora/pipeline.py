@@ -825,7 +825,8 @@ def merge_and_sweep(
     parsed = [Constraint.parse(c) for c in constraints]
     names = [t.name for t in tasks]
     check_constraint_tasks(parsed, names)
-    single_val = {t.name: read_json(d / "metrics.json")["validation"] for d, t in zip(dirs, tasks)}
+    single = {t.name: read_json(d / "metrics.json") for d, t in zip(dirs, tasks)}  # each adapter's own scores
+    single_val = {name: m["validation"] for name, m in single.items()}
     floors = {c.text(): c.resolve(single_val) for c in parsed}
     context = build_merge_context(info.needs, adapters, tasks, dirs, evaluator, stats_dir=stats_dir, seed=seed,
                                   max_length=max_length,
@@ -850,7 +851,7 @@ def merge_and_sweep(
     curve, best_result, selected = sweep(evaluator, merge_fn, grid, merge_device=str(on),
                                          feasible=feasible if parsed else None)
     best_result = best_result.to("cpu")
-    single_test = {t.name: read_json(d / "metrics.json")["test"] for d, t in zip(dirs, tasks)}
+    single_test = {name: m["test"] for name, m in single.items()}
     norm = normalised(selected.test, single_test)
     record = {
         "init": init_name,
