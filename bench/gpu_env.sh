@@ -14,6 +14,7 @@ if [ -d "$ROOT/.gpu/wheels" ]; then
   _need peft peft
   _need rich rich markdown_it_py mdurl
   _need typer typer shellingham annotated_doc
+  _need optuna optuna alembic mako colorlog sqlalchemy
 fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 export OSRM_LORA_CACHE="$ROOT/.gpu/cache"

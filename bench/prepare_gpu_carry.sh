@@ -23,5 +23,6 @@ PYEOF
 CACHE="${OSRM_LORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/osrm-lora}"
 rm -rf .gpu/cache/canonical .gpu/cache/splits
 cp -r "$CACHE/canonical" "$CACHE/splits" .gpu/cache/
-(cd .gpu/wheels && ../../.venv/bin/pip download -q --no-deps peft==0.21.2 typer==0.29.2 shellingham annotated-doc rich markdown-it-py mdurl && ../../.venv/bin/pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection pyyaml)
+# wheels of what the GPU image lacks (its package list: peft, typer, rich, pyyaml, ... are there)
+(cd .gpu/wheels && ../../.venv/bin/pip download -q --no-deps optuna==5.0.0 alembic colorlog mako && ../../.venv/bin/pip download -q --no-deps --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection sqlalchemy)
 du -sh .gpu/*
