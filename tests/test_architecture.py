@@ -123,3 +123,28 @@ def test_the_graph_sees_function_level_and_relative_imports() -> None:
 def test_no_import_cycle_among_modules() -> None:
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+KEY_RULES = "osrm_lora.model.keys"
+KEY_USERS = ("osrm_lora.adapters", "osrm_lora.backbone", "osrm_lora.merge.io", "osrm_lora.merge.stream",
+             "osrm_lora.merge_inputs", "osrm_lora.osrm", "osrm_lora.stats", "osrm_lora.train", "osrm_lora.train_batched")
+
+
+def test_the_key_rules_are_a_leaf_that_every_key_user_imports() -> None:
+    """One module owns module-key rules (osrm_lora.model.keys): it depends on nothing of the package
+    but its errors, and the modules that resolve, match or parse module keys import it."""
+    graph = import_graph()
+    assert "osrm_lora.model" in graph and KEY_RULES in graph
+    assert graph[KEY_RULES] <= {"osrm_lora.errors"}
+    for user in KEY_USERS:
+        assert KEY_RULES in graph[user], user
+    assert "osrm_lora.train" not in graph["osrm_lora.merge_inputs"]  # no borrowed key parser
+
+
+def test_key_users_spell_no_key_rule_of_their_own() -> None:
+    """The PEFT prefix and the dotted-suffix match are written only in osrm_lora.model.keys."""
+    files = module_files()
+    for user in KEY_USERS:
+        text = files[user].read_text()
+        for spelling in ('"base_model.model."', 'endswith("." +', "endswith(f\".{"):
+            assert spelling not in text, f"{user} spells {spelling}"

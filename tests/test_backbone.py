@@ -18,9 +18,9 @@ from osrm_lora.backbone import (
     resolve_module_key,
     save_head,
     set_head,
-    target_module_keys,
 )
 from osrm_lora.errors import OsrmError
+from osrm_lora.model.keys import linear_targets
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_target_modules_resolve_per_architecture(tmp_path: Path, arch: str, expe
     tok = load_tokenizer(str(path))
     model = load_classifier(str(path), 3, pad_token_id=tok.pad_token_id)
     assert default_target_modules(model.config.model_type) == expected_targets
-    keys = target_module_keys(model, expected_targets)
+    keys = list(linear_targets(model, expected_targets))
     # two layers x two targets (T5: encoder and decoder self/cross attention all have q and v)
     assert len(keys) >= 4 and all(k.rsplit(".", 1)[-1] in expected_targets for k in keys)
     assert head_module_name(model) == expected_head
@@ -45,7 +45,7 @@ def test_unknown_architecture_and_missing_targets_are_clear(tiny_bert: Path) -> 
         default_target_modules("my-new-arch")
     model = load_classifier(str(tiny_bert), 2)
     with pytest.raises(OsrmError, match="no linear module named"):
-        target_module_keys(model, ["q_proj"])
+        linear_targets(model, ["q_proj"])
 
 
 def test_resolve_model_path_errors(tmp_path: Path) -> None:

@@ -39,15 +39,23 @@ import torch
 
 from osrm_lora.errors import AdapterError
 from osrm_lora.fsutil import atomic_dir
+from osrm_lora.model.keys import (
+    LORA_FACTORS,
+    PEFT_PREFIX,
+    in_modules,
+    is_lora_tensor,
+    lora_factor_name,
+    peft_name,
+    split_lora_factor,
+    strip_peft_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-_A_SUFFIX = ".lora_A.weight"
-_B_SUFFIX = ".lora_B.weight"
+PREFIX = PEFT_PREFIX  # alias: the PEFT prefix is defined in osrm_lora.model.keys
 _LORA_PEFT_TYPES = {"LORA"}
 # PEFT task types that add the task head to modules_to_save implicitly (loading needs its weights)
 HEAD_TASK_TYPES: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("classifier", "score"),
@@ -65,12 +73,6 @@ def saved_module_names(config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(str(n) for n in names))
 
 
-def _in_saved_module(module: str, saved: Sequence[str]) -> bool:
-    parts = module.split(".")
-    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(p == m or p.endswith("." + m) for m in saved for p in prefixes)
-
-
 def extra_kind(name: str, saved_modules: Sequence[str] = ()) -> str:
     """What the non-LoRA tensor ``name`` (prefix stripped) is: ``"bias"``, ``"head"`` or ``"other"``.
 
@@ -78,9 +80,9 @@ def extra_kind(name: str, saved_modules: Sequence[str] = ()) -> str:
     ``"head"``: parameters of a module in ``saved_modules`` (:func:`saved_module_names`), or any other
     whole saved parameter; ``"bias"``: a ``.bias`` outside them (PEFT ``bias="lora_only"``/``"all"``).
     """
-    if "lora_" in name:
+    if is_lora_tensor(name):
         return "other"
-    if _in_saved_module(name.rsplit(".", 1)[0], saved_modules):
+    if in_modules(name.rsplit(".", 1)[0], saved_modules):
         return "head"
     return "bias" if name.endswith(".bias") else "head"
 
@@ -263,10 +265,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise _no_weights(path)
 
 
-def _strip(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
-
-
 def _check_peft_type(config: dict[str, Any], source: str | Path) -> None:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in _LORA_PEFT_TYPES:
@@ -276,15 +274,16 @@ def _check_peft_type(config: dict[str, Any], source: str | Path) -> None:
 def _lora_layout(shapes: Mapping[str, Sequence[int]], config: dict[str, Any], source: str) -> dict[str, ModuleShape]:
     """Validate the LoRA layout from tensor names (prefix stripped) and shapes alone: lora_A/lora_B
     pairs, 2-D factors, equal ranks. Returns the modules' shapes in sorted key order."""
-    a_keys = {k[: -len(_A_SUFFIX)] for k in shapes if k.endswith(_A_SUFFIX)}
-    b_keys = {k[: -len(_B_SUFFIX)] for k in shapes if k.endswith(_B_SUFFIX)}
+    factors = [f for f in map(split_lora_factor, shapes) if f is not None]
+    a_keys = {m for m, factor in factors if factor == "lora_A"}
+    b_keys = {m for m, factor in factors if factor == "lora_B"}
     if a_keys != b_keys:
         odd = sorted(a_keys ^ b_keys)[0]
         raise AdapterError(f"{source}: module {odd} has only one of lora_A/lora_B; re-export the adapter")
     fifo = bool(config.get("fan_in_fan_out", False))
     layout: dict[str, ModuleShape] = {}
     for key in sorted(a_keys):
-        a, b = tuple(shapes[key + _A_SUFFIX]), tuple(shapes[key + _B_SUFFIX])
+        a, b = tuple(shapes[lora_factor_name(key, "lora_A")]), tuple(shapes[lora_factor_name(key, "lora_B")])
         if len(a) != 2 or len(b) != 2:
             raise AdapterError(
                 f"{source}: module {key} is not a Linear LoRA (lora_A has shape {a}); "
@@ -311,19 +310,16 @@ def _lora_module(key: str, A: torch.Tensor, B: torch.Tensor, config: dict[str, A
     return LoraModule(A, B, module_scaling(config, key, int(A.shape[0])), bool(config.get("fan_in_fan_out", False)))
 
 
-def _is_factor(key: str) -> bool:
-    return key.endswith(_A_SUFFIX) or key.endswith(_B_SUFFIX)
-
-
 def adapter_from_state_dict(state: dict[str, torch.Tensor], config: dict[str, Any], name: str = "",
                             source: str = "adapter") -> LoraAdapter:
     """Build a :class:`LoraAdapter` from a PEFT adapter state dict and config; validates shapes and values."""
     _check_peft_type(config, source)
-    tensors = {_strip(k): v for k, v in state.items()}
+    tensors = {strip_peft_prefix(k): v for k, v in state.items()}
     layout = _lora_layout({k: tuple(v.shape) for k, v in tensors.items()}, config, source)
-    modules = {key: _lora_module(key, tensors[key + _A_SUFFIX], tensors[key + _B_SUFFIX], config, source)
+    modules = {key: _lora_module(key, tensors[lora_factor_name(key, "lora_A")], tensors[lora_factor_name(key, "lora_B")],
+                                 config, source)
                for key in layout}
-    extra = {k: v for k, v in tensors.items() if not _is_factor(k)}
+    extra = {k: v for k, v in tensors.items() if split_lora_factor(k) is None}
     for k, v in extra.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise AdapterError(f"{source}: {k} contains NaN/Inf; retrain or pick an earlier checkpoint")
@@ -395,11 +391,12 @@ class AdapterReader(_AdapterFlags):
             self._file = None
         else:
             raise _no_weights(self.path)
-        self._names = {_strip(k): k for k in raw}
-        self._shapes = _lora_layout({_strip(k): v for k, v in raw.items()}, self.config, str(self.path))
+        self._names = {strip_peft_prefix(k): k for k in raw}
+        self._shapes = _lora_layout({strip_peft_prefix(k): v for k, v in raw.items()}, self.config, str(self.path))
         if not self._shapes:
             raise AdapterError(f"{self.path} contains no lora_A/lora_B weights; point to a LoRA adapter")
-        self.extra: dict[str, tuple[int, ...]] = {_strip(k): v for k, v in raw.items() if not _is_factor(_strip(k))}
+        self.extra: dict[str, tuple[int, ...]] = {strip_peft_prefix(k): v for k, v in raw.items()
+                                                  if split_lora_factor(strip_peft_prefix(k)) is None}
         self.last_read: tuple[str, ...] = ()
         self.tensors_read = 0
 
@@ -418,7 +415,7 @@ class AdapterReader(_AdapterFlags):
         if missing:
             raise AdapterError(f"{self.path} has no LoRA module {missing[0]}; train all adapters with the same "
                                "target_modules")
-        names = [self._names[k + suffix] for k in keys for suffix in (_A_SUFFIX, _B_SUFFIX)]
+        names = [self._names[lora_factor_name(k, factor)] for k in keys for factor in LORA_FACTORS]
         tensors: dict[str, torch.Tensor] = {}
         if self._file is not None:
             from safetensors import safe_open
@@ -437,8 +434,8 @@ class AdapterReader(_AdapterFlags):
         src = str(self.path)
         modules = {}
         for k in keys:
-            A = tensors.pop(self._names[k + _A_SUFFIX]).to(device)
-            B = tensors.pop(self._names[k + _B_SUFFIX]).to(device)
+            A = tensors.pop(self._names[lora_factor_name(k, "lora_A")]).to(device)
+            B = tensors.pop(self._names[lora_factor_name(k, "lora_B")]).to(device)
             modules[k] = _lora_module(k, A, B, self.config, src)
         return LoraAdapter(modules, dict(self.config), name=self.name)
 
@@ -536,10 +533,10 @@ def adapter_state_dict(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     """The PEFT state dict (keys with the ``base_model.model.`` prefix) of ``adapter``."""
     sd: dict[str, torch.Tensor] = {}
     for key, mod in adapter.modules.items():
-        sd[PREFIX + key + _A_SUFFIX] = mod.A.detach().cpu().contiguous()
-        sd[PREFIX + key + _B_SUFFIX] = mod.B.detach().cpu().contiguous()
+        sd[peft_name(lora_factor_name(key, "lora_A"))] = mod.A.detach().cpu().contiguous()
+        sd[peft_name(lora_factor_name(key, "lora_B"))] = mod.B.detach().cpu().contiguous()
     for key, t in adapter.extra.items():
-        sd[PREFIX + key] = t.detach().cpu().contiguous()
+        sd[peft_name(key)] = t.detach().cpu().contiguous()
     return sd
 
 

@@ -13,8 +13,7 @@ import copy
 import importlib.util
 import logging
 import os
-import weakref
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from osrm_lora.errors import OsrmError
+from osrm_lora.model.keys import apply_folds, match_key, model_prefix, plan_folds, transposed_modules
 
 logger = logging.getLogger(__name__)
 
@@ -330,106 +330,31 @@ def load_head(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor
     return state, info
 
 
-def match_module_key(key: str, names: Collection[str], prefix: str = "") -> str | None:
-    """The entry of ``names`` (module paths) that the adapter module ``key`` denotes, or None.
-
-    Adapters made on a task model (``BertForSequenceClassification``) carry the base prefix
-    (``bert.encoder...``), those made on the bare model (``BertModel``) lack it, and so do the
-    module paths of a bare checkpoint such as the embedded all-MiniLM-L6-v2. Exact match first, then
-    ``key`` with ``prefix`` (the architecture's ``base_model_prefix``) added, then with it removed.
-    The one key resolution of every fold path (:func:`apply_deltas`, :mod:`osrm_lora.merge.io`,
-    :mod:`osrm_lora.merge.stream`).
-    """
-    if key in names:
-        return key
-    if prefix and f"{prefix}.{key}" in names:
-        return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in names:
-        return key[len(prefix) + 1:]
-    return None
+match_module_key = match_key
+"""Alias of :func:`osrm_lora.model.keys.match_key` (the one key resolution of every fold path)."""
 
 
 def resolve_module_key(model: nn.Module, key: str) -> str:
-    """Map an adapter module key onto a module path of ``model`` (see :func:`match_module_key`)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    path = match_module_key(key, _module_names(model), prefix)
-    if path is None:  # the model may have changed since its names were cached
-        _NAMES_CACHE.pop(model, None)
-        path = match_module_key(key, _module_names(model), prefix)
+    """Map an adapter module key onto a module path of ``model`` (:func:`osrm_lora.model.keys.match_key`
+    with the model's base prefix)."""
+    path = match_key(key, {n for n, _ in model.named_modules()}, model_prefix(model))
     if path is None:
         raise OsrmError(f"adapter module {key!r} does not exist in {type(model).__name__}; the adapter was made for "
                         "another base model")
     return path
 
 
-def architecture_prefix(config: Mapping[str, Any]) -> str:
-    """``base_model_prefix`` of the architecture of an HF ``config.json`` (e.g. ``bert``); "" if unknown."""
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str):
-        return ""
-    try:
-        from transformers import CONFIG_MAPPING, MODEL_MAPPING
-
-        return str(getattr(MODEL_MAPPING[CONFIG_MAPPING[model_type]], "base_model_prefix", "") or "")
-    except (KeyError, ValueError, ImportError):  # an architecture transformers does not know
-        return ""
-
-
-_NAMES_CACHE: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _module_names(model: nn.Module) -> set[str]:
-    """Module paths of ``model`` (cached per live model object; recomputed if a key is not found)."""
-    cached = _NAMES_CACHE.get(model)
-    if cached is None:
-        cached = {n for n, _ in model.named_modules()}
-        _NAMES_CACHE[model] = cached
-    return cached
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """True for GPT-2 style ``Conv1D`` modules, whose weight is stored (in, out) (PEFT's fan_in_fan_out)."""
-    return type(module).__name__ == "Conv1D"
-
-
 def apply_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add dense weight updates ((out, in) each) to ``model`` in place (no grad).
 
-    Keys are resolved by :func:`resolve_module_key`; ``Conv1D`` weights (stored (in, out)) get the
-    transposed update. Returns the original weights of the touched modules (by module path) so
-    callers can restore them. Shape mismatches and non-finite updates are refused before anything
-    is changed.
+    Keys are resolved with or without the base prefix and ``Conv1D`` weights (stored (in, out)) get
+    the transposed update (:func:`osrm_lora.model.keys.plan_folds`). Returns the original weights of
+    the touched modules (by module path) so callers can restore them. Shape mismatches and
+    non-finite updates are refused before anything is changed.
     """
-    paths, updates = {}, {}
-    for key, delta in deltas.items():
-        path = resolve_module_key(model, key)
-        module = model.get_submodule(path)
-        weight = module.weight
-        update = delta.T if is_transposed_linear(module) else delta
-        if tuple(weight.shape) != tuple(update.shape):
-            raise OsrmError(
-                f"update for {key} has shape {tuple(delta.shape)} but the model's weight is {tuple(weight.shape)}; "
-                "the adapter was made for another base model"
-            )
-        if not torch.isfinite(delta).all():
-            raise OsrmError(f"update for {key} contains NaN or Inf; check the input adapters")
-        paths[key], updates[key] = path, update
-    originals: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for key, update in updates.items():
-            weight = model.get_submodule(paths[key]).weight
-            originals[paths[key]] = weight.detach().clone()
-            weight.add_(update.to(weight.device, weight.dtype))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    plan = plan_folds({n: tuple(p.shape) for n, p in params.items()}, deltas, prefix=model_prefix(model),
+                      fan_in_fan_out=transposed_modules(model), where=type(model).__name__)
+    originals = {fold.module: params[fold.name].detach().clone() for fold in plan}
+    apply_folds(params, deltas, plan)
     return originals
-
-
-def target_module_keys(model: nn.Module, target_modules: Iterable[str]) -> list[str]:
-    """Full names of the nn.Linear modules whose last name component is in ``target_modules``."""
-    targets = set(target_modules)
-    keys = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-    if not keys:
-        raise OsrmError(
-            f"no linear module named {sorted(targets)} in {type(model).__name__}; "
-            "choose target modules that exist (see `model.named_modules()`)"
-        )
-    return keys

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from osrm_lora.errors import OsrmError, validation_message
 from osrm_lora.fsutil import claim_output
 from osrm_lora.logutil import setup_logging
+from osrm_lora.model.keys import matches_target, select_targets
 
 logger = logging.getLogger("osrm_lora.cli")
 
@@ -357,11 +358,8 @@ def _check_init_targets(stats: Path, targets: list[str] | None) -> None:
     held = StatsStore.load(stats).modules
     if not held:
         return
-
-    def matches(module: str, target: str) -> bool:
-        return module == target or module.endswith("." + target)
-    unknown = [t for t in targets if not any(matches(m, t) for m in held)]
-    uncovered = [m for m in held if not any(matches(m, t) for t in targets)]
+    unknown = [t for t in targets if not select_targets(held, [t])]
+    uncovered = [m for m in held if not matches_target(m, targets)]
     if unknown or uncovered:
         names = sorted({m.rsplit(".", 1)[-1] for m in held})
         problem = (f"--target-modules {','.join(unknown)} not in the statistics store {stats}" if unknown

@@ -19,11 +19,20 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from osrm_lora.backbone import resolve_module_key, set_head
+from osrm_lora.backbone import set_head
 from osrm_lora.data.task import Task
 from osrm_lora.encoding import collate, encode_split
 from osrm_lora.errors import OsrmError
-from osrm_lora.train import lora_module_key
+from osrm_lora.model.keys import (
+    lora_factor,
+    lora_module_key,
+    match_key,
+    model_prefix,
+    module_paths,
+    oriented,
+    param_of,
+    transposed_modules,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,7 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
         task: Task = slot.task
         peft_model = _peft_on(evaluator, adir, slot)
         try:
-            params = {n: p for n, p in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+            params = {n: p for n, p in peft_model.named_parameters() if lora_factor(n) is not None}
             acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
             enc = encode_split(evaluator.tokenizer, task.train, max_length, task.problem_type == "regression")
             idx = torch.randperm(len(enc), generator=gen)[: n_samples].tolist()
@@ -83,8 +92,7 @@ def fisher_diagonals(evaluator: Any, adapter_dirs: Sequence[Path], n_samples: in
                         acc[n] += p.grad.detach().float() ** 2
             fisher: dict[str, torch.Tensor] = {}
             for n, v in acc.items():
-                key, which = lora_module_key(n), "lora_A" if ".lora_A." in n else "lora_B"
-                fisher[f"{key}.{which}"] = (v / max(len(idx), 1)).cpu()
+                fisher[f"{lora_module_key(n)}.{lora_factor(n)}"] = (v / max(len(idx), 1)).cpu()
             out.append(fisher)
         finally:
             peft_model.unload()
@@ -118,12 +126,20 @@ def _merged_logits(evaluator: Any) -> Callable[[dict[str, torch.Tensor], _Batch]
     model = evaluator.model
     dev = next(model.parameters()).device
     base = {n: p.detach() for n, p in model.named_parameters()}
+    paths, prefix, transposed = module_paths(base), model_prefix(model), transposed_modules(model)
+
+    def weight_of(key: str) -> tuple[str, bool]:
+        path = match_key(key, paths, prefix)
+        if path is None:
+            raise OsrmError(f"adapter module {key!r} does not exist in {type(model).__name__}; the adapter was made "
+                            "for another base model")
+        return param_of(path), path in transposed
 
     def logits(deltas: dict[str, torch.Tensor], item: _Batch) -> torch.Tensor:
         weights = {}
         for key, delta in deltas.items():
-            name = resolve_module_key(model, key) + ".weight"
-            weights[name] = base[name] + delta.to(dev)
+            name, fan_in_fan_out = weight_of(key)
+            weights[name] = base[name] + oriented(delta, fan_in_fan_out).to(dev)
         batch, head = item[0], item[1]
         return functional_call(model, {**base, **weights, **head}, args=(), kwargs=batch).logits.float()
 

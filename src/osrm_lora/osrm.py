@@ -39,6 +39,7 @@ from torch import nn
 
 from osrm_lora.errors import AdapterError, ConfigError, OsrmError
 from osrm_lora.fsutil import atomic_dir, read_json, write_json
+from osrm_lora.model.keys import match_key, strip_peft_prefix
 from osrm_lora.stats import StatsStore
 
 logger = logging.getLogger(__name__)
@@ -686,20 +687,16 @@ def apply_A_to_peft(
     for name, mod in peft_model.named_modules():
         lora_A = getattr(mod, "lora_A", None)
         if isinstance(lora_A, nn.ModuleDict) and adapter_name in lora_A:
-            key = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-            lora_layers[key] = mod
+            lora_layers[strip_peft_prefix(name)] = mod
     if not lora_layers:
         raise AdapterError(f"model has no LoRA layers for adapter {adapter_name!r}; wrap it with PEFT first")
 
-    def find(key: str) -> str:
-        if key in lora_layers:
-            return key
-        cands = [k for k in lora_layers if k.endswith("." + key) or key.endswith("." + k)]
-        if len(cands) != 1:
-            raise AdapterError(f"module {key!r} has no (unique) LoRA layer in the PEFT model; use the same target modules")
-        return cands[0]
-
-    matched = {find(k): A for k, A in A_by_module.items()}
+    matched: dict[str, torch.Tensor] = {}
+    for k, A in A_by_module.items():
+        hit = match_key(k, lora_layers)
+        if hit is None:
+            raise AdapterError(f"module {k!r} has no (unique) LoRA layer in the PEFT model; use the same target modules")
+        matched[hit] = A
     unset = sorted(set(lora_layers) - set(matched))
     if unset:
         raise AdapterError(f"no A given for LoRA module {unset[0]}; compute A for every target module")
@@ -759,18 +756,13 @@ def project_adapter(adapter: Any, A_by_module: Mapping[str, torch.Tensor], *,
     energy = ``||dW||_F^2``."""
     from osrm_lora.adapters import LoraAdapter
 
-    def find(key: str) -> torch.Tensor:
-        if key in A_by_module:
-            return A_by_module[key]
-        cands = [k for k in A_by_module if k.endswith("." + key) or key.endswith("." + k)]
-        if len(cands) != 1:
-            raise OsrmError(f"no projection basis for module {key!r}; compute statistics for the adapter's target modules")
-        return A_by_module[cands[0]]
-
     modules, report = {}, {}
     tot_before = tot_after = 0.0
     for key, mod in adapter.modules.items():
-        new = project_lora(mod, find(key), reference_scaling_bug=reference_scaling_bug)
+        hit = match_key(key, A_by_module)
+        if hit is None:
+            raise OsrmError(f"no projection basis for module {key!r}; compute statistics for the adapter's target modules")
+        new = project_lora(mod, A_by_module[hit], reference_scaling_bug=reference_scaling_bug)
         before, after = lora_energy(mod), lora_energy(new)
         tot_before += before
         tot_after += after

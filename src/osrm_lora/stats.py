@@ -38,6 +38,7 @@ from torch import nn
 from osrm_lora.distributed import DistEnv, all_gather_objects, all_reduce_sum, broadcast_object, get_env, shard
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.fsutil import CHECKSUM_FILE, atomic_dir, read_json, verify_checksums, write_checksums, write_json
+from osrm_lora.model.keys import key_candidates, linear_targets
 
 logger = logging.getLogger(__name__)
 
@@ -108,23 +109,9 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def target_linear_modules(model: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
-    """``{full module path: module}`` of the ``nn.Linear`` modules matched by name suffixes, like
-    PEFT (``name == t`` or ``name.endswith('.' + t)``)."""
-    targets = [str(t) for t in target_modules]
-    if not targets:
-        raise ConfigError("no target modules given; pass LoRA target modules such as ['query', 'value']")
-    found = {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    }
-    if not found:
-        raise ConfigError(
-            f"no linear module named {sorted(targets)} in {type(model).__name__}; "
-            "choose target modules that exist (see model.named_modules())"
-        )
-    return found
+target_linear_modules = linear_targets
+"""Alias of :func:`osrm_lora.model.keys.linear_targets`: the ``nn.Linear`` modules that LoRA targets
+select by PEFT's rule."""
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -176,20 +163,16 @@ class StatsStore:
 
     def resolve_module(self, key: str) -> str:
         """Map a module key (possibly without or with an extra base-model prefix such as ``bert.``)
-        onto a module key of this store."""
+        onto a module key of this store (:func:`osrm_lora.model.keys.key_candidates`)."""
         if key in self._module_cache:
             return self._module_cache[key]
-        mods = self.meta["module_to_group"]
-        if key in mods:
-            hit = key
-        else:
-            cands = [m for m in mods if m.endswith("." + key) or key.endswith("." + m)]
-            if len(cands) != 1:
-                why = "matches several modules" if cands else "is not in the statistics store"
-                raise OsrmError(
-                    f"module {key!r} {why}; recompute statistics with the adapter's base model and target modules"
-                )
-            hit = cands[0]
+        cands = key_candidates(key, self.meta["module_to_group"])
+        if len(cands) != 1:
+            why = "matches several modules" if cands else "is not in the statistics store"
+            raise OsrmError(
+                f"module {key!r} {why}; recompute statistics with the adapter's base model and target modules"
+            )
+        hit = cands[0]
         self._module_cache[key] = hit
         return hit
 
@@ -530,7 +513,7 @@ def collect_statistics(
     if n_samples < 1 or batch_size < 1 or max_length < 1:
         raise ConfigError("n_samples, batch_size and max_length must be positive; fix the statistics settings")
     data = _normalise_texts(texts_by_task)
-    modules = target_linear_modules(model, target_modules)
+    modules = linear_targets(model, target_modules)
     module_names = {mod: name for name, mod in modules.items()}
     parents = {name: name.rsplit(".", 1)[0] if "." in name else "" for name in modules}
     model_dev = _model_device(model)

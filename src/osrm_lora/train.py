@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from osrm_lora.adapters import PREFIX
 from osrm_lora.backbone import (
     HeadInfo,
     default_target_modules,
@@ -44,6 +42,7 @@ from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import autocast_context, evaluate
 from osrm_lora.fsutil import atomic_dir, write_json
 from osrm_lora.logutil import Progress
+from osrm_lora.model.keys import is_lora_tensor, lora_factor, lora_module_key, lora_pairs, peft_name, strip_peft_prefix
 from osrm_lora.osrm import A_drift, apply_A_to_peft
 
 logger = logging.getLogger(__name__)
@@ -97,12 +96,7 @@ def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str, trai
 
 def lora_parameters(peft_model: nn.Module, which: str) -> dict[str, nn.Parameter]:
     """``which`` in {"lora_A", "lora_B"}: the LoRA factor parameters of the default adapter."""
-    return {n: p for n, p in peft_model.named_parameters() if f".{which}." in n}
-
-
-def lora_module_key(param_name: str) -> str:
-    """Module path in the un-wrapped model of a PEFT LoRA parameter name."""
-    return re.split(r"\.lora_[AB]\.", param_name)[0].removeprefix(PREFIX)
+    return {n: p for n, p in peft_model.named_parameters() if lora_factor(n) == which}
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +133,7 @@ def shard_model(peft_model: nn.Module) -> None:
 
 def _head_prefixes(peft_model: nn.Module) -> tuple[str, ...]:
     """Parameter-name prefixes of the task head (classifier, pooler) inside the PEFT model."""
-    return tuple(f"{PREFIX}{h}." for h in head_module_names(peft_model.base_model.model))
+    return tuple(peft_name(f"{h}.") for h in head_module_names(peft_model.base_model.model))
 
 
 def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -147,7 +141,7 @@ def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     when the model is FSDP-sharded: every rank must call it)."""
     heads = _head_prefixes(peft_model)
     return {n: full_tensor(p.detach()).cpu().clone() for n, p in peft_model.named_parameters()
-            if ".lora_" in n or n.startswith(heads)}
+            if is_lora_tensor(n) or n.startswith(heads)}
 
 
 def a_drift(A0: Mapping[str, torch.Tensor], A: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -218,7 +212,7 @@ def optimizer_for(named: Iterable[tuple[str, nn.Parameter]], cfg: TrainSettings)
     for n, p in named:
         if not p.requires_grad:
             continue
-        (lora if ".lora_" in n else head).append(p)
+        (lora if is_lora_tensor(n) else head).append(p)
     groups: list[dict[str, Any]] = [{"params": lora, "lr": cfg.lr}]
     if head:
         groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
@@ -273,9 +267,7 @@ GramLookup = Callable[[str], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _penalty_fn(peft_model: nn.Module, grams: GramLookup, device: torch.device) -> Callable[[], torch.Tensor]:
-    B = lora_parameters(peft_model, "lora_B")
-    pairs = [(lora_module_key(name), a, B[name.replace(".lora_A.", ".lora_B.")])
-             for name, a in lora_parameters(peft_model, "lora_A").items()]
+    pairs = lora_pairs(lora_parameters(peft_model, "lora_A"), lora_parameters(peft_model, "lora_B"))
     return penalty_fn(pairs, grams, device)
 
 
@@ -648,7 +640,7 @@ def _save(
     with atomic_dir(result.out_dir) as tmp:
         write_peft_adapter(peft_model, tensors, tmp)
         heads = _head_prefixes(peft_model)
-        save_head(tmp, {n.removeprefix(PREFIX): v for n, v in tensors.items() if n.startswith(heads)}, info)
+        save_head(tmp, {strip_peft_prefix(n): v for n, v in tensors.items() if n.startswith(heads)}, info)
         write_json(tmp / "metrics.json", metrics)
 
 

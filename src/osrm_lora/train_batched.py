@@ -38,7 +38,6 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from osrm_lora.adapters import PREFIX
 from osrm_lora.backbone import head_module_names, load_tokenizer, resolve_model_path
 from osrm_lora.config import LoraSettings, TrainSettings
 from osrm_lora.data.task import Task
@@ -47,6 +46,15 @@ from osrm_lora.encoding import Encoded, collate, encode_split, train_batches
 from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import autocast_context, evaluate
 from osrm_lora.logutil import Progress
+from osrm_lora.model.keys import (
+    is_lora_tensor,
+    lora_factor,
+    lora_factor_name,
+    lora_module_key,
+    lora_pairs,
+    peft_name,
+    strip_peft_prefix,
+)
 from osrm_lora.train import (
     GramLookup,
     TrainResult,
@@ -59,7 +67,6 @@ from osrm_lora.train import (
     encode_train_validation,
     initial_peft_model,
     load_state,
-    lora_module_key,
     lori_masks,
     optimizer_for,
     penalty_fn,
@@ -251,7 +258,7 @@ class AdapterSlot:
 
     def factors(self, which: str) -> dict[str, nn.Parameter]:
         """``which`` in {"lora_A", "lora_B"}: the LoRA factors by PEFT parameter name."""
-        return {n: p for n, p in self.params.items() if f".{which}." in n}
+        return {n: p for n, p in self.params.items() if lora_factor(n) == which}
 
     def current_A(self) -> dict[str, torch.Tensor]:
         return {lora_module_key(n): p.detach().cpu().clone() for n, p in self.factors("lora_A").items()}
@@ -267,9 +274,9 @@ def _is_lora_linear(module: nn.Module) -> bool:
 
 def _base_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer outside the LoRA factors and the head."""
-    heads = tuple(f"{PREFIX}{h}." for h in head_module_names(peft_model.base_model.model))
+    heads = tuple(peft_name(f"{h}.") for h in head_module_names(peft_model.base_model.model))
     named = list(peft_model.named_parameters()) + list(peft_model.named_buffers())
-    return {n: t for n, t in named if ".lora_" not in n and not n.startswith(heads)}
+    return {n: t for n, t in named if not is_lora_tensor(n) and not n.startswith(heads)}
 
 
 def _skeleton(peft_model: nn.Module) -> nn.Module:
@@ -360,8 +367,8 @@ class MultiAdapterModel:
                         "lacks weights that are initialised at random); train them one at a time")
             inner = peft_model.base_model.model
             heads = head_module_names(inner)
-            prefixes = tuple(f"{PREFIX}{h}." for h in heads)
-            A_names = [n for n, _ in peft_model.named_parameters() if ".lora_A." in n]
+            prefixes = tuple(peft_name(f"{h}.") for h in heads)
+            A_names = [n for n, _ in peft_model.named_parameters() if lora_factor(n) == "lora_A"]
             params = dict(peft_model.named_parameters())
             A_start = {n: params[n].detach().clone() for n in A_names}
             for i in members:
@@ -370,7 +377,7 @@ class MultiAdapterModel:
                         params[n].copy_(A_start[n])
                 A0 = set_factors(peft_model, jobs[i].init_A, freeze_A=jobs[i].freeze_A, freeze_B=jobs[i].freeze_B)
                 values = [(n, p.detach().clone(), p.requires_grad) for n, p in peft_model.named_parameters()
-                          if ".lora_" in n or n.startswith(prefixes)]
+                          if is_lora_tensor(n) or n.startswith(prefixes)]
                 start[i] = (values, {h: copy.deepcopy(inner.get_submodule(h)) for h in heads}, A0)
             if peft_model is not shell:
                 del peft_model, params, inner
@@ -384,12 +391,12 @@ class MultiAdapterModel:
         slot_params: list[dict[str, nn.Parameter]] = [{} for _ in jobs]
         for i in range(len(jobs)):
             for n, value, grad in start[i][0]:
-                if ".lora_" in n:
+                if is_lora_tensor(n):
                     slot_params[i][n] = nn.Parameter(value, requires_grad=grad)
         layers = [(name, mod) for name, mod in shell.named_modules() if _is_lora_linear(mod)]
         for name, mod in layers:
-            A = [slot_params[i][f"{name}.lora_A.default.weight"] for i in range(len(jobs))]
-            B = [slot_params[i][f"{name}.lora_B.default.weight"] for i in range(len(jobs))]
+            A = [slot_params[i][lora_factor_name(name, "lora_A", "default")] for i in range(len(jobs))]
+            B = [slot_params[i][lora_factor_name(name, "lora_B", "default")] for i in range(len(jobs))]
             _set_submodule(shell, name, MultiLoraLinear(mod.base_layer, A, B, float(mod.scaling["default"]),
                                                         mod.lora_dropout["default"], router))
         for h in heads:
@@ -397,8 +404,8 @@ class MultiAdapterModel:
 
         slots = []
         for i, job in enumerate(jobs):
-            head_params = {f"{PREFIX}{h}.{n}": p for h in heads for n, p in start[i][1][h].named_parameters()}
-            ordered = {n: slot_params[i][n] if ".lora_" in n else head_params[n] for n, _, _ in start[i][0]}
+            head_params = {peft_name(f"{h}.{n}"): p for h in heads for n, p in start[i][1][h].named_parameters()}
+            ordered = {n: slot_params[i][n] if is_lora_tensor(n) else head_params[n] for n, _, _ in start[i][0]}
             for n, value, grad in start[i][0]:  # the head copies carry their initial values and flags already
                 assert ordered[n].requires_grad == grad and torch.equal(ordered[n].detach(), value), n
             enc_train, enc_val = encode_train_validation(tokenizer, job.task, trains[i])
@@ -408,9 +415,7 @@ class MultiAdapterModel:
                 slot.projectors = subspace_projectors(
                     {lora_module_key(n): p for n, p in slot.factors("lora_A").items()}, job.A_subspace, dev)
             if job.interference_grams is not None:
-                B = slot.factors("lora_B")
-                pairs = [(lora_module_key(n), a, B[n.replace(".lora_A.", ".lora_B.")])
-                         for n, a in slot.factors("lora_A").items()]
+                pairs = lora_pairs(slot.factors("lora_A"), slot.factors("lora_B"))
                 slot.penalty = penalty_fn(pairs, job.interference_grams, dev)
             slots.append(slot)
         return cls(shell, skeleton, router, slots, tokenizer, model_path, lora, dev)
@@ -449,11 +454,11 @@ class MultiAdapterModel:
 
 def _check_batchable(peft_model: nn.Module) -> None:
     """BatchingUnsupported for LoRA layers the batched forward does not handle."""
-    inner_heads = tuple(f"{PREFIX}{h}." for h in head_module_names(peft_model.base_model.model))
+    inner_heads = tuple(peft_name(f"{h}.") for h in head_module_names(peft_model.base_model.model))
     for name, mod in peft_model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
-        short = name.removeprefix(PREFIX)
+        short = strip_peft_prefix(name)
         if not _is_lora_linear(mod):
             raise BatchingUnsupported(f"batched training supports LoRA on linear layers only, not on {short} "
                                       f"({type(mod).__name__}); choose other target_modules or train one at a time")

@@ -54,17 +54,12 @@ from typing import Any, Protocol
 import torch
 
 from osrm_lora.adapters import LoraAdapter, LoraModule, bias_module, write_adapter_files
-from osrm_lora.backbone import (
-    architecture_prefix,
-    is_default_model,
-    match_module_key,
-    resolve_model_path,
-    resolve_module_key,
-)
+from osrm_lora.backbone import is_default_model, resolve_model_path, resolve_module_key
 from osrm_lora.errors import AdapterError, OsrmError
 from osrm_lora.fsutil import atomic_dir, read_json
 from osrm_lora.merge import ops
 from osrm_lora.merge.registry import MergeResult
+from osrm_lora.model import keys
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +227,7 @@ class BaseCheckpoint:
     ``model.safetensors.index.json`` (sharded) or a single ``model.safetensors``; names and shapes
     come from the headers, tensors are loaded on demand with ``safetensors.safe_open``. Adapter
     module keys are mapped onto the checkpoint's names by :meth:`tensor_name`
-    (:func:`osrm_lora.backbone.match_module_key`, with the architecture's base prefix from
+    (:func:`osrm_lora.model.keys.param_name`, with the architecture's base prefix from
     ``config.json``): a bare checkpoint (``encoder.*``) serves adapters made on the task model
     (``bert.encoder.*``) and the other way round.
     """
@@ -266,7 +261,7 @@ class BaseCheckpoint:
         if (self.path / "config.json").exists():
             with_cfg = read_json(self.path / "config.json")
             config = with_cfg if isinstance(with_cfg, dict) else {}
-        self.prefix = architecture_prefix(config)
+        self.prefix = keys.architecture_prefix(config)
 
     @property
     def names(self) -> list[str]:
@@ -274,9 +269,7 @@ class BaseCheckpoint:
 
     def tensor_name(self, key: str, param: str = "weight") -> str | None:
         """The checkpoint's name of parameter ``param`` of adapter module ``key`` (None if absent)."""
-        paths = {n[: -len(param) - 1] for n in self.shapes if n.endswith("." + param)}
-        path = match_module_key(key, paths, self.prefix)
-        return None if path is None else f"{path}.{param}"
+        return keys.param_name(key, self.shapes, self.prefix, param)
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -553,35 +546,11 @@ def _load_base(base_model_path: str) -> tuple[Any, Any]:
     return model, tok
 
 
-def check_weight_shape(key: str, weight_shape: tuple[int, ...], delta_shape: tuple[int, ...],
-                       fan_in_fan_out: bool = False) -> None:
-    """OsrmError unless a (out, in) delta of ``delta_shape`` fits the weight of module ``key``."""
-    want = tuple(reversed(delta_shape)) if fan_in_fan_out else tuple(delta_shape)
-    if tuple(weight_shape) != want:
-        raise OsrmError(f"module {key} has weight shape {tuple(weight_shape)} but the delta is {want}; "
-                        "use the base model the adapters were trained on")
-
-
-def fold_delta(weight: torch.Tensor, delta: torch.Tensor, key: str, fan_in_fan_out: bool = False) -> None:
-    """``weight += delta`` in place (``delta`` is (out, in); transposed for fan_in_fan_out weights)."""
-    check_weight_shape(key, tuple(weight.shape), tuple(delta.shape), fan_in_fan_out)
-    d = delta.T if fan_in_fan_out else delta
-    with torch.no_grad():
-        weight += d.to(device=weight.device, dtype=weight.dtype)
-
-
 def _base_module(model: torch.nn.Module, key: str) -> torch.nn.Module:
     try:
         return model.get_submodule(resolve_module_key(model, key))
     except OsrmError as exc:
         raise OsrmError(f"base model has no module {key}; use the base model the adapters were trained on") from exc
-
-
-def fold_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor], fan_in_fan_out: bool = False) -> None:
-    """Add each (out, in) delta to the weight of its module in place; keys are resolved by
-    :func:`osrm_lora.backbone.resolve_module_key` (with or without the base prefix)."""
-    for key, d in deltas.items():
-        fold_delta(_base_module(model, key).weight, d, key, fan_in_fan_out)
 
 
 def set_biases(model: torch.nn.Module, biases: Mapping[str, torch.Tensor]) -> None:
@@ -608,7 +577,8 @@ def model_bias(model: torch.nn.Module) -> Callable[[str], torch.Tensor | None]:
 def _write_full(result: MergeResult, deltas: dict[str, torch.Tensor], target: Path, base_model_path: str,
                 info: dict[str, Any], biases: Mapping[str, torch.Tensor]) -> None:
     model, tok = _load_base(str(resolve_base_model(base_model_path)))
-    fold_deltas(model, deltas, bool((result.config or {}).get("fan_in_fan_out", False)))
+    keys.fold_deltas(dict(model.named_parameters(remove_duplicate=False)), deltas, prefix=keys.model_prefix(model),
+                     fan_in_fan_out=bool((result.config or {}).get("fan_in_fan_out", False)))
     set_biases(model, biases)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(target))

@@ -97,6 +97,7 @@ from osrm_lora.merge import io, ops
 from osrm_lora.merge import registry as R
 from osrm_lora.merge.io import BaseCheckpoint, resolve_base_model
 from osrm_lora.merge.methods._common import merged_config
+from osrm_lora.model.keys import check_weight_shape, fold_delta
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def _make_plan(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[
                 raise OsrmError(f"base model {base_model_path} has no tensor {key}.weight; use the base model the "
                                 "adapters were trained on")
             s = shapes[key]
-            io.check_weight_shape(key, base.shapes[name], (s.out_features, s.in_features), s.fan_in_fan_out)
+            check_weight_shape(key, base.shapes[name], (s.out_features, s.in_features), s.fan_in_fan_out)
             weight_names[key] = name
     non_lora = io.non_lora_from(readers, extras, method, resolved, io.checkpoint_bias(base) if base else None)
     names = [r.name or f"task{i}" for i, r in enumerate(readers)]
@@ -457,7 +458,7 @@ class _FullWriter:
             for key, d in result.deltas_for(g).items():
                 name = self.plan.weight_names[key]
                 w = self.plan.base.get(name)
-                io.fold_delta(w, d.detach().cpu(), key, self.plan.shapes[key].fan_in_fan_out)
+                fold_delta(w, d.detach().cpu(), key, self.plan.shapes[key].fan_in_fan_out)
                 self._put(g, name, w)
 
     def copy_through(self, names: Sequence[str]) -> None:
