@@ -5,6 +5,7 @@
     python bench/quality.py --preset gpu-hard  # offline6, LoRA r=16 on all linear layers: where merging hurts
     python bench/quality.py --preset gpu-hard --seeds 0 --lr 1e-3 --inits standard,lori --no-write   # one part
     python bench/quality.py --preset gpu-hard --aggregate-only   # aggregate finished parts, write results
+    python bench/quality.py --preset gpu-family --plan-jobs      # issue 15: TA/TIES/CTM/EMR vs RMM and search
 
 Each (seed, learning rate, inits part) is one pipeline run (resumable) under
 bench/runs/quality-<preset>/seed<k>-lr<lr>[-<inits>]. A preset may give an init several learning
@@ -62,6 +63,22 @@ LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
 HARD_LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0]
 SHARED_METHODS = ["task_arithmetic", "ties", "tsv_m", "core_space", "regmean", "knots"]
 PER_TASK_METHODS = {"emr"}  # one deployed model per task: reported apart, never the recommendation
+SEARCHED_METHODS = {"rmm", "search"}  # merge searches (merge.rmm, merge.search): no lambda, a search budget
+GPU_TASKS = ("mr", "movie_docs", "hedge", "bbc", "spam", "foods")
+HARD_TRAIN = {"epochs": 4, "batch_size": 32, "lr": 1e-3, "head_lr": 1e-2, "max_length": 128, "eval_batch_size": 256}
+FAMILY_RMM = {"methods": ["task_arithmetic", "ties", "dare_ties"], "episodes": 500, "budget": 300, "subset_size": 32,
+              "rescore": 3}
+"""RMM in gpu-family: the command's candidates at their default parameters (lambda 1), 32 validation examples
+per task per reward, 300 evaluations (3 of them the final whole-split re-scoring), at most 500 episodes."""
+FAMILY_SEARCH = {"methods": ["task_arithmetic", "ties", "dare_ties", "tsv_m"], "n_groups": 3, "rungs": 3, "eta": 3,
+                 "min_examples": 8, "budget": {"evaluations": 40}}
+"""The merge search in gpu-family: 3 groups of 2 layers, fidelities 1/9, 1/3 and all of the validation split
+(45, 134 and 400 examples of a 400-example task), Hyperband, TPE, 40 full-validation evaluations.
+
+Sizing (one part alone on an H200, seed 0, standard, gpu-family's tasks with training cut to 600 examples x 2
+epochs, which leaves the search costs unchanged): RMM with 200 evaluations took 27 s (201 episodes), the search
+with 24 evaluations 43 s (31 trials, 17 pruned; the per-group merges on the CPU dominate), stages with model
+loading 32 s and 45 s. Scaled to these budgets: about 40 s + 70 s, about 2 minutes per (seed, init) part."""
 
 
 def _inits(*names: str) -> list[dict[str, Any]]:
@@ -109,15 +126,55 @@ PRESETS: dict[str, dict[str, Any]] = {
         "default_lr": 1e-3,
         "config": {
             "model": "default",
-            "tasks": [{"name": n, "max_train": 2000, "max_eval": 400}
-                      for n in ("mr", "movie_docs", "hedge", "bbc", "spam", "foods")],
+            "tasks": [{"name": n, "max_train": 2000, "max_eval": 400} for n in GPU_TASKS],
             "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
-            "train": {"epochs": 4, "batch_size": 32, "lr": 1e-3, "head_lr": 1e-2, "max_length": 128,
-                      "eval_batch_size": 256},
+            "train": HARD_TRAIN,
             "inits": _inits("standard", "own-frozenA", "lori", "standard-frozenA", "own-pen1", "own", "own-pen0.1",
                             "own-pen3", "standard-pen1", "code", "paper-frozenA", "own-k32"),
             "diagnose": False,
             "merge": {"methods": [*SHARED_METHODS, "emr"], "lambdas": HARD_LAMBDAS},
+        },
+    },
+    "gpu-family": {
+        "description": "ISSUE-15 FAMILY COMPARISON (merge searches beside the lambda-swept methods): gpu-hard's "
+                       "setting (offline6 tasks mr, movie_docs, hedge, bbc, spam, foods; LoRA r=16, alpha 32 on all "
+                       "linear layers; training capped at 2000 examples per task, validation/test at 400; 128 tokens, "
+                       "4 epochs, lr 1e-3 / head 1e-2; MiniLM-L6 on one GPU, bf16 autocast), inits standard and "
+                       "own-frozenA (lr 1e-3 each), methods TA, TIES, CTM and EMR with lambda on validation, plus "
+                       "Reinforced Model Merging (candidates: each adapter, TA, TIES, DARE-TIES; 300 evaluations on "
+                       "32-example validation subsets per task) and the multi-fidelity merge search (TA/TIES/"
+                       "DARE-TIES/TSV-M per group of 2 layers with adapter masks, Hyperband over 1/9, 1/3 and all of "
+                       "the validation split, 40 full-validation evaluations), both per (seed, init) on validation "
+                       "only, the test split scored once for the merge each finds",
+        "seeds": [0, 1, 2],
+        "config": {
+            "model": "default",
+            "tasks": [{"name": n, "max_train": 2000, "max_eval": 400} for n in GPU_TASKS],
+            "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
+            "train": HARD_TRAIN,
+            "inits": _inits("standard", "own-frozenA"),
+            "diagnose": False,
+            "merge": {"methods": ["task_arithmetic", "ties", "ctm", "emr"], "lambdas": HARD_LAMBDAS,
+                      "rmm": FAMILY_RMM, "search": FAMILY_SEARCH},
+        },
+    },
+    "cpu-family": {
+        "description": "REDUCED variant of gpu-family for 2 CPU cores (issue-15 family comparison): tasks mr, hedge, "
+                       "bbc, spam capped at 300 train / 100 validation / 100 test examples, 48 tokens, 2 epochs, LoRA "
+                       "r=16 alpha 32 on all linear layers, lr 2e-3 / head 1e-2, 1 seed, inits standard and "
+                       "own-frozenA, methods TA, TIES, CTM, EMR, RMM (60 evaluations on 16-example subsets) and the "
+                       "merge search (8 full-validation evaluations); MiniLM-L6",
+        "seeds": [0],
+        "config": {
+            "model": "default",
+            "tasks": [{"name": n, "max_train": 300, "max_eval": 100} for n in ("mr", "hedge", "bbc", "spam")],
+            "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2, "max_length": 48},
+            "inits": _inits("standard", "own-frozenA"),
+            "diagnose": False,
+            "merge": {"methods": ["task_arithmetic", "ties", "ctm", "emr"], "lambdas": [0.5, 1.0, 1.5, 2.0],
+                      "rmm": {**FAMILY_RMM, "episodes": 100, "budget": 60, "subset_size": 16},
+                      "search": {**FAMILY_SEARCH, "budget": {"evaluations": 8}}},
         },
     },
     "cpu-hard": {
@@ -214,6 +271,10 @@ def select_lr(parts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
 
 
 def _sd(values: list[float]) -> float:
+    """Standard deviation over seeds (0 for one seed; NaN when a value is NaN: not measured, e.g. the
+    lambda of a merge search)."""
+    if any(math.isnan(v) for v in values):
+        return float("nan")
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -253,6 +314,9 @@ def aggregate(runs: list[dict[str, Any]], lrs: dict[str, dict[str, Any]] | None 
             d["lambda"].append(rec["lambda"] if rec["lambda"] is not None else float("nan"))
             d["norm_at_1"].append(curve_at(rec["curve"], 1.0))
             d["worst_norm"].append(worst)
+            for k in ("search_seconds", "evaluations_used"):  # merge searches (rmm, search) only
+                if k in rec:
+                    d.setdefault(k, []).append(float(rec[k]))
             for point in rec["curve"]:
                 curves.setdefault(key, {}).setdefault(float(point["lambda"]), []).append(point["avg_normalised_test"])
             row_seeds.setdefault(key, []).append(int(res["seed"]))
@@ -343,7 +407,8 @@ def summary(agg: dict[str, Any], targets: dict[str, Any], description: str, seed
     for key, c in sorted(agg["configs"].items()):
         init, method = key.split("|")
         met = targets["per_config"][key]["met"]
-        label = method + (" (per-task models)" if method in PER_TASK_METHODS else "")
+        label = method + (" (per-task models)" if method in PER_TASK_METHODS else
+                          " (merge search)" if method in SEARCHED_METHODS else "")
         rows.append([init, label, str(c["n_seeds"]), f"{c['lr']:g}" if c.get("lr") else "-", _pm(c["merged_test"]),
                      _pm(c["normalised"]), _pm(c["norm_at_1"]), _pm(c["single"]), _pm(c["lambda"], 2),
                      f"{sum(met.values())}/{len(met)}"])
@@ -391,6 +456,17 @@ def summary(agg: dict[str, Any], targets: dict[str, Any], description: str, seed
         "",
         targets_table(tb),
     ]
+    searched = [k for k in sorted(agg["configs"]) if k.split("|")[1] in SEARCHED_METHODS]
+    if searched:
+        srows = [[*k.split("|"), str(agg["configs"][k]["n_seeds"]), _pm(agg["configs"][k]["evaluations_used"]),
+                  _pm(agg["configs"][k]["search_seconds"]), _pm(agg["configs"][k]["merged_val"]),
+                  _pm(agg["configs"][k]["merged_test"]), _pm(agg["configs"][k]["normalised"])]
+                 for k in searched if "evaluations_used" in agg["configs"][k]]
+        lines += ["", "Merge searches (RMM: rmm, multi-fidelity search: search), per (seed, init) on the validation "
+                  "splits only, the test split scored once for the merge found; their validation averages are the "
+                  "best of many evaluated candidates, so biased upwards against the λ sweeps' (compare on test):", "",
+                  markdown_table(["init", "method", "seeds", "evaluations used", "search s", "merged val avg",
+                                  "merged test avg", "normalised %"], srows)]
     all_met = [k for k, v in sorted(targets["per_config"].items()) if v["all_met"]]
     lines += ["", "Configurations meeting all targets at once: " + (", ".join(all_met) if all_met else "none") + "."]
     front = pareto_front(agg)

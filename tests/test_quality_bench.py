@@ -116,3 +116,55 @@ def test_report_verdict_names_the_gain_per_method_and_the_noise() -> None:
     assert "50 examples" in lines[1] and "2.0 points" in lines[1] and "subsampled" in lines[1]
     assert verdict_lines({**results, "inits": results["inits"][:1],
                           "merged": results["merged"][:1]}) == []
+
+
+def test_gpu_family_preset_is_gpu_hard_with_two_inits_and_the_merge_searches(quality: Any) -> None:
+    family, hard = quality.PRESETS["gpu-family"], quality.PRESETS["gpu-hard"]
+    assert "ISSUE-15 FAMILY COMPARISON" in family["description"]
+    assert family["seeds"] == [0, 1, 2]
+    for key in ("model", "tasks", "lora", "train", "diagnose"):
+        assert family["config"][key] == hard["config"][key], key
+    assert family["config"]["merge"]["lambdas"] == hard["config"]["merge"]["lambdas"]
+    assert quality.planned_jobs("gpu-family", [0, 1, 2]) == [
+        (s, 1e-3, [i]) for i in ("standard", "own-frozenA") for s in (0, 1, 2)]
+    cfg = quality._config("gpu-family", 1, ["own-frozenA"], 1e-3)
+    assert [i.name for i in cfg.inits] == ["own-frozenA"] and cfg.inits[0].freeze_A and cfg.train.lr == 1e-3
+    assert cfg.merge.methods == ["task_arithmetic", "ties", "ctm", "emr"]
+    assert cfg.merge.rmm is not None and cfg.merge.search is not None
+    assert cfg.merge.rmm.seed is None and cfg.merge.search.seed is None  # each part searches with its run's seed
+    assert cfg.merge.search.rungs >= 2  # low fidelities on validation subsets
+    assert cfg.merge.rmm.subset_size < 400
+
+
+def test_plan_jobs_of_gpu_family(quality: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert quality.main(["--preset", "gpu-family", "--plan-jobs"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{s} 0.001 {i}" for i in ("standard", "own-frozenA") for s in (0, 1, 2)]
+
+
+def _searched(init: str, method: str, val: float, test: float, norm: float, used: float, secs: float) -> dict:
+    """A results record of a merge search as the pipeline writes it: no lambda, no curve."""
+    return {"init": init, "method": method, "avg_validation": val, "avg_test": test, "avg_normalised_test": norm,
+            "lambda": None, "lambda_source": None, "curve": [], "evaluations_used": used, "search_seconds": secs}
+
+
+def test_aggregation_includes_the_merge_searches(quality: Any) -> None:
+    runs = [_results(s, {"standard": (84.0, 84.0)}, [
+        _merged("standard", "task_arithmetic", 79, 80, 95, [(0.5, 94), (1.0, 92)]),
+        _merged("standard", "emr", 83, 84, 100, [(1.0, 99)]),
+        _searched("standard", "rmm", 82 + s, 81, 96.4, 200, 40.0 + s),
+        _searched("standard", "search", 81, 80.5, 95.8, 24.2 - s / 10, 60.0),
+    ]) for s in (0, 1, 2)]
+    agg = quality.aggregate(runs)
+    rmm = agg["configs"]["standard|rmm"]
+    assert rmm["n_seeds"] == 3 and rmm["merged_val"]["mean"] == pytest.approx(83.0)
+    assert rmm["evaluations_used"]["mean"] == 200 and rmm["search_seconds"]["mean"] == pytest.approx(41.0)
+    assert math.isnan(rmm["norm_at_1"]["mean"]) and math.isnan(rmm["lambda"]["mean"])  # no lambda, no curve
+    assert agg["configs"]["standard|search"]["evaluations_used"]["mean"] == pytest.approx(24.1)
+    assert "evaluations_used" not in agg["configs"]["standard|task_arithmetic"]
+    targets = quality.check_targets(agg)
+    assert targets["recommended_on_validation"] == "standard|rmm"  # a shared model, chosen on validation
+    assert not targets["per_config"]["standard|rmm"]["met"]["normalised at lambda = 1 >= 95%"]  # not measured
+    md = quality.summary(agg, targets, "test setting", [0, 1, 2])
+    assert "| standard | rmm (merge search) | 3 |" in md
+    assert "| standard | search | 3 | 24.1 ± 0.1 | 60.0 ± 0.0 | 81.0 ± 0.0 | 80.5 ± 0.0 | 95.8 ± 0.0 |" in md

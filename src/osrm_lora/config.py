@@ -5,20 +5,30 @@ Unknown keys and out-of-range values are errors (``extra="forbid"`` everywhere).
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from osrm_lora.constraints import Constraint
 from osrm_lora.data.spec import TaskSpec
 from osrm_lora.data.suites import load_suite
 from osrm_lora.errors import ConfigError, OsrmError
-from osrm_lora.merge.registry import get_method, resolve_params
+from osrm_lora.merge.registry import get_method, list_methods, resolve_params
 
 InitMode = Literal["standard", "code", "paper", "own"]
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
@@ -31,6 +41,226 @@ where merging hurts (``bench/quality.py --preset gpu-hard``, the demo)."""
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- merge searches
+# The settings of Reinforced Model Merging (osrm_lora.rmm) and of the multi-fidelity merge search
+# (osrm_lora.search), defined here once: those modules, their commands and the pipeline's merge.rmm /
+# merge.search sections all use them.
+RMM_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")
+"""The merged candidates of RMM besides each task's own adapter (``osrm-lora rmm --methods``)."""
+SEARCH_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties", "tsv_m")
+"""The merge methods a layer group of the merge search can get (``osrm-lora search --methods``)."""
+SearchObjective = Literal["mean", "pareto"]
+SearchSampler = Literal["tpe", "nsga2", "random"]
+SearchPruner = Literal["hyperband", "successive_halving", "none"]
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """PPO hyperparameters of RMM's agent; the defaults are the paper's / reference code's."""
+
+    epochs: int = 40
+    clip: float = 0.2
+    gamma: float = 0.99
+    lr_actor: float = 3e-4
+    lr_critic: float = 1e-3
+    update_every: int = 4
+    hidden: int = 64
+    value_coef: float = 0.5
+    entropy_coef: float = 1e-4
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "update_every", "hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise OsrmError(f"PPO setting {name} must be an integer >= 1, got {v!r}")
+        for name in ("lr_actor", "lr_critic"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise OsrmError(f"PPO setting {name} must be a positive number, got {v!r}")
+        if not (0 < self.clip < 1):
+            raise OsrmError(f"PPO setting clip must lie in (0, 1), got {self.clip!r}")
+        if not (0 <= self.gamma <= 1):
+            raise OsrmError(f"PPO setting gamma must lie in [0, 1], got {self.gamma!r}")
+        for name in ("value_coef", "entropy_coef"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise OsrmError(f"PPO setting {name} must be a number >= 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class SearchBudget:
+    """When the merge search stops: ``evaluations`` (full-validation evaluations: a fidelity with a
+    fraction f of the examples costs f), ``seconds`` (summed trial time) and ``trials`` (finished
+    trials), each counted over the whole study, resumed runs included; None = no limit of that kind
+    (one must be set)."""
+
+    evaluations: float | None = 20.0
+    seconds: float | None = None
+    trials: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.evaluations is None and self.seconds is None and self.trials is None:
+            raise OsrmError("the search needs a budget: evaluations (--budget), seconds or trials; set one of them")
+        for name, v in (("evaluations", self.evaluations), ("seconds", self.seconds), ("trials", self.trials)):
+            if v is not None and (isinstance(v, bool) or not math.isfinite(float(v)) or v <= 0):
+                raise OsrmError(f"budget {name} must be a positive number, got {v!r}")
+
+
+def searchable_methods() -> list[str]:
+    """Registered methods that merge into one shared model without task data (what RMM's candidates
+    and the merge search's layer groups can use)."""
+    return [m.name for m in list_methods() if not m.per_task and not m.needs]
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """``methods`` without repeats; OsrmError naming a method that is unknown, deploys one model per
+    task or needs task data (neither can be searched)."""
+    if not methods:
+        raise OsrmError(f"no merge methods to search; pass some of {', '.join(searchable_methods())}")
+    out: list[str] = []
+    for name in methods:
+        info = get_method(name)
+        if info.per_task or info.needs:
+            why = "deploys one model per task" if info.per_task else f"needs {', '.join(sorted(info.needs))}"
+            raise OsrmError(f"method {name} cannot be searched ({why}); choose among {', '.join(searchable_methods())}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _as_value_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Run pydantic's validation of a settings dataclass, its OsrmError (from ``__post_init__``) as a
+    ValueError, so the config error names the key."""
+    try:
+        return handler(value)
+    except OsrmError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class RMMSettings(_Strict):
+    """``merge.rmm``: Reinforced Model Merging in the merge stage, once per init over that init's
+    adapters (:func:`osrm_lora.rmm.rmm_search`, whose keyword arguments these are; docs/SEARCH.md).
+    Rewards and the choice use the validation splits only; ``merge.constraints`` apply."""
+
+    methods: list[str] = Field(default_factory=lambda: list(RMM_METHODS))
+    """The merged candidates besides each task's own adapter ([] = the adapters only)."""
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Parameters of the candidate methods (``{ties: {density: 0.3}}``); defaults otherwise."""
+    episodes: int = Field(300, gt=0)
+    budget: int = Field(200, gt=0)
+    """Most merged-model evaluations on validation: one per completed episode (on subsets) plus the
+    final re-scoring of ``rescore`` architectures on the whole split, which is reserved from it."""
+    subset_size: int = Field(32, gt=0)
+    """Validation examples per task behind each reward."""
+    rescore: int = Field(3, gt=0)
+    penalty: float = Field(1.0, ge=0)
+    """Reward points lost per score point a constraint falls short."""
+    max_steps: int | None = Field(None, gt=0)
+    """Most steps per episode (None: 4 x the number of layers)."""
+    seed: int | None = None
+    """None: the run's seed."""
+    ppo: PPOSettings = PPOSettings()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        if not value:
+            return []
+        try:
+            return check_methods(value)
+        except OsrmError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("ppo", mode="wrap")
+    @classmethod
+    def _ppo(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return _as_value_error(value, handler)
+
+    @model_validator(mode="after")
+    def _check(self) -> RMMSettings:
+        for method in self.params:
+            if method not in self.methods:
+                raise ValueError(f"params given for {method}, which is not a candidate method "
+                                 f"({', '.join(self.methods) or 'none'}); add it to methods or drop its params")
+        if self.budget <= self.rescore:
+            raise ValueError(f"the evaluation budget ({self.budget}) must exceed the {self.rescore} final "
+                             "re-scoring(s) on the whole validation split it reserves; raise budget or lower rescore")
+        return self
+
+    def search_kwargs(self, run_seed: int) -> dict[str, Any]:
+        """The keyword arguments of :func:`osrm_lora.rmm.rmm_search` (the seed resolved)."""
+        return {"methods": list(self.methods), "params": {m: dict(p) for m, p in self.params.items()},
+                "episodes": self.episodes, "budget": self.budget, "subset_size": self.subset_size,
+                "rescore": self.rescore, "penalty": self.penalty, "max_steps": self.max_steps,
+                "seed": run_seed if self.seed is None else self.seed, "ppo": self.ppo}
+
+
+class SearchSettings(_Strict):
+    """``merge.search``: the multi-fidelity merge search in the merge stage, once per init over that
+    init's adapters (:func:`osrm_lora.search.search_merge`, whose keyword arguments these are;
+    docs/SEARCH.md). Trials and the choice use the validation splits only (low fidelities: random
+    validation subsets); ``merge.constraints`` apply."""
+
+    methods: list[str] = Field(default_factory=lambda: list(SEARCH_METHODS))
+    n_groups: int | None = Field(4, gt=0)
+    """Layer groups of contiguous layers, each with its own method (None: one per layer)."""
+    masks: bool = True
+    """Also search, per layer group, which adapters take part."""
+    scaling_range: tuple[float, float] = (0.1, 1.5)
+    objective: SearchObjective = "mean"
+    """``mean`` (one objective: the mean validation score) or ``pareto`` (one objective per task)."""
+    sampler: SearchSampler = "tpe"
+    pruner: SearchPruner = "hyperband"
+    rungs: int = Field(3, ge=1)
+    """Fidelities: validation fractions eta^-(rungs-1), ..., 1/eta, 1."""
+    eta: int = Field(3, ge=2)
+    min_examples: int = Field(8, ge=1)
+    """Smallest validation subset per task."""
+    budget: SearchBudget = SearchBudget()
+    """``{evaluations, seconds, trials}``; evaluations defaults to 20 unless seconds or trials is given."""
+    seed: int | None = None
+    """None: the run's seed."""
+    population: int | None = Field(None, gt=1)
+    """NSGA-II population (None: 20)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        try:
+            return check_methods(value)
+        except OsrmError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("scaling_range")
+    @classmethod
+    def _scaling_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+            raise ValueError(f"the scaling range must be two numbers 0 <= low < high, got [{lo:g}, {hi:g}]")
+        return value
+
+    @field_validator("budget", mode="wrap")
+    @classmethod
+    def _budget(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, Mapping) and "evaluations" not in value and (
+                value.get("seconds") is not None or value.get("trials") is not None):
+            value = {**value, "evaluations": None}  # as the command: the default 20 only without another limit
+        return _as_value_error(value, handler)
+
+    def search_kwargs(self, run_seed: int) -> dict[str, Any]:
+        """The keyword arguments of :func:`osrm_lora.search.search_merge` (the seed resolved)."""
+        return {"methods": list(self.methods), "n_groups": self.n_groups, "masks": self.masks,
+                "scaling_range": tuple(self.scaling_range), "objective": self.objective, "sampler": self.sampler,
+                "pruner": self.pruner, "rungs": self.rungs, "eta": self.eta, "min_examples": self.min_examples,
+                "budget": self.budget, "seed": run_seed if self.seed is None else self.seed,
+                "population": self.population}
+
+
+MERGE_SEARCHES: tuple[str, ...] = ("rmm", "search")
+"""The merge searches the merge stage can run after the lambda sweeps (``merge.rmm``, ``merge.search``);
+their records in results.json carry these method names."""
 
 
 class LoraSettings(_Strict):
@@ -150,7 +380,14 @@ class MergeSettings(_Strict):
     ``TASK>=single-TOL`` (its own adapter's validation score minus TOL). Every method's lambda is then
     chosen on validation among the lambdas that meet them (the best overall when none does, with a
     warning), each merge records whether its constraints hold, and AdaMerging adds a penalty on the
-    constraint tasks' validation loss to its objective (its ``constraint_weight``)."""
+    constraint tasks' validation loss to its objective (its ``constraint_weight``). RMM and the merge
+    search penalise and exclude architectures / trials that miss them."""
+    rmm: RMMSettings | None = None
+    """Reinforced Model Merging per init after the lambda sweeps (absent: not run); results.json
+    method ``rmm``, outputs in ``merges/<init>/rmm/``."""
+    search: SearchSettings | None = None
+    """The multi-fidelity merge search per init after the lambda sweeps (absent: not run);
+    results.json method ``search``, outputs in ``merges/<init>/search/``."""
 
     @field_validator("constraints")
     @classmethod
@@ -281,13 +518,21 @@ def check_merge_settings(merge: MergeSettings, n_tasks: int) -> None:
     dups = sorted({m for m in merge.methods if merge.methods.count(m) > 1})
     if dups:
         raise ValueError(f"merge: methods {dups} are listed twice; list each method once")
+    if merge.rmm is not None:
+        try:
+            for method, params in merge.rmm.params.items():
+                resolve_params(get_method(method), params, n_tasks)
+        except OsrmError as exc:
+            raise ValueError(f"merge.rmm.params: {exc}") from None
+    if merge.search is not None and merge.search.objective == "pareto" and n_tasks < 2:
+        raise ValueError("merge.search: a Pareto search needs at least two tasks; use objective: mean")
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()))
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if err.get("type") == "extra_forbidden":
+    if err.get("type") in ("extra_forbidden", "unexpected_keyword_argument"):
         msg = "unknown key"
     extra = f" ({len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
     where = f"{loc}: " if loc else ""
@@ -346,5 +591,10 @@ def load_config(path: str | Path) -> PipelineConfig:
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:
-    """JSON/YAML-ready dict of a config (for manifests and hashing)."""
-    return cfg.model_dump(mode="json")
+    """JSON/YAML-ready dict of a config (for manifests and hashing). Absent merge searches
+    (``merge.rmm``, ``merge.search``) are left out, so configs without them hash as before they existed."""
+    data = cfg.model_dump(mode="json")
+    for key in MERGE_SEARCHES:
+        if data["merge"].get(key) is None:
+            data["merge"].pop(key, None)
+    return data

@@ -77,13 +77,17 @@ class MergedEvaluator:
                 raise OsrmError(f"head in {hdir} belongs to task {info.task!r}, not {task.name!r}; pass the matching adapter")
             if info.num_labels != task.num_labels:
                 raise OsrmError(f"head of {task.name} has {info.num_labels} outputs but the task has {task.num_labels} labels")
-            slot = TaskSlot(task, state, info)
-            for split in splits:
-                slot.encoded[split] = encode_split(
-                    self.tokenizer, task.split(split), max_length, task.problem_type == "regression"
-                )
-            self.slots.append(slot)
+            self.slots.append(TaskSlot(task, state, info))
+        self.max_length = max_length
+        for split in splits:
+            self.add_split(split)
         self._originals: dict[str, torch.Tensor] = {}
+
+    def add_split(self, split: str) -> None:
+        """Encode ``split`` of every task, e.g. ``test`` after a search that was given validation only."""
+        for slot in self.slots:
+            slot.encoded[split] = encode_split(self.tokenizer, slot.task.split(split), self.max_length,
+                                               slot.task.problem_type == "regression")
 
     @property
     def task_names(self) -> list[str]:

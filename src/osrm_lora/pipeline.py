@@ -9,6 +9,8 @@ Run directory layout (stable; documented in the README)::
       adapters/<init>/<task>/          PEFT adapter + head.safetensors/head.json + metrics.json
       diagnostics/<init>/              interference.json + interference.png
       merges/<init>/<method>/          merged adapter (selected lambda) + sweep.json + README.md card
+      merges/<init>/{rmm,search}/      merge.rmm / merge.search: rmm.json / search.json (+ search.db),
+                                       merged/ (the found merge), sweep.json (the results record)
       results.json                     every number, named by init, method, lambda, seed and split
       report.md, report.html           human-readable summary
       .stages/<stage>.json             input hash of each finished stage (resume / skip)
@@ -35,6 +37,9 @@ import torch
 import yaml
 from huggingface_hub import try_to_load_from_cache
 
+import osrm_lora.rmm as rmm_lib
+import osrm_lora.search as search_lib
+from osrm_lora.adapters import load_adapter
 from osrm_lora.backbone import (
     default_target_modules,
     load_classifier,
@@ -42,7 +47,15 @@ from osrm_lora.backbone import (
     resolve_model_path,
     select_device,
 )
-from osrm_lora.config import InitSettings, MergeSettings, PipelineConfig, config_to_dict
+from osrm_lora.config import (
+    MERGE_SEARCHES,
+    InitSettings,
+    MergeSettings,
+    PipelineConfig,
+    RMMSettings,
+    SearchSettings,
+    config_to_dict,
+)
 from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.data import load_suite, load_task
 from osrm_lora.data.canonical import canonical_paths
@@ -66,7 +79,9 @@ from osrm_lora.distributed import (
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.evaluate import mean, normalised
 from osrm_lora.fsutil import atomic_file, cache_dir, claim_output, read_json, sha256_json, write_json
+from osrm_lora.memory import measure_peak
 from osrm_lora.merge.registry import MethodInfo, get_method, resolve_params
+from osrm_lora.merged_eval import MergedEvaluator
 from osrm_lora.report.tables import grid_edge
 
 logger = logging.getLogger(__name__)
@@ -372,7 +387,37 @@ def describe_merge(merge: MergeSettings, n_tasks: int) -> list[str]:
         shown = ", ".join(f"{k}={v}" for k, v in resolved.items() if k != "scaling" and v is not None) or "defaults"
         needs = f"; needs {', '.join(sorted(info.needs))}" if info.needs else ""
         lines.append(f"{method}: {shown}; {how}{needs}")
+    if merge.rmm is not None:
+        lines.append(f"rmm: {describe_rmm(merge.rmm)}")
+    if merge.search is not None:
+        lines.append(f"search: {describe_search(merge.search)}")
     return lines
+
+
+def _seed_text(seed: int | None) -> str:
+    return "the run's seed" if seed is None else f"seed {seed}"
+
+
+def describe_rmm(rmm: RMMSettings) -> str:
+    """One line: what merge.rmm searches and with which budget."""
+    cands = "each task's adapter" + (f" and the merges by {', '.join(rmm.methods)}" if rmm.methods else "")
+    params = "; ".join(f"{m}: {', '.join(f'{k}={v}' for k, v in p.items())}" for m, p in rmm.params.items())
+    return (f"Reinforced Model Merging per init after the sweeps; candidates {cands}"
+            + (f" ({params})" if params else "") + f"; up to {rmm.episodes} episodes and {rmm.budget} evaluations on "
+            f"validation ({rmm.subset_size} examples per task per reward, {rmm.rescore} re-scored on the whole "
+            f"split); {_seed_text(rmm.seed)}")
+
+
+def describe_search(search: SearchSettings) -> str:
+    """One line: what merge.search searches and with which budget."""
+    b = search.budget
+    limits = [f"{b.evaluations:g} full-validation evaluations" if b.evaluations is not None else "",
+              f"{b.seconds:g} s" if b.seconds is not None else "", f"{b.trials} trials" if b.trials is not None else ""]
+    groups = "one group per layer" if search.n_groups is None else f"{search.n_groups} layer groups"
+    return (f"multi-fidelity merge search per init after the sweeps; methods {', '.join(search.methods)}; {groups}"
+            f"{' with adapter masks' if search.masks else ''}; objective {search.objective}, sampler "
+            f"{search.sampler}, pruner {search.pruner}, {search.rungs} fidelities (eta {search.eta}) on validation; "
+            f"budget {', '.join(x for x in limits if x)}; {_seed_text(search.seed)}")
 
 
 def check_run(cfg: PipelineConfig, *, force: Sequence[str] = (), cache: str | None = None) -> list[str]:
@@ -392,7 +437,9 @@ def check_run(cfg: PipelineConfig, *, force: Sequence[str] = (), cache: str | No
         targets = ", ".join(default_target_modules(model_type)) + f" (default for {model_type})"
     else:
         targets = "the architecture's default, resolved when the model is downloaded"
-    lines = [f"config {cfg.name}: OK ({len(specs)} tasks, {len(cfg.inits)} inits, {len(cfg.merge.methods)} merge methods)",
+    searches = [k for k in MERGE_SEARCHES if getattr(cfg.merge, k) is not None]
+    lines = [f"config {cfg.name}: OK ({len(specs)} tasks, {len(cfg.inits)} inits, {len(cfg.merge.methods)} merge methods"
+             + (f", merge searches {', '.join(searches)}" if searches else "") + ")",
              f"model: {model}", f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, targets {targets}"]
     lines += [f"task {t}" for t in task_lines]
     lines += [f"init {i.name}: mode {i.mode}" + (", A frozen" if i.freeze_A else "") + (", B frozen" if i.freeze_B else "")
@@ -604,6 +651,9 @@ def _run_pipeline(
     merged = [read_json(run_dir / "merges" / init.name / method / "sweep.json") for init, method in merge_jobs]
     for line in edge_lambda_warnings(merged):
         logger.warning("%s", line)
+    search_jobs = [(init, kind) for init in cfg.inits for kind in MERGE_SEARCHES if getattr(cfg.merge, kind) is not None]
+    run_jobs(search_jobs, lambda job: _search_init(ctx, job[0], job[1]))
+    merged += [read_json(run_dir / "merges" / init.name / kind / "sweep.json") for init, kind in search_jobs]
 
     for timings in all_gather_objects(ctx.ledger.timings):  # stages skipped as finished keep their earlier time
         ctx.stage_seconds.update(timings)
@@ -814,10 +864,9 @@ def merge_and_sweep(
     on the CPU. ``constraints`` (``TASK>=FLOOR`` / ``TASK>=single-TOL``, see
     :class:`osrm_lora.constraints.Constraint`): the lambda is chosen among those meeting them on
     validation."""
-    from osrm_lora.adapters import load_adapter
     from osrm_lora.merge import get_method, merge, save_merge_result
     from osrm_lora.merge_inputs import build_merge_context
-    from osrm_lora.merged_eval import MergedEvaluator, sweep
+    from osrm_lora.merged_eval import sweep
 
     info = get_method(method)
     adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
@@ -893,6 +942,143 @@ def merge_and_sweep(
     return record
 
 
+def _search_init(ctx: RunContext, init: InitSettings, kind: str) -> None:
+    """The merge stage's search ``kind`` (``rmm`` or ``search``) over one init's adapters, recorded in
+    the ledger as ``merge/<init>/<kind>`` (``--force merge`` redoes it)."""
+    cfg = ctx.cfg
+    settings = getattr(cfg.merge, kind)
+    out = ctx.run_dir / "merges" / init.name / kind
+    dirs = adapter_dirs(ctx.run_dir, init.name, ctx.tasks)
+    payload = {"adapters": ctx.adapter_hashes[init.name], "method": kind, "settings": settings.model_dump(mode="json"),
+               "seed": cfg.seed, "tasks": ctx.fingerprints, "constraints": cfg.merge.constraints,
+               "max_length": cfg.train.max_length}
+    forced = "merge" in ctx.ledger.force or "all" in ctx.ledger.force
+    ctx.ledger.run("merge", f"merge/{init.name}/{kind}", payload, [out / "sweep.json"],
+                   lambda: search_and_evaluate(kind, settings, ctx.model_path, ctx.tasks, dirs, out,
+                                               max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
+                                               device=cfg.device, seed=cfg.seed, init_name=init.name,
+                                               constraints=cfg.merge.constraints, fresh=forced))
+
+
+_CLI_OPTION = re.compile(r"--([a-z][a-z-]*)")
+_SEARCH_BUDGET_KEYS = {"budget": "budget.evaluations", "seconds": "budget.seconds", "trials": "budget.trials"}
+
+
+def _config_hint(message: str, kind: str) -> str:
+    """A search's error message with its command-line options named as the config keys
+    (``--budget`` -> ``merge.rmm.budget``, ``merge.search.budget.evaluations``)."""
+    def key(m: re.Match[str]) -> str:
+        name = m.group(1)
+        name = _SEARCH_BUDGET_KEYS.get(name, name) if kind == "search" else name
+        return f"merge.{kind}.{name.replace('-', '_')}"
+
+    text = _CLI_OPTION.sub(key, message).replace("loosen the constraints", "loosen merge.constraints")
+    return text.replace("raise the budget", f"raise merge.{kind}.budget")
+
+
+def search_and_evaluate(
+    kind: str,
+    settings: RMMSettings | SearchSettings,
+    model_path: str,
+    tasks: Sequence[Task],
+    dirs: Sequence[Path],
+    out: Path,
+    *,
+    max_length: int,
+    batch_size: int,
+    device: str | None,
+    seed: int,
+    init_name: str = "",
+    constraints: Sequence[str] = (),
+    fresh: bool = False,
+) -> dict[str, Any]:
+    """Run the merge search ``kind`` over ``dirs`` into ``out`` and write ``out/sweep.json``, the
+    results record of the found merge in the schema of :func:`merge_and_sweep` (method ``kind``).
+
+    ``kind="rmm"``: :func:`osrm_lora.rmm.rmm_search` (``out/rmm.json``, ``out/merged/``; always run
+    anew); ``kind="search"``: :func:`osrm_lora.search.search_merge` (``out/search.json``,
+    ``out/search.db``, ``out/merged/``; a study with the same settings is resumed unless ``fresh``,
+    one with other settings discarded). The search is given an evaluator that holds the tasks'
+    VALIDATION splits only; afterwards the chosen merge is rebuilt from the search's record and its
+    test split scored once, for the record. ``constraints`` as in :func:`merge_and_sweep`."""
+    if kind not in MERGE_SEARCHES or (kind == "rmm") != isinstance(settings, RMMSettings):
+        raise OsrmError(f"merge search {kind!r} does not match its settings ({type(settings).__name__}); "
+                        f"use rmm with RMMSettings or search with SearchSettings")
+    parsed = [Constraint.parse(c) for c in constraints]
+    check_constraint_tasks(parsed, [t.name for t in tasks])
+    out.mkdir(parents=True, exist_ok=True)  # also where another process than rank 0 runs it (search.db lives here)
+    (out / "sweep.json").unlink(missing_ok=True)  # the stage's completion mark: gone until this search is recorded
+    evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device,
+                                splits=("validation",))
+    kwargs = settings.search_kwargs(seed)
+    t0 = time.perf_counter()
+    try:
+        if isinstance(settings, RMMSettings):
+            found = rmm_lib.rmm_search(dirs, out, **kwargs, constraints=parsed, evaluator=evaluator,
+                                       model_path=model_path, overwrite=True).record
+        else:
+            found = search_lib.search_merge(dirs, out, **kwargs, constraints=parsed, evaluator=evaluator,
+                                            model_path=model_path, overwrite=fresh, restart=True)
+    except OsrmError as exc:
+        raise OsrmError(f"merge.{kind} of init {init_name}: {_config_hint(str(exc), kind)}") from None
+    search_seconds = time.perf_counter() - t0
+    adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
+    rebuild = rmm_lib.best_deltas if kind == "rmm" else search_lib.best_deltas
+
+    def timed() -> tuple[dict[str, torch.Tensor], float]:
+        start = time.perf_counter()
+        return rebuild(found, adapters), time.perf_counter() - start
+
+    peak, (deltas, merge_seconds) = measure_peak(timed, device="cpu")
+    evaluator.add_split("test")
+    test = evaluator.evaluate(lambda i: deltas, "test")  # once, for the chosen merge
+    best = found["best"]
+    validation = {t.name: float(best["validation"][t.name]) for t in tasks}
+    single_test = {t.name: read_json(d / "metrics.json")["test"] for d, t in zip(dirs, tasks)}
+    norm = normalised(test, single_test)
+    used = found["budget"]["used"]
+    chosen = ({"architecture": best["layers"], "picked_by": best["picked_by"], "subset_rewards": best["subset_rewards"]}
+              if kind == "rmm" else {"trial": best["trial"], "config": best["config"]})
+    record: dict[str, Any] = {
+        "init": init_name,
+        "method": kind,
+        "params": {},
+        "seed": int(kwargs["seed"]),
+        "selected_on": "validation",
+        "lambda": None,
+        "lambda_source": None,
+        "lambda_at_edge": None,
+        "validation": validation,
+        "test": test,
+        "avg_validation": mean(validation.values()),
+        "avg_test": mean(test.values()),
+        "normalised_test": norm,
+        "avg_normalised_test": mean(norm.values()),
+        "merge_seconds": merge_seconds,
+        "merge_peak_mb": peak.bytes / 2**20,
+        "curve": [],
+        "inputs": [str(d) for d in dirs],
+        "search_seconds": search_seconds,
+        "evaluations_used": float(used if kind == "rmm" else used["evaluations"]),
+        "budget": found["budget"],
+        "best": chosen,
+        "settings": {**settings.model_dump(mode="json"), "seed": int(kwargs["seed"])},
+        "record": rmm_lib.RECORD if kind == "rmm" else search_lib.RECORD,
+        "output": found.get("output"),
+    }
+    if parsed:
+        floors = {c["constraint"]: float(c["floor"]) for c in found["constraints"]}
+        record["constraints"] = [
+            {"constraint": c.text(), "floor": floors[c.text()], "validation": validation[c.task],
+             "test": test[c.task], "met_on_validation": validation[c.task] >= floors[c.text()]} for c in parsed]
+        record["constraints_met"] = all(r["met_on_validation"] for r in record["constraints"])
+    write_json(out / "sweep.json", record)
+    logger.info("%s/%s: validation avg %.2f, test avg %.2f (test scored once), %.2f evaluations in %.1f s",
+                init_name, kind, record["avg_validation"], record["avg_test"], record["evaluations_used"],
+                search_seconds)
+    return record
+
+
 def _assemble(ctx: RunContext, train_results: dict[str, dict[str, dict[str, Any]]], merged: list[dict[str, Any]],
               diagnostics: dict[str, Any]) -> dict[str, Any]:
     single = {
@@ -917,5 +1103,11 @@ def _assemble(ctx: RunContext, train_results: dict[str, dict[str, dict[str, Any]
             "lambda and every hyperparameter selected on the validation split; test scores reported once for the selection",
             "the per-lambda test curve is a robustness report, never used for selection",
             "normalised = merged test score / single-task test score of the same init, in %",
+            *([SEARCH_NOTE] if any(r.get("method") in MERGE_SEARCHES for r in merged) else []),
         ],
     }
+
+
+SEARCH_NOTE = ("rmm / search: the merge found by the search on the validation splits only (rewards and low fidelities "
+               "on random validation subsets, the choice on the whole splits); its test split is scored once, after "
+               "the search; no lambda curve")

@@ -46,6 +46,7 @@ from torch import nn
 
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.cards import adapter_hash
+from osrm_lora.config import RMM_METHODS, PPOSettings, check_methods
 from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.encoding import Encoded
 from osrm_lora.errors import OsrmError
@@ -53,7 +54,7 @@ from osrm_lora.evaluate import mean
 from osrm_lora.fsutil import claim_output, write_json
 from osrm_lora.merge.registry import MergeContext, get_method, merge, resolve_params
 from osrm_lora.merged_eval import MergedEvaluator
-from osrm_lora.search import LayerGroup, check_methods, layer_groups, save_found_merge, search_evaluator
+from osrm_lora.search import LayerGroup, layer_groups, save_found_merge, search_evaluator
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ CODE = "https://github.com/WuDiHJQ/Reinforced-Model-Merging"
 RECORD = "rmm.json"
 MERGED = "merged"
 SUBSET = "validation@rmm"
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties")
+DEFAULT_METHODS = RMM_METHODS
 SKIP = -1
 """The architecture entry of a skipped layer (no update)."""
 FAIL_REWARD = -10.0
@@ -70,39 +71,6 @@ FAIL_REWARD = -10.0
 
 
 # ---------------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class PPOSettings:
-    """PPO hyperparameters; the defaults are the paper's / reference code's."""
-
-    epochs: int = 40
-    clip: float = 0.2
-    gamma: float = 0.99
-    lr_actor: float = 3e-4
-    lr_critic: float = 1e-3
-    update_every: int = 4
-    hidden: int = 64
-    value_coef: float = 0.5
-    entropy_coef: float = 1e-4
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "update_every", "hidden"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise OsrmError(f"PPO setting {name} must be an integer >= 1, got {v!r}")
-        for name in ("lr_actor", "lr_critic"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise OsrmError(f"PPO setting {name} must be a positive number, got {v!r}")
-        if not (0 < self.clip < 1):
-            raise OsrmError(f"PPO setting clip must lie in (0, 1), got {self.clip!r}")
-        if not (0 <= self.gamma <= 1):
-            raise OsrmError(f"PPO setting gamma must lie in [0, 1], got {self.gamma!r}")
-        for name in ("value_coef", "entropy_coef"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise OsrmError(f"PPO setting {name} must be a number >= 0, got {v!r}")
-
-
 def parse_candidate_params(texts: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``METHOD.KEY=VALUE`` strings (``ties.density=0.3``) -> ``{method: {key: value}}``, typed by the
     method's schema; the method must be one of the candidate ``methods``."""
@@ -694,6 +662,36 @@ def _search(evaluator: MergedEvaluator, dirs: Sequence[Path], out: Path, *, meth
     logger.info("rmm: chosen architecture validation avg %.2f%s; written to %s", best["avg_validation"],
                 "" if best["avg_test"] is None else f", test avg {best['avg_test']:.2f}", out)
     return RMMResult(record, list(best["architecture"]), curve, deltas, dict(best["validation"]), out)
+
+
+def best_deltas(record: Mapping[str, Any], adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
+    """The dense update of every module of the architecture RMM chose (``record``: the contents of
+    ``rmm.json``; ``adapters``: the searched ones, in the record's task order): the candidates it uses
+    merged again as in the search (same resolved parameters, DARE seeded by the record's seed), then
+    composed per layer."""
+    best = record.get("best")
+    if best is None:
+        raise OsrmError("the RMM record has no chosen architecture; rerun RMM with a larger budget")
+    if [a.name for a in adapters] != list(record["tasks"]):
+        raise OsrmError(f"the adapters are of tasks {[a.name for a in adapters]}, RMM's of {record['tasks']}; "
+                        "pass the searched adapters in the same order")
+    groups = [LayerGroup(str(g["name"]), tuple(g["layers"]), tuple(g["modules"])) for g in record["layers"]]
+    arch = [int(c) for c in best["indices"]]
+    tables: dict[int, Mapping[str, torch.Tensor]] = {}
+    for index in sorted({c for c in arch if c != SKIP}):
+        cand = record["candidates"][index]
+        if cand["kind"] == "adapter":
+            tables[index] = adapters[index].deltas()
+        else:
+            result = merge(list(adapters), cand["method"], dict(cand["params"] or {}),
+                           context=MergeContext(seed=int(record["seed"])), ignore_extra=True)
+            tables[index] = result.deltas_for(None)
+    out: dict[str, torch.Tensor] = {}
+    for group, choice in zip(groups, arch):
+        for key in group.modules:
+            out[key] = (torch.zeros_like(adapters[0].modules[key].delta()).float() if choice == SKIP
+                        else tables[choice][key].float())
+    return out
 
 
 def summary_lines(record: Mapping[str, Any]) -> list[str]:

@@ -53,7 +53,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import optuna
 import torch
@@ -61,6 +61,15 @@ import torch
 from osrm_lora.adapters import LoraAdapter, load_adapter
 from osrm_lora.backbone import load_head
 from osrm_lora.cards import adapter_hash
+from osrm_lora.config import (
+    SEARCH_METHODS,
+    SearchBudget,
+    SearchObjective,
+    SearchPruner,
+    SearchSampler,
+    check_methods,
+)
+from osrm_lora.config import searchable_methods as searchable_methods  # re-exported: defined with the settings
 from osrm_lora.constraints import Constraint, check_constraint_tasks, shortfalls
 from osrm_lora.diagnose import merged_evaluator_for
 from osrm_lora.encoding import Encoded
@@ -69,17 +78,17 @@ from osrm_lora.evaluate import mean
 from osrm_lora.fsutil import atomic_file, claim_output, read_json, write_json
 from osrm_lora.inference import check_adapter_dir
 from osrm_lora.merge.methods._common import merged_config
-from osrm_lora.merge.registry import MergeContext, MergeResult, get_method, list_methods, merge
+from osrm_lora.merge.registry import MergeContext, MergeResult, get_method, merge
 from osrm_lora.merged_eval import MergedEvaluator
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "tsv_m")
+DEFAULT_METHODS = SEARCH_METHODS
 PARAM_RANGES: dict[str, tuple[float, float]] = {"density": (0.1, 1.0), "p": (0.0, 0.9), "rank_fraction": (0.1, 1.0)}
 """The method parameters searched besides ``scaling`` and their ranges (others keep their defaults)."""
-OBJECTIVES = ("mean", "pareto")
-SAMPLERS = ("tpe", "nsga2", "random")
-PRUNERS = ("hyperband", "successive_halving", "none")
+OBJECTIVES: tuple[str, ...] = get_args(SearchObjective)
+SAMPLERS: tuple[str, ...] = get_args(SearchSampler)
+PRUNERS: tuple[str, ...] = get_args(SearchPruner)
 STORAGE = "search.db"
 RECORD = "search.json"
 MERGED = "merged"
@@ -88,24 +97,6 @@ PAPER = "https://arxiv.org/abs/2502.04030"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class SearchBudget:
-    """When to stop: ``evaluations`` (full-validation evaluations: a fidelity with a fraction f of the
-    examples costs f), ``seconds`` (summed trial time) and ``trials`` (finished trials), each counted
-    over the whole study, resumed runs included; None = no limit of that kind (one must be set)."""
-
-    evaluations: float | None = 20.0
-    seconds: float | None = None
-    trials: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.evaluations is None and self.seconds is None and self.trials is None:
-            raise OsrmError("the search needs a budget: pass --budget (evaluations), --seconds or --trials")
-        for name, v in (("evaluations", self.evaluations), ("seconds", self.seconds), ("trials", self.trials)):
-            if v is not None and (isinstance(v, bool) or not math.isfinite(float(v)) or v <= 0):
-                raise OsrmError(f"budget {name} must be a positive number, got {v!r}")
-
-
 @dataclass(frozen=True)
 class LayerGroup:
     """A group of adapted modules that gets one merge method, its parameters and its adapter mask."""
@@ -153,25 +144,6 @@ def layer_groups(module_keys: Sequence[str], n_groups: int | None = None) -> lis
     if rest:
         groups.append(LayerGroup(f"g{len(groups)}", (), tuple(rest)))
     return groups
-
-
-def searchable_methods() -> list[str]:
-    """Registered methods that merge into one shared model without task data."""
-    return [m.name for m in list_methods() if not m.per_task and not m.needs]
-
-
-def check_methods(methods: Sequence[str]) -> list[str]:
-    if not methods:
-        raise OsrmError(f"no merge methods to search; pass some of {', '.join(searchable_methods())}")
-    out: list[str] = []
-    for name in methods:
-        info = get_method(name)
-        if info.per_task or info.needs:
-            why = "deploys one model per task" if info.per_task else f"needs {', '.join(sorted(info.needs))}"
-            raise OsrmError(f"method {name} cannot be searched ({why}); choose among {', '.join(searchable_methods())}")
-        if name not in out:
-            out.append(name)
-    return out
 
 
 def search_evaluator(dirs: Sequence[Path], constraints: Sequence[Constraint], *, model: str | None,
@@ -347,11 +319,19 @@ def _fail_interrupted(study: optuna.Study) -> None:
 
 
 def _open_study(out: Path, settings: dict[str, Any], *, directions: list[str],
-                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+                sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
+                restart: bool = False) -> optuna.Study:
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / STORAGE).resolve()}")
     study = optuna.create_study(storage=storage, study_name=STUDY, directions=directions, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     stored = study.user_attrs.get("settings")
+    if stored is not None and stored != settings and restart:
+        differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        logger.info("%s holds a search with other settings (%s differ); starting anew", out, ", ".join(differ))
+        optuna.delete_study(study_name=STUDY, storage=storage)
+        study = optuna.create_study(storage=storage, study_name=STUDY, directions=directions, sampler=sampler,
+                                    pruner=pruner)
+        stored = None
     if stored is None:
         study.set_user_attr("settings", settings)
     elif stored != settings:
@@ -387,6 +367,7 @@ def search_merge(
     evaluator: MergedEvaluator | None = None,
     model_path: str | None = None,
     overwrite: bool = False,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Search per-layer-group merge methods, coefficients and adapter masks on validation; write the
     chosen merge to ``out_dir/merged`` (:func:`osrm_lora.merge.io.save_merge_result`) and
@@ -396,7 +377,10 @@ def search_merge(
     splits and the token limit are those of the runs that trained them (as ``osrm-lora evaluate``),
     unless ``evaluator`` (a :class:`MergedEvaluator` over the same adapters, in order; then
     ``model_path`` names its base model) is given. Rerunning into the same ``out_dir`` resumes the
-    study (``overwrite`` discards it). See the module docstring for the search space and fidelities.
+    study (``overwrite`` discards it; ``restart``: a study made with other settings is discarded
+    instead of refused). An ``evaluator`` without the test split is searched all the same: the
+    chosen configuration's ``test`` is then None (the caller scores it; see :func:`best_deltas`).
+    See the module docstring for the search space and fidelities.
     """
     methods = check_methods(methods)
     if objective not in OBJECTIVES:
@@ -426,8 +410,9 @@ def search_merge(
             evaluator, model_path = search_evaluator(dirs, parsed, model=model, max_length=max_length,
                                                      batch_size=batch_size, device=device)
         tasks = evaluator.task_names
-        if any(not {"validation", "test"} <= set(slot.encoded) for slot in evaluator.slots):
-            raise OsrmError("the evaluator must hold the validation and test splits (splits=('validation', 'test'))")
+        if any("validation" not in slot.encoded for slot in evaluator.slots):
+            raise OsrmError("the evaluator must hold the validation split (splits=('validation', ...))")
+        has_test = all("test" in slot.encoded for slot in evaluator.slots)
         if len(tasks) != len(dirs):
             raise OsrmError(f"the evaluator has {len(tasks)} tasks for {len(dirs)} adapters; give one adapter per task")
         if objective == "pareto" and len(tasks) < 2:
@@ -503,7 +488,7 @@ def search_merge(
         with _quiet_optuna():
             study = _open_study(out, settings, directions=["maximize"] * (len(tasks) if multi else 1),
                                 sampler=_sampler(sampler, seed, population),
-                                pruner=_pruner(pruner, rungs, eta, multi))
+                                pruner=_pruner(pruner, rungs, eta, multi), restart=restart)
             _fail_interrupted(study)
             used = budget_used(study)
             if used["trials"]:  # a resumed study: a sampler seeded anew would draw the first trials' params again
@@ -530,14 +515,33 @@ def search_merge(
             raise OsrmError(f"{reason} ({record['budget']['used']['trials']} trials); "
                             f"raise the budget{' or loosen the constraints' if parsed else ''} and rerun to resume")
         deltas = config_deltas(adapters, groups, best["config"], seed)
-        best["test"] = evaluator.evaluate(lambda i: deltas, "test")  # once, for the chosen configuration
-        best["avg_test"] = mean(best["test"].values())
+        # once, for the chosen configuration
+        best["test"] = evaluator.evaluate(lambda i: deltas, "test") if has_test else None
+        best["avg_test"] = None if best["test"] is None else mean(best["test"].values())
         _save(out, adapters, dirs, groups, best, deltas, model_path, seed)
         record["output"] = MERGED
         write_json(out / RECORD, record)
-    logger.info("search: best trial %d, validation avg %.2f, test avg %.2f; written to %s", best["trial"],
-                best["avg_validation"], best["avg_test"], out)
+    logger.info("search: best trial %d, validation avg %.2f%s; written to %s", best["trial"], best["avg_validation"],
+                "" if best["avg_test"] is None else f", test avg {best['avg_test']:.2f}", out)
     return record
+
+
+def record_groups(record: Mapping[str, Any]) -> list[LayerGroup]:
+    """The layer groups of a ``search.json`` record (its search space)."""
+    return [LayerGroup(str(g["name"]), tuple(g["layers"]), tuple(g["modules"]))
+            for g in record["search_space"]["groups"]]
+
+
+def best_deltas(record: Mapping[str, Any], adapters: Sequence[LoraAdapter]) -> dict[str, torch.Tensor]:
+    """The dense update of every module of a search's chosen configuration (``record``: the contents of
+    ``search.json``; ``adapters``: the searched ones, in the record's task order), merged again exactly
+    as the search scored it (DARE's masks seeded by the record's seed)."""
+    if record.get("best") is None:
+        raise OsrmError("the search record has no chosen configuration; rerun the search with a larger budget")
+    if [a.name for a in adapters] != list(record["tasks"]):
+        raise OsrmError(f"the adapters are of tasks {[a.name for a in adapters]}, the search of {record['tasks']}; "
+                        "pass the searched adapters in the same order")
+    return config_deltas(adapters, record_groups(record), record["best"]["config"], int(record["seed"]))
 
 
 def _trial_record(t: optuna.trial.FrozenTrial, rungs: int) -> dict[str, Any]:
@@ -634,7 +638,9 @@ def _save(out: Path, adapters: Sequence[LoraAdapter], dirs: Sequence[Path], grou
     params = {"groups": best["config"]["groups"], "seed": seed}
     info = {"search": f"../{RECORD}", "trial": best["trial"], "paper": PAPER,
             "groups": {g.name: list(g.modules) for g in groups}}
-    scores = {"split": "validation", "scores": best["validation"], "test": best["test"]}
+    scores: dict[str, Any] = {"split": "validation", "scores": best["validation"]}
+    if best["test"] is not None:
+        scores["test"] = best["test"]
     # save_merge_result names a registered method in its card; the files are relabelled "search"
     save_found_merge(out / MERGED, adapters, dirs, carrier=_dominant_method(best["config"]), label="search",
                      params=params, info=info, deltas=deltas, model_path=model_path, scores=scores, paper=PAPER,
@@ -649,8 +655,8 @@ def summary_lines(record: Mapping[str, Any]) -> list[str]:
     best = record["best"]
     used = record["budget"]["used"]
     states = ", ".join(f"{n} {s}" for s, n in sorted(used["states"].items()))
-    lines = [f"best trial {best['trial']}: validation avg {best['avg_validation']:.2f}, "
-             f"test avg {best['avg_test']:.2f} (test scored once, for this trial)"]
+    test = "" if best["avg_test"] is None else f", test avg {best['avg_test']:.2f} (test scored once, for this trial)"
+    lines = [f"best trial {best['trial']}: validation avg {best['avg_validation']:.2f}{test}"]
     for choice in best["config"]["groups"]:
         params = ", ".join(f"{k}={v:.3g}" for k, v in choice["params"].items())
         used_tasks = [t for t, u in zip(record["tasks"], choice["include"]) if u]

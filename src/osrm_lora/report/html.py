@@ -24,6 +24,7 @@ from osrm_lora.report.tables import (
     per_task_table,
     robustness_table,
     scale_text,
+    search_table,
     seed_note,
     single_task_table,
     summary_table,
@@ -223,10 +224,11 @@ def render_html(
                       f"{seed}. Test scores of each task's own adapter (before merging), one bar per init, and the "
                       "mean drift of A during training."),
         render_table(single_task_table(results))]))
+    searches = search_table(results)
     body.append(_section("merge-cost", titles["merge-cost"], [
         render_figure("merge-cost", figures.get("merge-cost"), "merge time per init and method",
                       f"{seed}. Wall time of one merge at the selected λ (and peak memory when recorded)."),
-        render_table(merge_cost_table(results))]))
+        render_table(merge_cost_table(results)), *([render_table(searches)] if searches.rows else [])]))
     man = ['<div class="grid">' + "".join(render_table(t) for t in manifest_tables(results)) + "</div>"]
     man.append("<h3>Resolved config (config.yaml)</h3>")
     man.append(f"<pre>{esc(config_text)}</pre>" if config_text else '<p class="empty">config.yaml not found.</p>')

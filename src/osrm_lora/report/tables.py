@@ -434,6 +434,8 @@ def robustness_table(results: Mapping[str, Any]) -> Table:
     header = ["init", "method"] + [fmt(lam, "g") for lam in lambdas]
     rows: list[list[Cell]] = []
     for rec in merged_records(results):
+        if not rec.get("curve"):  # a merge search (rmm, search): no lambda curve
+            continue
         by_lam = {float(p["lambda"]): p for p in rec.get("curve", []) if is_number(p.get("lambda"))}
         row = [text(init_label(results, rec["init"])), text(method_label(rec))]
         for lam in lambdas:
@@ -528,11 +530,62 @@ def merge_cost_table(results: Mapping[str, Any]) -> Table:
                 num(stages.get(stage_id), ".1f", note="cached" if stage_id in cached else "")]
         rows.append(row)
     mark_best(rows, [2] + ([3] if has_mem else []), lower_is_better=[2, 3])
+    searched = " For rmm and search: the merge of the found configuration (the search itself is in \"Merge searches\")." \
+        if search_records(results) else ""
     return Table("merge-cost-table", "Merge cost",
                  f"{seed_note(results)}. Wall time of one merge at the selected λ; peak memory of the merges above "
                  "the level before them (largest over the λ sweep; resident memory sampled on CPU, exact on CUDA); the "
                  "stage time covers the whole λ sweep with validation and test evaluation (\"cached\": skipped in the "
-                 "last invocation, so both times are those of the invocation that ran it). Best in bold.", header, rows)
+                 f"last invocation, so both times are those of the invocation that ran it). Best in bold.{searched}",
+                 header, rows)
+
+
+def search_records(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Merged records of the merge searches (``rmm``, ``search``: they carry ``evaluations_used``)."""
+    return [r for r in merged_records(results) if "evaluations_used" in r]
+
+
+def _chosen_text(rec: Mapping[str, Any], tasks: Sequence[str]) -> str:
+    """The found merge in words: RMM's choice per layer, or the search's method, coefficients and
+    adapters per layer group."""
+    best = rec.get("best") or {}
+    if isinstance(best.get("architecture"), Mapping):
+        return "; ".join(f"{layer}: {label}" for layer, label in best["architecture"].items())
+    parts = []
+    for choice in (best.get("config") or {}).get("groups", []):
+        params = ", ".join(f"{k}={fmt(v, '.3g')}" for k, v in (choice.get("params") or {}).items())
+        include = choice.get("include") or [True] * len(tasks)
+        used = [t for t, u in zip(tasks, include) if u]
+        over = "all adapters" if len(used) == len(tasks) else (", ".join(used) or "no adapter")
+        parts.append(f"{choice.get('group')}: {choice.get('method')}({params}) over {over}")
+    return "; ".join(parts) or "-"
+
+
+def _budget_text(rec: Mapping[str, Any]) -> str:
+    budget = rec.get("budget") or {}
+    used = fmt(rec.get("evaluations_used"), ".4g")
+    limit = budget.get("evaluations")
+    steps = (f"{budget['episodes']} episodes" if is_number(budget.get("episodes")) else
+             f"{budget['used']['trials']} trials" if isinstance(budget.get("used"), Mapping)
+             and is_number(budget["used"].get("trials")) else "")
+    return (f"{used} of {fmt(limit, '.4g')}" if is_number(limit) else used) + (f" ({steps})" if steps else "")
+
+
+def search_table(results: Mapping[str, Any]) -> Table:
+    """One row per merge search (rmm, search) and init: the validation evaluations it used, its wall
+    time, its validation and test averages and what it found (empty without merge searches)."""
+    tasks = list(results["tasks"])
+    header = ["init", "method", "evaluations used (of budget)", "search s", "avg val", "avg test", "found"]
+    rows = [[text(init_label(results, r["init"])), text(r["method"]), text(_budget_text(r)),
+             num(r.get("search_seconds"), ".1f"), num(r.get("avg_validation")), num(r.get("avg_test")),
+             text(_chosen_text(r, tasks))] for r in search_records(results)]
+    return Table("search-table", "Merge searches",
+                 f"{seed_note(results)}. RMM (rmm) and the multi-fidelity search (search) choose on the validation "
+                 "splits only: evaluations are merged-model evaluations on validation (rmm: one per completed "
+                 "episode on small subsets, plus the final re-scoring on the whole split; search: in whole-split "
+                 "units, a subset of fraction f costing f). The test split is scored once, for the found merge. "
+                 "Their validation averages are the best of many candidates on the same data, so they are biased "
+                 "upwards against the lambda sweeps'.", header, rows)
 
 
 def _kv(key: str, title: str, caption: str, pairs: Sequence[tuple[str, Any]]) -> Table:

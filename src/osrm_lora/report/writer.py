@@ -22,6 +22,7 @@ from osrm_lora.report.tables import (
     merge_cost_table,
     ratio_matrices,
     robustness_table,
+    search_table,
     seed_note,
     single_task_table,
     summary_table,
@@ -62,6 +63,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     if inter.rows:
         parts.append(table_markdown(inter))
     parts.append(table_markdown(merge_cost_table(results)))
+    searches = search_table(results)
+    if searches.rows:
+        parts.append(table_markdown(searches))
     parts += ["## Run manifest", ""] + [table_markdown(t) for t in manifest_tables(results)]
     parts += ["## Notes", ""] + [f"- {n}" for n in results.get("notes", [])]
     return "\n".join(parts) + "\n"
