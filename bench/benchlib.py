@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from osrm_lora.errors import OsrmError
-from osrm_lora.fsutil import _json_default as fsutil_json_default
-from osrm_lora.fsutil import atomic_file
+from osrm_lora.fsutil import atomic_file, json_default
 from osrm_lora.memory import PeakMemory, free_memory, measure_peak, sync
 
 logger = logging.getLogger(__name__)
@@ -311,18 +310,6 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _json_default(obj: Any) -> Any:
-    """JSON for numpy scalars/arrays, paths, torch dtypes/devices; TypeError for anything else."""
-    if isinstance(obj, (torch.dtype, torch.device)):
-        return str(obj)
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    try:
-        return fsutil_json_default(obj)
-    except TypeError:
-        raise TypeError(f"benchmark result of type {type(obj).__name__} is not JSON serialisable; convert it first") from None
-
-
 def update_markdown_section(path: str | os.PathLike[str], key: str, body: str) -> None:
     """Atomically rewrite section ``key`` of the markdown file ``path`` (created if missing), under a
     file lock so that two benchmarks finishing together do not lose each other's sections."""
@@ -386,7 +373,7 @@ def write_results(rec: BenchRecord, out_dir: str | os.PathLike[str], *,
     json_path = out / f"{rec.name}_{rec.preset}.json"
     payload = asdict(rec)
     payload["key"] = rec.key
-    text = json.dumps(payload, indent=2, default=_json_default) + "\n"  # fails before any file is touched
+    text = json.dumps(payload, indent=2, default=json_default) + "\n"  # fails before any file is touched
     with atomic_file(json_path) as fh:
         fh.write(text)
     update_markdown_section(md, rec.key, section_markdown(rec, json_path.resolve(), md.resolve()))

@@ -11,15 +11,29 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
 
+from osrm_lora.config import (
+    InitSettings,
+    LoraSettings,
+    MergeSettings,
+    PipelineConfig,
+    ProfileSettings,
+    RMMSettings,
+    SearchBudget,
+    SearchSettings,
+    TrainSettings,
+    setting_default,
+    setting_help,
+)
 from osrm_lora.errors import OsrmError, validation_message
 from osrm_lora.fsutil import claim_output
 from osrm_lora.logutil import setup_logging
 from osrm_lora.model.keys import matches_target, select_targets
+from osrm_lora.osrm import DEFAULT_OSRM_MODE, OSRM_MODES
 
 logger = logging.getLogger("osrm_lora.cli")
 
@@ -73,6 +87,26 @@ OVERWRITE_HELP = "Replace an earlier osrm-lora output at --out (a file or a dire
 
 def _csv(value: Optional[str]) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+# An option for a setting of the pipeline config takes its default and help from the settings model
+# (osrm_lora.config), so a stage command run alone does what the pipeline's stage does; checked for
+# every command by tests/test_cli_defaults.py.
+def _default(model: type[Any], name: str) -> Any:
+    """The default of setting ``name`` of ``model`` as its option takes it (a list comma-separated)."""
+    value = setting_default(model, name)
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _choices(names: tuple[str, ...]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+_help = setting_help
+MODEL_HELP = _help(PipelineConfig, "model")
+DEVICE_HELP = _help(PipelineConfig, "device")
+SEED_HELP = _help(PipelineConfig, "seed")
 
 
 def _device_arg(device: Optional[str]) -> None:
@@ -215,21 +249,21 @@ def tasks_show(
 def train(
     task: Annotated[str, typer.Option(help="Task name (built-in, glue/<task>) or a local file path.")],
     out: Annotated[Path, typer.Option(help="Output adapter directory.")],
-    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = _default(PipelineConfig, "model"),
     init: Annotated[Optional[Path], typer.Option(help="Initial adapter from `osrm-lora init` (its A is used).")] = None,
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (scaling alpha / r).")] = 16.0,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
-    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names (default per architecture).")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs (the best on validation is kept).")] = 3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
-    max_length: Annotated[int, typer.Option(min=2)] = 128,
-    freeze_a: Annotated[bool, typer.Option("--freeze-a", help="Keep A fixed (OSRM subspace).")] = False,
-    freeze_b: Annotated[bool, typer.Option("--freeze-b", help="Keep B fixed.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    strategy: Annotated[str, typer.Option(help="Under torchrun: ddp (a model copy per process) or fsdp (sharded).")] = "ddp",
+    rank: Annotated[int, typer.Option(min=1, help=_help(LoraSettings, "rank"))] = _default(LoraSettings, "rank"),
+    alpha: Annotated[float, typer.Option(min=0.0, help=_help(LoraSettings, "alpha"))] = _default(LoraSettings, "alpha"),
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help=_help(LoraSettings, "dropout"))] = _default(LoraSettings, "dropout"),
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated. " + _help(LoraSettings, "target_modules"))] = _default(LoraSettings, "target_modules"),
+    epochs: Annotated[int, typer.Option(min=1, help=_help(TrainSettings, "epochs"))] = _default(TrainSettings, "epochs"),
+    batch_size: Annotated[int, typer.Option(min=1, help=_help(TrainSettings, "batch_size"))] = _default(TrainSettings, "batch_size"),
+    lr: Annotated[float, typer.Option(min=0.0, help=_help(TrainSettings, "lr"))] = _default(TrainSettings, "lr"),
+    max_length: Annotated[int, typer.Option(min=2, help=_help(TrainSettings, "max_length"))] = _default(TrainSettings, "max_length"),
+    freeze_a: Annotated[bool, typer.Option("--freeze-a", help=_help(InitSettings, "freeze_A"))] = _default(InitSettings, "freeze_A"),
+    freeze_b: Annotated[bool, typer.Option("--freeze-b", help=_help(InitSettings, "freeze_B"))] = _default(InitSettings, "freeze_B"),
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _default(PipelineConfig, "device"),
+    strategy: Annotated[str, typer.Option(help=_help(TrainSettings, "strategy"))] = _default(TrainSettings, "strategy"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Fine-tune one LoRA adapter + head on a task; keeps the best epoch on validation.
@@ -241,7 +275,6 @@ def train(
 
     Example: torchrun --nproc_per_node 4 -m osrm_lora train --task mr --out runs/mr --strategy fsdp
     """
-    from osrm_lora.config import LoraSettings, TrainSettings
     from osrm_lora.data import load_task
     from osrm_lora.distributed import main_first
     from osrm_lora.train import load_init_A, train_task
@@ -268,14 +301,15 @@ def train(
 def profile(
     tasks: Annotated[str, typer.Option(help="Comma-separated task names, or a suite name.")],
     out: Annotated[Path, typer.Option(help="Statistics store directory.")],
-    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
-    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
-    n_samples: Annotated[int, typer.Option(min=1)] = 100,
-    max_length: Annotated[int, typer.Option(min=2)] = 128,
-    include_padding: Annotated[bool, typer.Option(help="Count padding tokens (as the reference code).")] = False,
-    float64: Annotated[bool, typer.Option(help="Accumulate in float64.")] = False,
-    seed: int = 42,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = _default(PipelineConfig, "model"),
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated. " + _help(LoraSettings, "target_modules"))] = _default(LoraSettings, "target_modules"),
+    n_samples: Annotated[int, typer.Option(min=1, help=_help(ProfileSettings, "n_samples"))] = _default(ProfileSettings, "n_samples"),
+    batch_size: Annotated[int, typer.Option(min=1, help=_help(ProfileSettings, "batch_size"))] = _default(ProfileSettings, "batch_size"),
+    max_length: Annotated[int, typer.Option(min=2, help=_help(TrainSettings, "max_length"))] = _default(TrainSettings, "max_length"),
+    include_padding: Annotated[bool, typer.Option(help=_help(ProfileSettings, "include_padding"))] = _default(ProfileSettings, "include_padding"),
+    float64: Annotated[bool, typer.Option(help=_help(ProfileSettings, "dtype") + " This flag: float64.")] = _default(ProfileSettings, "dtype") == "float64",
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _default(PipelineConfig, "device"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Collect activation statistics (count, sum, Gram per task per module input) under the pre-trained model.
@@ -306,7 +340,8 @@ def profile(
         targets = _csv(target_modules) or default_target_modules(m.config.model_type)
         texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in task_objs}
         store = collect_statistics(m, tok, texts, targets, n_samples=n_samples, max_length=max_length,
-                                   include_padding=include_padding, dtype=torch.float64 if float64 else torch.float32, seed=seed)
+                                   batch_size=batch_size, include_padding=include_padding,
+                                   dtype=torch.float64 if float64 else torch.float32, seed=seed)
         if main_rank:
             store.save(out)
             typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")
@@ -325,20 +360,19 @@ def _load_tasks(spec: str) -> list:
 def init(
     stats: Annotated[Path, typer.Option(help="Statistics store from `osrm-lora profile`.")],
     out: Annotated[Path, typer.Option(help="Directory for one initial adapter per task.")],
-    mode: Annotated[str, typer.Option(help="standard, code, paper or own.")] = "paper",
-    model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
-    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option(min=0.0, help="LoRA alpha (scaling alpha / r).")] = 16.0,
-    ridge: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated module names.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (data order, initialisation).")] = 0,
+    mode: Annotated[str, typer.Option(help=_help(InitSettings, "mode"))] = DEFAULT_OSRM_MODE,
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = _default(PipelineConfig, "model"),
+    rank: Annotated[int, typer.Option(min=1, help=_help(LoraSettings, "rank"))] = _default(LoraSettings, "rank"),
+    alpha: Annotated[float, typer.Option(min=0.0, help=_help(LoraSettings, "alpha"))] = _default(LoraSettings, "alpha"),
+    ridge: Annotated[float, typer.Option(min=0.0, help=_help(InitSettings, "ridge"))] = _default(InitSettings, "ridge"),
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated. " + _help(LoraSettings, "target_modules"))] = _default(LoraSettings, "target_modules"),
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Write one initial PEFT adapter per task with OSRM A (B = 0); `train --init` starts from it.
 
     Example: osrm-lora init --stats runs/stats --mode paper --out runs/init
     """
-    from osrm_lora.config import LoraSettings
     from osrm_lora.train import write_initial_adapters
 
     lora = LoraSettings(rank=rank, alpha=alpha, target_modules=_csv(target_modules))
@@ -374,7 +408,7 @@ def project(
     stats: Annotated[Path, typer.Option(help="Statistics store covering the same tasks.")],
     out: Annotated[Path, typer.Option(help="Output directory (one projected adapter per input).")],
     rank: Annotated[int, typer.Option(min=1, help="Dimension of the OSRM subspace.")] = 8,
-    mode: Annotated[str, typer.Option(help="OSRM mode of the subspace: code, paper or own.")] = "paper",
+    mode: Annotated[str, typer.Option(help=f"OSRM mode of the subspace: {_choices(OSRM_MODES)}.")] = DEFAULT_OSRM_MODE,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Post-hoc OSRM: project each adapter's input side onto its OSRM subspace (heads preserved).
@@ -418,7 +452,7 @@ def diagnose(
     leave_one_out: Annotated[bool, typer.Option("--leave-one-out", help="Score every task on validation with the Task Arithmetic merge of all adapters and without each other adapter: how much each one drags the others down.")] = False,
     scaling: Annotated[float, typer.Option(min=0.0, help="--leave-one-out: the Task Arithmetic lambda.")] = 1.0,
     model: Annotated[str, typer.Option(help="--leave-one-out: base model (default: the adapters').")] = "default",
-    device: Annotated[str, typer.Option(help="--leave-one-out: auto, cpu, cuda ...")] = "auto",
+    device: Annotated[str, typer.Option(help="--leave-one-out: " + DEVICE_HELP)] = _default(PipelineConfig, "device"),
 ) -> None:
     """Interference of every adapter on every task's inputs, from stored Gram matrices (no forward pass).
 
@@ -463,7 +497,7 @@ def merge(
     svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", min=1, help="PEFT output of dense methods: force this SVD rank (error reported; checked only against an explicit --max-error).")] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Merge a few modules at a time (large models); automatic under torchrun.")] = False,
     modules_per_step: Annotated[int, typer.Option(min=1, help="Modules in memory at once with --stream.")] = 1,
-    device: Annotated[str, typer.Option(help="Device for --stream: auto, cpu, cuda (under torchrun: one GPU per process).")] = "auto",
+    device: Annotated[str, typer.Option(help=f"Device for --stream: {DEVICE_HELP} (under torchrun: one GPU per process).")] = _default(PipelineConfig, "device"),
     list_: Annotated[bool, typer.Option("--list", help="List merge methods and exit.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
@@ -510,24 +544,24 @@ def merge(
 def search(
     adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Trained adapter directories (each with its task head), one per task.")],
     out: Annotated[Path, typer.Option(help="Output directory: search.db (the study; rerunning resumes it), search.json, merged/.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated merge methods a layer group can get.")] = "task_arithmetic,ties,dare_ties,tsv_m",
-    groups: Annotated[int, typer.Option(min=0, help="Layer groups of contiguous layers, each with its own method (0 = one per layer).")] = 4,
-    masks: Annotated[bool, typer.Option("--masks/--no-masks", help="Also search, per layer group, which adapters take part.")] = True,
-    scaling_range: Annotated[str, typer.Option(help="LOW,HIGH of every group's lambda.")] = "0.1,1.5",
-    objective: Annotated[str, typer.Option(help="mean (mean validation score) or pareto (one objective per task).")] = "mean",
-    sampler: Annotated[str, typer.Option(help="tpe, nsga2 or random.")] = "tpe",
-    pruner: Annotated[str, typer.Option(help="hyperband, successive_halving or none.")] = "hyperband",
-    rungs: Annotated[int, typer.Option(min=1, help="Fidelities: validation fractions eta^-(rungs-1) .. 1/eta, 1.")] = 3,
-    eta: Annotated[int, typer.Option(min=2, help="Reduction factor between fidelities.")] = 3,
-    min_examples: Annotated[int, typer.Option(min=1, help="Smallest validation subset per task.")] = 8,
-    budget: Annotated[Optional[float], typer.Option(help="Budget in full-validation evaluations (default 20 unless --seconds/--trials).")] = None,
-    seconds: Annotated[Optional[float], typer.Option(help="Budget in seconds of trials.")] = None,
-    trials: Annotated[Optional[int], typer.Option(min=1, help="Budget in trials.")] = None,
-    constraint: Annotated[Optional[list[str]], typer.Option(help="TASK>=FLOOR or TASK>=single-TOL: a floor on a task's validation score (repeatable).")] = None,
-    seed: int = 0,
+    methods: Annotated[str, typer.Option(help="Comma-separated. " + _help(SearchSettings, "methods"))] = _default(SearchSettings, "methods"),
+    groups: Annotated[int, typer.Option(min=0, help=_help(SearchSettings, "n_groups") + " 0 = one per layer.")] = _default(SearchSettings, "n_groups"),
+    masks: Annotated[bool, typer.Option("--masks/--no-masks", help=_help(SearchSettings, "masks"))] = _default(SearchSettings, "masks"),
+    scaling_range: Annotated[str, typer.Option(help=_help(SearchSettings, "scaling_range"))] = _default(SearchSettings, "scaling_range"),
+    objective: Annotated[str, typer.Option(help=_help(SearchSettings, "objective"))] = _default(SearchSettings, "objective"),
+    sampler: Annotated[str, typer.Option(help=_help(SearchSettings, "sampler"))] = _default(SearchSettings, "sampler"),
+    pruner: Annotated[str, typer.Option(help=_help(SearchSettings, "pruner"))] = _default(SearchSettings, "pruner"),
+    rungs: Annotated[int, typer.Option(min=1, help=_help(SearchSettings, "rungs"))] = _default(SearchSettings, "rungs"),
+    eta: Annotated[int, typer.Option(min=2, help=_help(SearchSettings, "eta"))] = _default(SearchSettings, "eta"),
+    min_examples: Annotated[int, typer.Option(min=1, help=_help(SearchSettings, "min_examples"))] = _default(SearchSettings, "min_examples"),
+    budget: Annotated[Optional[float], typer.Option(help=_help(SearchBudget, "evaluations"))] = None,
+    seconds: Annotated[Optional[float], typer.Option(help=_help(SearchBudget, "seconds"))] = _default(SearchBudget, "seconds"),
+    trials: Annotated[Optional[int], typer.Option(min=1, help=_help(SearchBudget, "trials"))] = _default(SearchBudget, "trials"),
+    constraint: Annotated[Optional[list[str]], typer.Option(help=_help(MergeSettings, "constraints") + " Repeatable.")] = None,
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
     model: str = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapters were trained with).")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _default(PipelineConfig, "device"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard an earlier search at --out and start anew (otherwise it is resumed).")] = False,
 ) -> None:
     """Search per layer group a merge method, its coefficients and which adapters take part, on validation
@@ -545,7 +579,8 @@ def search(
         low, high = (float(x) for x in scaling_range.split(","))
     except ValueError:
         raise OsrmError(f"--scaling-range {scaling_range!r} is not LOW,HIGH; pass e.g. --scaling-range 0.1,1.5") from None
-    evaluations = budget if budget is not None else (20.0 if seconds is None and trials is None else None)
+    default_evaluations = setting_default(SearchBudget, "evaluations")  # only without another limit, as merge.search
+    evaluations = budget if budget is not None else (default_evaluations if seconds is None and trials is None else None)
     record = search_merge([str(a) for a in adapters], out, methods=_csv(methods) or [], n_groups=groups or None,
                           masks=masks, scaling_range=(low, high), objective=objective, sampler=sampler, pruner=pruner,
                           rungs=rungs, eta=eta, min_examples=min_examples,
@@ -561,18 +596,18 @@ def search(
 def rmm(
     adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTERS...", help="Trained adapter directories (each with its task head), one per task.")],
     out: Annotated[Path, typer.Option(help="Output directory: rmm.json (candidates, reward curve, chosen architecture), merged/.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated merge methods whose merges are candidates besides each task's adapter ('' = adapters only).")] = "task_arithmetic,ties,dare_ties",
+    methods: Annotated[str, typer.Option(help="Comma-separated. " + _help(RMMSettings, "methods"))] = _default(RMMSettings, "methods"),
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="METHOD.KEY=VALUE: a candidate method's parameter (repeatable; defaults otherwise).")] = None,
-    episodes: Annotated[int, typer.Option(help="Most episodes (each builds one architecture layer by layer).")] = 300,
-    budget: Annotated[int, typer.Option(help="Most merged-model evaluations on validation (subset rewards + the final re-scoring).")] = 200,
-    subset_size: Annotated[int, typer.Option(help="Validation examples per task behind each reward.")] = 32,
-    rescore: Annotated[int, typer.Option(help="Architectures re-scored on the whole validation split at the end (from the budget).")] = 3,
-    constraint: Annotated[Optional[list[str]], typer.Option(help="TASK>=FLOOR or TASK>=single-TOL: a floor on a task's validation score (repeatable).")] = None,
-    penalty: Annotated[float, typer.Option(help="Reward penalty per score point a constraint falls short.")] = 1.0,
-    seed: int = 0,
+    episodes: Annotated[int, typer.Option(help=_help(RMMSettings, "episodes"))] = _default(RMMSettings, "episodes"),
+    budget: Annotated[int, typer.Option(help=_help(RMMSettings, "budget"))] = _default(RMMSettings, "budget"),
+    subset_size: Annotated[int, typer.Option(help=_help(RMMSettings, "subset_size"))] = _default(RMMSettings, "subset_size"),
+    rescore: Annotated[int, typer.Option(help=_help(RMMSettings, "rescore"))] = _default(RMMSettings, "rescore"),
+    constraint: Annotated[Optional[list[str]], typer.Option(help=_help(MergeSettings, "constraints") + " Repeatable.")] = None,
+    penalty: Annotated[float, typer.Option(help=_help(RMMSettings, "penalty"))] = _default(RMMSettings, "penalty"),
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
     model: str = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapters were trained with).")] = None,
-    device: str = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _default(PipelineConfig, "device"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Reinforced Model Merging: a PPO agent picks, layer by layer, one candidate's update (a task's
@@ -605,7 +640,7 @@ def evaluate_cmd(
     split: Annotated[str, typer.Option(help="validation or test.")] = "test",
     model: Annotated[str, typer.Option(help="HF model id or directory; 'default' = embedded MiniLM-L6.")] = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one each adapter was trained with).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _default(PipelineConfig, "device"),
 ) -> None:
     """Score adapters (or one merged adapter with each task's head) on each task's split.
 
@@ -629,7 +664,7 @@ def evaluate_lm_cmd(
     model: Annotated[str, typer.Option(help="Causal LM (HF id or directory) the adapters were trained on.")],
     adapter: Annotated[Optional[Path], typer.Option(help="A LoRA adapter (own or merged) to fold in.")] = None,
     max_length: Annotated[int, typer.Option(min=2)] = 512,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = _default(PipelineConfig, "device"),
 ) -> None:
     """Loss and perplexity of a causal LM (optionally with a merged LoRA) on each text file.
 

@@ -5,13 +5,14 @@ Unknown keys and out-of-range values are errors (``extra="forbid"`` everywhere).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -29,8 +30,8 @@ from osrm_lora.data.spec import TaskSpec
 from osrm_lora.data.suites import load_suite
 from osrm_lora.errors import ConfigError, OsrmError
 from osrm_lora.merge.registry import get_method, list_methods, resolve_params
+from osrm_lora.osrm import INIT_MODES, OSRM_MODES, InitMode
 
-InitMode = Literal["standard", "code", "paper", "own"]
 DEFAULT_LAMBDAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5)
 ALL_LINEAR: tuple[str, ...] = ("query", "key", "value", "intermediate.dense", "output.dense")
 """LoRA targets for every linear layer of a BERT-style encoder block (MiniLM, BERT): names match as
@@ -41,6 +42,41 @@ where merging hurts (``bench/quality.py --preset gpu-hard``, the demo)."""
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def setting_default(model: type[Any], name: str) -> Any:
+    """The default of setting ``name`` of a settings model (pydantic) or settings dataclass, a fresh
+    value for a ``default_factory``: what a command-line option for that setting defaults to, so a
+    stage command run alone does what the pipeline's stage does (tests/test_cli_defaults.py)."""
+    if issubclass(model, BaseModel):
+        if name not in model.model_fields:
+            raise KeyError(f"{model.__name__} has no setting {name!r}")
+        return model.model_fields[name].get_default(call_default_factory=True)
+    for f in dataclasses.fields(model):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise KeyError(f"{model.__name__}.{name} has no default")
+    raise KeyError(f"{model.__name__} has no setting {name!r}")
+
+
+def setting_help(model: type[Any], name: str) -> str:
+    """The one-line description of setting ``name`` (``Field(description=...)``, or a dataclass
+    field's ``metadata["description"]``): the help text of the command-line option for it."""
+    if issubclass(model, BaseModel):
+        if name not in model.model_fields:
+            raise KeyError(f"{model.__name__} has no setting {name!r}")
+        text = model.model_fields[name].description
+    else:
+        found = [f for f in dataclasses.fields(model) if f.name == name]
+        if not found:
+            raise KeyError(f"{model.__name__} has no setting {name!r}")
+        text = found[0].metadata.get("description")
+    if not text:
+        raise KeyError(f"{model.__name__}.{name} has no description; give it one (Field(description=...))")
+    return str(text)
 
 
 # ---------------------------------------------------------------------------------------------- merge searches
@@ -96,9 +132,10 @@ class SearchBudget:
     trials), each counted over the whole study, resumed runs included; None = no limit of that kind
     (one must be set)."""
 
-    evaluations: float | None = 20.0
-    seconds: float | None = None
-    trials: int | None = None
+    evaluations: float | None = dataclasses.field(default=20.0, metadata={
+        "description": "Budget in full-validation evaluations (default 20 unless seconds or trials is given)."})
+    seconds: float | None = dataclasses.field(default=None, metadata={"description": "Budget in seconds of trials."})
+    trials: int | None = dataclasses.field(default=None, metadata={"description": "Budget in trials."})
 
     def __post_init__(self) -> None:
         if self.evaluations is None and self.seconds is None and self.trials is None:
@@ -144,18 +181,21 @@ class RMMSettings(_Strict):
     adapters (:func:`osrm_lora.rmm.rmm_search`, whose keyword arguments these are; docs/SEARCH.md).
     Rewards and the choice use the validation splits only; ``merge.constraints`` apply."""
 
-    methods: list[str] = Field(default_factory=lambda: list(RMM_METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(RMM_METHODS), description=(
+        "Merge methods whose merges are candidates besides each task's adapter ('' = adapters only)."))
     """The merged candidates besides each task's own adapter ([] = the adapters only)."""
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Parameters of the candidate methods (``{ties: {density: 0.3}}``); defaults otherwise."""
-    episodes: int = Field(300, gt=0)
-    budget: int = Field(200, gt=0)
+    episodes: int = Field(300, gt=0, description="Most episodes (each builds one architecture layer by layer).")
+    budget: int = Field(200, gt=0, description=(
+        "Most merged-model evaluations on validation (subset rewards + the final re-scoring)."))
     """Most merged-model evaluations on validation: one per completed episode (on subsets) plus the
     final re-scoring of ``rescore`` architectures on the whole split, which is reserved from it."""
-    subset_size: int = Field(32, gt=0)
+    subset_size: int = Field(32, gt=0, description="Validation examples per task behind each reward.")
     """Validation examples per task behind each reward."""
-    rescore: int = Field(3, gt=0)
-    penalty: float = Field(1.0, ge=0)
+    rescore: int = Field(3, gt=0, description=(
+        "Architectures re-scored on the whole validation split at the end (from the budget)."))
+    penalty: float = Field(1.0, ge=0, description="Reward penalty per score point a constraint falls short.")
     """Reward points lost per score point a constraint falls short."""
     max_steps: int | None = Field(None, gt=0)
     """Most steps per episode (None: 4 x the number of layers)."""
@@ -203,20 +243,24 @@ class SearchSettings(_Strict):
     docs/SEARCH.md). Trials and the choice use the validation splits only (low fidelities: random
     validation subsets); ``merge.constraints`` apply."""
 
-    methods: list[str] = Field(default_factory=lambda: list(SEARCH_METHODS))
-    n_groups: int | None = Field(4, gt=0)
+    methods: list[str] = Field(default_factory=lambda: list(SEARCH_METHODS),
+                               description="Merge methods a layer group can get.")
+    n_groups: int | None = Field(4, gt=0, description="Layer groups of contiguous layers, each with its own method.")
     """Layer groups of contiguous layers, each with its own method (None: one per layer)."""
-    masks: bool = True
+    masks: bool = Field(True, description="Also search, per layer group, which adapters take part.")
     """Also search, per layer group, which adapters take part."""
-    scaling_range: tuple[float, float] = (0.1, 1.5)
-    objective: SearchObjective = "mean"
+    scaling_range: tuple[float, float] = Field((0.1, 1.5), description="LOW,HIGH of every group's lambda.")
+    objective: SearchObjective = Field("mean", description=(
+        "mean (mean validation score) or pareto (one objective per task)."))
     """``mean`` (one objective: the mean validation score) or ``pareto`` (one objective per task)."""
-    sampler: SearchSampler = "tpe"
-    pruner: SearchPruner = "hyperband"
-    rungs: int = Field(3, ge=1)
+    sampler: SearchSampler = Field("tpe", description=f"{', '.join(get_args(SearchSampler)[:-1])} or "
+                                                      f"{get_args(SearchSampler)[-1]}.")
+    pruner: SearchPruner = Field("hyperband", description=f"{', '.join(get_args(SearchPruner)[:-1])} or "
+                                                          f"{get_args(SearchPruner)[-1]}.")
+    rungs: int = Field(3, ge=1, description="Fidelities: validation fractions eta^-(rungs-1) .. 1/eta, 1.")
     """Fidelities: validation fractions eta^-(rungs-1), ..., 1/eta, 1."""
-    eta: int = Field(3, ge=2)
-    min_examples: int = Field(8, ge=1)
+    eta: int = Field(3, ge=2, description="Reduction factor between fidelities.")
+    min_examples: int = Field(8, ge=1, description="Smallest validation subset per task.")
     """Smallest validation subset per task."""
     budget: SearchBudget = SearchBudget()
     """``{evaluations, seconds, trials}``; evaluations defaults to 20 unless seconds or trials is given."""
@@ -266,26 +310,28 @@ their records in results.json carry these method names."""
 class LoraSettings(_Strict):
     """LoRA shape. ``target_modules=None`` resolves per architecture (query/value)."""
 
-    rank: int = Field(8, gt=0, le=4096)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None
+    rank: int = Field(8, gt=0, le=4096, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(None, description=(
+        "Module names to adapt, matched as suffixes as in PEFT (default per architecture)."))
 
 
 class TrainSettings(_Strict):
     """Fine-tuning hyperparameters (AdamW, linear schedule with warmup, grad clipping)."""
 
-    epochs: int = Field(3, gt=0, le=1000)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(5e-4, gt=0, lt=1)
+    epochs: int = Field(3, gt=0, le=1000, description="Training epochs (the best on validation is kept).")
+    batch_size: int = Field(32, gt=0, description="Training batch (the global batch with several processes).")
+    lr: float = Field(5e-4, gt=0, lt=1, description="Learning rate (AdamW).")
     head_lr: float | None = Field(None, gt=0, lt=1)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     eval_batch_size: int = Field(128, gt=0)
-    max_length: int = Field(128, gt=1, le=65536)
+    max_length: int = Field(128, gt=1, le=65536, description="Token limit (longer inputs are truncated).")
     train_pooler: bool = True
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "Under torchrun: ddp (a model copy per process) or fsdp (sharded)."))
     """With several processes training one adapter: ``ddp`` keeps a full model copy per process;
     ``fsdp`` shards the (frozen) base weights, the LoRA factors and the head over the processes
     (torch FSDP2, one unit per transformer block), for bases too large for one device."""
@@ -302,10 +348,10 @@ class InitSettings(_Strict):
     """One initialisation to compare: a named OSRM mode (or ``standard``) plus freezing options."""
 
     name: str
-    mode: InitMode = "standard"
-    freeze_A: bool = False
-    freeze_B: bool = False
-    ridge: float = Field(1e-3, gt=0)
+    mode: InitMode = Field("standard", description=f"{', '.join(INIT_MODES[:-1])} or {INIT_MODES[-1]}.")
+    freeze_A: bool = Field(False, description="Keep A fixed (OSRM subspace).")
+    freeze_B: bool = Field(False, description="Keep B fixed.")
+    ridge: float = Field(1e-3, gt=0, description="Ridge of the own mode (eps = ridge * trace(S_others) / n).")
     solver: Literal["eigh", "subset"] = "eigh"
     """OSRM eigensolver: ``eigh`` (exact, batched over modules and tasks) or ``subset`` (only the r
     needed eigenvectors by filtered subspace iteration, each checked by a residual bound on its
@@ -340,7 +386,7 @@ class InitSettings(_Strict):
         if self.freeze_A and self.freeze_B:
             raise ValueError("freeze_A and freeze_B together leave nothing to train")
         if self.subspace_dim is not None and self.mode == "standard":
-            raise ValueError("subspace_dim needs an OSRM mode (code, paper or own), not standard")
+            raise ValueError(f"subspace_dim needs an OSRM mode ({', '.join(OSRM_MODES[:-1])} or {OSRM_MODES[-1]}), not standard")
         if self.b_sparsity is not None and self.freeze_B:
             raise ValueError("b_sparsity masks B, so B must be trainable; drop freeze_B")
         return self
@@ -349,10 +395,10 @@ class InitSettings(_Strict):
 class ProfileSettings(_Strict):
     """Activation statistics: samples per task, padding rule, precision."""
 
-    n_samples: int = Field(100, gt=0)
-    batch_size: int = Field(16, gt=0)
-    include_padding: bool = False
-    dtype: Literal["float32", "float64"] = "float32"
+    n_samples: int = Field(100, gt=0, description="Training examples per task (a seeded sample).")
+    batch_size: int = Field(16, gt=0, description="Batch size of the statistics pass.")
+    include_padding: bool = Field(False, description="Count padding tokens (as the reference code).")
+    dtype: Literal["float32", "float64"] = Field("float32", description="Accumulate in float32 or float64.")
 
 
 class MergeSettings(_Strict):
@@ -375,7 +421,8 @@ class MergeSettings(_Strict):
     the config is loaded. A ``scaling`` given here is used as is: that method is merged at that
     scaling only, with no lambda sweep (the other methods still sweep ``lambdas``)."""
 
-    constraints: list[str] = Field(default_factory=list)
+    constraints: list[str] = Field(default_factory=list, description=(
+        "TASK>=FLOOR or TASK>=single-TOL: a floor on a task's validation score."))
     """Tasks whose validation score must not drop: ``TASK>=FLOOR`` (score points) or
     ``TASK>=single-TOL`` (its own adapter's validation score minus TOL). Every method's lambda is then
     chosen on validation among the lambdas that meet them (the best overall when none does, with a
@@ -411,11 +458,11 @@ class PipelineConfig(_Strict):
     """Everything ``osrm-lora run`` needs. ``suite`` or ``tasks`` (or both: tasks are appended)."""
 
     name: str = "run"
-    model: str = "default"
+    model: str = Field("default", description="HF model id or directory; 'default' = embedded MiniLM-L6.")
     suite: str | None = None
     tasks: list[str | TaskSpec] = Field(default_factory=list)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = Field(0, description="Random seed (data order, sampled examples, initialisation).")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     inits: list[InitSettings] = Field(

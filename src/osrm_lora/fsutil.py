@@ -37,11 +37,12 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from osrm_lora.errors import OsrmError
@@ -684,7 +685,7 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Atomically write ``obj`` as pretty JSON."""
     with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, default=_json_default)
+        json.dump(obj, fh, indent=2, sort_keys=False, default=json_default)
         fh.write("\n")
 
 
@@ -698,16 +699,43 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise OsrmError(f"{path} is not valid JSON ({exc}); regenerate or fix the file") from exc
 
 
-def _json_default(obj: Any) -> Any:
-    try:
-        import numpy as np
+def json_default(obj: Any) -> Any:
+    """The project's one JSON encoder (the ``default=`` of ``json.dump``; :func:`write_json`,
+    :func:`to_jsonable`, the benchmark records): numpy scalars and arrays and torch tensors as numbers
+    and lists, torch dtypes and devices and paths as strings; TypeError for anything else.
 
+    numpy and torch are only looked at when already imported (an object of theirs cannot exist
+    otherwise), so writing JSON never imports them."""
+    np = sys.modules.get("numpy")
+    if np is not None:
         if isinstance(obj, np.generic):
             return obj.item()
         if isinstance(obj, np.ndarray):
             return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Path):
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().cpu().tolist()
+        if isinstance(obj, (torch.dtype, torch.device)):
+            return str(obj)
+    if isinstance(obj, PurePath):
         return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj)!r}")
+    raise TypeError(f"a value of type {type(obj).__name__} is not JSON serialisable; convert it first")
+
+
+def to_jsonable(obj: Any, *, strict: bool = True) -> Any:
+    """``obj`` as plain JSON data (dicts with string keys, lists, str, int, float, bool, None),
+    converted by :func:`json_default`; anything else is a TypeError, or with ``strict=False`` its
+    ``str()`` (for free-form metadata such as ``merge_info.json``)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, strict=strict) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, strict=strict) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    try:
+        return to_jsonable(json_default(obj), strict=strict)
+    except TypeError:
+        if strict:
+            raise
+        return str(obj)

@@ -32,7 +32,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -44,8 +44,14 @@ from osrm_lora.stats import StatsStore
 
 logger = logging.getLogger(__name__)
 
-OSRM_MODES = ("code", "paper", "own")
-INIT_MODES = ("standard", *OSRM_MODES)
+OsrmMode = Literal["code", "paper", "own"]
+"""The OSRM modes (docs/METHOD.md): the one spelling of these names; the others derive from it."""
+InitMode = Literal["standard", OsrmMode]
+"""An init's mode: PEFT's standard init or an OSRM mode (``InitSettings.mode``)."""
+OSRM_MODES: tuple[str, ...] = get_args(OsrmMode)
+INIT_MODES: tuple[str, ...] = get_args(InitMode)
+DEFAULT_OSRM_MODE: OsrmMode = "paper"
+"""The mode of ``osrm-lora init`` / ``project`` (and ``write_initial_adapters``) when none is given."""
 CODE_MEANS = ("task", "token")
 
 
@@ -855,7 +861,7 @@ def _write_projected(adapter: Any, src: Path, target: Path) -> None:
 
 
 __all__ = [
-    "A_drift", "CODE_MEANS", "INIT_MODES", "OSRM_MODES", "SOLVERS", "adapter_A_drift", "adapter_task_name", "apply_A_to_peft",
+    "A_drift", "CODE_MEANS", "DEFAULT_OSRM_MODE", "INIT_MODES", "OSRM_MODES", "InitMode", "OsrmMode", "SOLVERS", "adapter_A_drift", "adapter_task_name", "apply_A_to_peft",
     "code_mode_A", "compute_osrm_A", "compute_osrm_bases", "fix_row_signs", "interference_grams", "lora_energy", "own_mode_A", "paper_mode_A", "principal_angles", "project_adapter",
     "project_lora", "run_project", "standard_A",
 ]

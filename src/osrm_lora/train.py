@@ -43,7 +43,7 @@ from osrm_lora.evaluate import autocast_context, evaluate
 from osrm_lora.fsutil import atomic_dir, write_json
 from osrm_lora.logutil import Progress
 from osrm_lora.model.keys import is_lora_tensor, lora_factor, lora_module_key, lora_pairs, peft_name, strip_peft_prefix
-from osrm_lora.osrm import A_drift, apply_A_to_peft
+from osrm_lora.osrm import DEFAULT_OSRM_MODE, INIT_MODES, A_drift, apply_A_to_peft
 
 logger = logging.getLogger(__name__)
 
@@ -672,7 +672,7 @@ def write_initial_adapters(
     stats_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    mode: str = "paper",
+    mode: str = DEFAULT_OSRM_MODE,
     model: str | None = None,
     lora: LoraSettings = LoraSettings(),
     ridge: float = 1e-3,
@@ -682,8 +682,8 @@ def write_initial_adapters(
     from osrm_lora.osrm import compute_osrm_A
     from osrm_lora.stats import StatsStore
 
-    if mode not in ("standard", "code", "paper", "own"):
-        raise OsrmError(f"unknown init mode {mode!r}; choose standard, code, paper or own")
+    if mode not in INIT_MODES:
+        raise OsrmError(f"unknown init mode {mode!r}; choose {', '.join(INIT_MODES[:-1])} or {INIT_MODES[-1]}")
     store = StatsStore.load(stats_dir)
     tasks = list(store.tasks)
     model_path = resolve_model_path(model)

@@ -56,7 +56,7 @@ import torch
 from osrm_lora.adapters import LoraAdapter, LoraModule, bias_module, write_adapter_files
 from osrm_lora.backbone import is_default_model, resolve_model_path, resolve_module_key
 from osrm_lora.errors import AdapterError, OsrmError
-from osrm_lora.fsutil import atomic_dir, read_json
+from osrm_lora.fsutil import atomic_dir, read_json, to_jsonable
 from osrm_lora.merge import ops
 from osrm_lora.merge.registry import MergeResult
 from osrm_lora.model import keys
@@ -498,18 +498,6 @@ def finish_non_lora(target: Path, task_dirs: Sequence[str], non_lora: NonLora, w
 # ------------------------------------------------------------------------------------------------ writers
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "task"
 
@@ -609,7 +597,7 @@ def write_merge_metadata(target: Path, result: MergeResult, meta: dict[str, Any]
     from osrm_lora.merge.registry import get_method
 
     meta["info"] = result.info
-    (target / MERGE_INFO).write_text(json.dumps(_jsonable(meta), indent=2) + "\n", encoding="utf-8")
+    (target / MERGE_INFO).write_text(json.dumps(to_jsonable(meta, strict=False), indent=2) + "\n", encoding="utf-8")
     info = get_method(result.method)
     card = merge_card(method=result.method, params=result.params,
                       base_model=base_model_path or (result.config or {}).get("base_model_name_or_path"),

@@ -92,7 +92,7 @@ from osrm_lora.adapters import (
     write_adapter_files,
 )
 from osrm_lora.errors import OsrmError
-from osrm_lora.fsutil import atomic_dir
+from osrm_lora.fsutil import atomic_dir, to_jsonable
 from osrm_lora.merge import io, ops
 from osrm_lora.merge import registry as R
 from osrm_lora.merge.io import BaseCheckpoint, resolve_base_model
@@ -576,7 +576,7 @@ def _combine(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], stream_info: d
     meta["stream"] = stream_info
     io.write_merge_metadata(tmp, plan.stub, meta, base_model_path=plan.base_model_path, inputs=plan.inputs,
                             scores=None, format=plan.format, svd_rank=plan.svd_rank, max_error=plan.max_error)
-    return io._jsonable(meta)
+    return to_jsonable(meta, strict=False)
 
 
 def _trains_biases(adapter_dirs: Sequence[str | Path]) -> bool:
