@@ -4,6 +4,7 @@
     python bench/pipeline_speed.py --preset gpu              # quality.py's gpu tasks/sizes, 4 inits x 4 methods, one GPU
     python bench/pipeline_speed.py --preset gpu-all-linear   # the same with LoRA r=16 on all linear layers
     python bench/pipeline_speed.py --preset gpu --paths per-adapter,batched --runs DIR
+    python bench/pipeline_speed.py --preset cpu --sweep-eval  # λ-sweep evaluation: fold in turn vs batched low-rank
 
 Paths (each one in a fresh Python process, one after the other, in this order):
 
@@ -12,6 +13,15 @@ Paths (each one in a fresh Python process, one after the other, in this order):
 - ``peft``: plain PEFT + transformers ``Trainer``: one standard LoRA adapter (same rank, alpha,
   targets) with a sequence-classification head per task, trained one after the other with the
   same epochs, batch size, learning rate, warm-up and max length; no OSRM. Only training is timed.
+
+``--sweep-eval`` times the merge stage's λ-sweep evaluation instead (section
+``pipeline_speed_sweep_eval:<preset>``): one standard adapter per task of the preset is trained with
+the preset's settings, then a Task Arithmetic sweep over ``--sweep-lambdas`` is run both ways on the
+same evaluator, alternating, ``--repeats`` times: ``fold`` (``sweep(batched=False)``: every λ folded
+into the base weights and evaluated in turn) and ``batched`` (``sweep(batched=True)``, the default on an accelerator: the low-rank
+merges of up to ``models_per_pass`` λ evaluated in one forward per batch). Reported: sweep wall time
+(merges included), evaluation-only time (the same merged results scored with ``evaluate`` per λ vs
+``evaluate_many``), examples/s, and whether the two curves and selections are identical.
 
 Reported per path: end-to-end seconds of ``run_pipeline`` and the seconds of each stage (from the
 run's ``manifest.json`` ``stage_seconds``), training examples/s (examples x epochs / training
@@ -682,6 +692,148 @@ def worker_main(path: str, preset: str, work: Path, result: Path, device_type: s
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- sweep evaluation
+SWEEP_LAMBDAS: list[float] = list(_QGPU["merge"]["lambdas"])
+SWEEP_MODES: tuple[str, ...] = ("fold", "batched")
+
+
+def sweep_eval_worker(preset: str, work: Path, lambdas: Sequence[float], repeats: int) -> dict[str, Any]:
+    """Train one standard adapter per task of ``preset`` under ``work``, then time the Task Arithmetic
+    λ sweep and the evaluation alone both ways (see the module docstring)."""
+    import torch
+
+    from osrm_lora.adapters import load_adapter
+    from osrm_lora.backbone import resolve_model_path
+    from osrm_lora.data import load_task
+    from osrm_lora.merge import merge
+    from osrm_lora.merged_eval import MergedEvaluator, sweep
+    from osrm_lora.train import train_task
+
+    cfg = preset_config(preset, "per-adapter")
+    device = cfg.device
+    model_path = resolve_model_path(cfg.model)
+    tasks = [load_task(spec) for spec in cfg.tasks]
+    t0 = time.perf_counter()
+    dirs = []
+    for t in tasks:
+        out = work / "adapters" / t.name
+        train_task(t, out, model=model_path, lora=cfg.lora, train=cfg.train, seed=cfg.seed, device=device,
+                   evaluate_test=False)
+        dirs.append(out)
+    train_s = time.perf_counter() - t0
+    adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
+    ev = MergedEvaluator(model_path, tasks, dirs, max_length=cfg.train.max_length,
+                         batch_size=cfg.train.eval_batch_size, device=device)
+    dev_type = ev.device.type
+
+    def merge_fn(lam: float) -> Any:
+        return merge(adapters, "task_arithmetic", {"scaling": lam})
+
+    results = [merge_fn(lam) for lam in lambdas]
+    timings: dict[str, dict[str, list[float]]] = {m: {"sweep_s": [], "eval_s": []} for m in SWEEP_MODES}
+    curves: dict[str, Any] = {}
+    for rep in range(repeats):
+        for mode in (SWEEP_MODES if rep % 2 == 0 else SWEEP_MODES[::-1]):
+            _sync(dev_type)
+            t0 = time.perf_counter()
+            curve, _, selected = sweep(ev, merge_fn, lambdas, batched=mode == "batched", merge_device=str(ev.device))
+            _sync(dev_type)
+            timings[mode]["sweep_s"].append(time.perf_counter() - t0)
+            curves[mode] = {"curve": [[p.lam, p.validation, p.test] for p in curve], "selected": selected.lam}
+            t0 = time.perf_counter()
+            for split in ("validation", "test"):
+                if mode == "batched":
+                    ev.evaluate_many(results, split)
+                else:
+                    for r in results:
+                        ev.evaluate(r.deltas_for, split)
+            _sync(dev_type)
+            timings[mode]["eval_s"].append(time.perf_counter() - t0)
+    n_examples = len(lambdas) * sum(len(t.validation) + len(t.test) for t in tasks)
+    diffs = [abs(a - b) for pf, pb in zip(curves["fold"]["curve"], curves["batched"]["curve"])
+             for split in (1, 2) for a, b in zip(pf[split].values(), pb[split].values())]
+    return {
+        "device": str(ev.device), "device_name": torch.cuda.get_device_name(ev.device) if dev_type == "cuda" else None,
+        "threads": torch.get_num_threads(), "lambdas": list(lambdas), "repeats": repeats,
+        "tasks": {t.name: {"n_validation": len(t.validation), "n_test": len(t.test)} for t in tasks},
+        "adapter_train_s": train_s, "models_per_pass": ev.models_per_pass(), "batch_size": ev.batch_size,
+        "eval_examples_per_sweep": n_examples, "timings": timings, "curves": curves,
+        "identical_curves": curves["fold"]["curve"] == curves["batched"]["curve"],
+        "same_selection": curves["fold"]["selected"] == curves["batched"]["selected"],
+        "max_abs_score_diff": max(diffs) if diffs else 0.0,
+    }
+
+
+def sweep_eval_summary(preset: str, m: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The markdown summary and the table rows of a :func:`sweep_eval_worker` measurement."""
+    n = m["eval_examples_per_sweep"]
+    rows: dict[str, Any] = {}
+    for mode in SWEEP_MODES:
+        t = m["timings"][mode]
+        sweep_s, eval_s = min(t["sweep_s"]), min(t["eval_s"])
+        rows[mode] = {"sweep_s": sweep_s, "eval_s": eval_s, "eval_examples_per_s": rate(n, eval_s)}
+    speed = {k: rows["fold"][k] / rows["batched"][k] if rows["batched"][k] else None for k in ("sweep_s", "eval_s")}
+    labels = {"fold": "fold in turn (`sweep(batched=False)`)",
+              "batched": f"batched low-rank (`sweep(batched=True)`, {m['models_per_pass']} λ per forward)"}
+    table = [[labels[mode], _fmt(r["sweep_s"], ".2f", " s"), _fmt(r["eval_s"], ".2f", " s"),
+              _fmt(r["eval_examples_per_s"], ",.0f")] for mode, r in rows.items()]
+    table.append(["fold / batched", _fmt(speed["sweep_s"], ".2f", "x"), _fmt(speed["eval_s"], ".2f", "x"), "-"])
+    tasks = ", ".join(f"{k} ({v['n_validation']} val / {v['n_test']} test)" for k, v in m["tasks"].items())
+    lines = [
+        f"Setting: the {preset} preset's tasks and settings ({PRESETS[preset]['description']}); one standard adapter "
+        f"per task ({tasks}); a Task Arithmetic sweep over {len(m['lambdas'])} λ "
+        f"({', '.join(f'{x:g}' for x in m['lambdas'])}), every λ scoring validation and test of every task "
+        f"({n:,} examples per sweep); eval batch {m['batch_size']}; device {m['device']}, {m['threads']} threads.",
+        "",
+        (f"Both ways on the same evaluator, alternating, {m['repeats']} times each; the best time is shown. Sweep = "
+         "`sweep()` wall time (the merge at every λ included); evaluation only = the same merged results scored "
+         "with `evaluate` per λ (fold) or one `evaluate_many` call (batched), validation and test."),
+        "",
+        markdown_table(["path", "sweep", "evaluation only", "evaluation examples/s"], table),
+        "",
+        (f"Curves identical: {'yes' if m['identical_curves'] else 'no'} (largest score difference "
+         f"{m['max_abs_score_diff']:.4g} points); same selected λ: {'yes' if m['same_selection'] else 'no'}."),
+    ]
+    return "\n".join(lines), {"rows": rows, "fold_over_batched": speed}
+
+
+def sweep_eval_main(args: argparse.Namespace) -> int:
+    preset = PRESETS[args.preset]
+    device_type = preset["device"]
+    if device_type == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"preset {args.preset} needs a CUDA GPU but torch sees none; use --preset cpu")
+    check_offline_data(preset_config(args.preset, "per-adapter"))
+    lambdas = [float(x) for x in args.sweep_lambdas.split(",") if x.strip()]
+    if not lambdas or args.repeats < 1:
+        raise SystemExit("--sweep-lambdas needs at least one value and --repeats at least 1")
+    load_before = load_average()
+    root = Path(tempfile.mkdtemp(prefix=f"pipeline_speed-sweep-{args.preset}-"))
+    try:
+        from osrm_lora.logutil import setup_logging as osrm_logging
+
+        osrm_logging(0)
+        m = sweep_eval_worker(args.preset, root, lambdas, args.repeats)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    md, rows = sweep_eval_summary(args.preset, m)
+    print(md)
+    notes = [f"machine load (`uptime`) before: {load_before}; after: {load_average()} (the machine may be shared)",
+             "adapters trained once for the benchmark (not timed here); the base model is loaded once for both paths",
+             "the batched path repeats every batch once per λ of a pass and routes each copy through its own "
+             "low-rank update (the stacked LoRA operator of batched training); nothing is folded"]
+    rec = BenchRecord(
+        name="pipeline_speed_sweep_eval", preset=args.preset, command=command_line(), seeds={"pipeline": 0},
+        machine=machine_info("cuda" if device_type == "cuda" else "cpu"),
+        settings={"description": preset["description"], "lambdas": lambdas, "repeats": args.repeats,
+                  "config": preset_raw(args.preset, "per-adapter")},
+        results={**rows, "measurement": m}, summary_md=md, notes=notes)
+    write_results(rec, args.out, benchmarks_md=args.benchmarks_md)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def check_offline_data(cfg: PipelineConfig) -> None:
     """Refuse (SystemExit) when a built-in task is not in the data cache: this benchmark never fetches."""
@@ -742,6 +894,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default=None, help="run root (default: a temporary directory, removed at the end)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="JSON directory")
     ap.add_argument("--benchmarks-md", default=None, help="markdown file to update (default: BENCHMARKS.md)")
+    ap.add_argument("--sweep-eval", action="store_true",
+                    help="time the lambda-sweep evaluation (fold in turn vs batched low-rank) instead of the paths")
+    ap.add_argument("--sweep-lambdas", default=",".join(f"{x:g}" for x in SWEEP_LAMBDAS),
+                    help="lambda grid of --sweep-eval (default: bench/quality.py's gpu grid)")
+    ap.add_argument("--repeats", type=int, default=2, help="timings per path of --sweep-eval (best shown)")
     ap.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -752,6 +909,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.sweep_eval:
+        return sweep_eval_main(args)
     try:
         paths = parse_paths(args.paths)
     except ValueError as exc:

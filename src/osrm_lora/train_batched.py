@@ -78,7 +78,8 @@ from osrm_lora.train import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterJob", "BatchingUnsupported", "MultiAdapterModel", "train_tasks_batched"]
+__all__ = ["AdapterJob", "BatchingUnsupported", "MultiAdapterModel", "Router", "grouped_lora_delta",
+           "train_tasks_batched"]
 
 
 class BatchingUnsupported(OsrmError):
@@ -163,6 +164,9 @@ class _Router:
         return d.reshape(len(self.sizes), max(self.sizes), length, d.shape[2])[self._index]
 
 
+Router = _Router  # public name: the row routing of :func:`grouped_lora_delta` (batched evaluation uses it)
+
+
 class MultiLoraLinear(nn.Module):
     """A frozen base layer plus one LoRA pair (A: r x n, B: m x r) per adapter slot; each row of the
     input gets its own slot's update. The base output is computed once for all rows."""
@@ -188,12 +192,20 @@ class MultiLoraLinear(nn.Module):
             return result.to(out_dtype)
         A = torch.stack([self.lora_A[k] for k in router.slots])  # (G, r, n)
         B = torch.stack([self.lora_B[k] for k in router.slots])  # (G, m, r)
-        h = self.lora_dropout(x.to(A.dtype))
-        n_rows, lead = h.shape[0], h.shape[1:-1]
-        h = h.reshape(n_rows, -1, h.shape[-1])  # (N, L, n)
-        grouped = torch.bmm(torch.bmm(router.to_groups(h), A.transpose(1, 2)), B.transpose(1, 2))
-        delta = router.from_groups(grouped, h.shape[1]).reshape(n_rows, *lead, B.shape[1])
+        delta = grouped_lora_delta(self.lora_dropout(x.to(A.dtype)), A, B, router)
         return (result + delta * self.scaling).to(out_dtype)
+
+
+def grouped_lora_delta(h: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router: _Router) -> torch.Tensor:
+    """The stacked multi-adapter LoRA operator: rows of ``h`` (N, ..., n) grouped as ``router``
+    routes them, group g through ``B[g] @ A[g]`` (``A``: (G, r, n), ``B``: (G, m, r), one pair per
+    routed group, in the router's order) with two batched matmuls; returns (N, ..., m), no scaling.
+    Shared by batched training (:class:`MultiLoraLinear`) and the batched evaluation of low-rank
+    merges (:mod:`osrm_lora.merged_eval`)."""
+    n_rows, lead = h.shape[0], h.shape[1:-1]
+    h = h.reshape(n_rows, -1, h.shape[-1])  # (N, L, n)
+    grouped = torch.bmm(torch.bmm(router.to_groups(h), A.transpose(1, 2)), B.transpose(1, 2))
+    return router.from_groups(grouped, h.shape[1]).reshape(n_rows, *lead, B.shape[1])
 
 
 def _rows(value: Any, start: int, end: int, n_rows: int) -> Any:
