@@ -543,14 +543,15 @@ def _rel(samples: Sequence[tuple[float, float]], t0: float) -> list[list[float]]
 
 def _pipeline_worker(cfg: PipelineConfig, run_dir: Path, device_type: str) -> dict[str, Any]:
     """One ``run_pipeline`` into a fresh ``run_dir``; the train stage is timed by wrapping the
-    pipeline's ``_train_all`` (one call covers every adapter, per-adapter or batched)."""
-    from osrm_lora import pipeline
+    pipeline's ``train_all`` where ``osrm_lora.pipeline.run`` calls it (one call covers every
+    adapter, per-adapter or batched)."""
     from osrm_lora.fsutil import read_json
+    from osrm_lora.pipeline import run as pipeline
 
     if run_dir.exists():
         raise SystemExit(f"{run_dir} exists: a resumed run would skip stages; use a fresh directory")
     box: dict[str, float] = {}
-    original = getattr(pipeline, "_train_all", None)
+    original = getattr(pipeline, "train_all", None)
     if original is not None:
         def timed_train_all(*args: Any, **kwargs: Any) -> Any:
             _sync(device_type)
@@ -561,9 +562,9 @@ def _pipeline_worker(cfg: PipelineConfig, run_dir: Path, device_type: str) -> di
                 _sync(device_type)
                 box["t1"] = time.perf_counter()
 
-        pipeline._train_all = timed_train_all  # type: ignore[attr-defined]
+        pipeline.train_all = timed_train_all  # type: ignore[attr-defined]
     else:
-        logger.warning("osrm_lora.pipeline._train_all not found: training seconds from the manifest only")
+        logger.warning("osrm_lora.pipeline.run.train_all not found: training seconds from the manifest only")
     sampler = _sampler_for(device_type)
     t0 = time.perf_counter()
     try:
@@ -574,7 +575,7 @@ def _pipeline_worker(cfg: PipelineConfig, run_dir: Path, device_type: str) -> di
         if sampler is not None:
             sampler.stop()
         if original is not None:
-            pipeline._train_all = original  # type: ignore[attr-defined]
+            pipeline.train_all = original  # type: ignore[attr-defined]
     manifest = read_json(run_dir / "manifest.json")
     window = [round(box["t0"] - t0, 3), round(box["t1"] - t0, 3)] if "t1" in box else None
     return {

@@ -1,4 +1,5 @@
-"""Structure rules checked on the source: no import cycle among the package's modules.
+"""Structure rules checked on the source: no import cycle among the package's modules; the pipeline
+package's layout and that only its layout module spells run-directory paths.
 
 Every import counts, at module level or inside a function (an import deferred into a function
 still ties the two modules together); only ``if TYPE_CHECKING:`` blocks are left out.
@@ -117,7 +118,7 @@ def test_cycle_finder_finds_a_planted_cycle() -> None:
 def test_the_graph_sees_function_level_and_relative_imports() -> None:
     graph = import_graph()
     assert "osrm_lora.merge.types" in graph["osrm_lora.merge.methods.linear"]
-    assert any(dep.startswith("osrm_lora.merge") for dep in graph["osrm_lora.pipeline"])
+    assert "osrm_lora.merge" in graph["osrm_lora.pipeline.merging"]  # imported inside merge_and_sweep only
 
 
 def test_no_import_cycle_among_modules() -> None:
@@ -148,3 +149,54 @@ def test_key_users_spell_no_key_rule_of_their_own() -> None:
         text = files[user].read_text()
         for spelling in ('"base_model.model."', 'endswith("." +', "endswith(f\".{"):
             assert spelling not in text, f"{user} spells {spelling}"
+
+
+PIPELINE = "osrm_lora.pipeline"
+LAYOUT = "osrm_lora.pipeline.layout"
+PIPELINE_MODULES = ("checks", "context", "jobs", "layout", "ledger", "manifest", "merging", "run", "stages")
+RUN_DIR_NAMES = ("config.yaml", "manifest.json", "results.json", "report.md", "report.html", ".stages",
+                 "stats", "adapters", "diagnostics", "merges")
+
+
+def test_the_pipeline_is_a_package_of_one_module_per_concern() -> None:
+    """layout (a leaf) <- ledger <- the stages <- run; no module of the pipeline imports its package."""
+    graph = import_graph()
+    for sub in PIPELINE_MODULES:
+        assert f"{PIPELINE}.{sub}" in graph, sub
+    assert graph[LAYOUT] == set()
+    assert graph[f"{PIPELINE}.ledger"] & {f"{PIPELINE}.{m}" for m in PIPELINE_MODULES} == {LAYOUT}
+    for sub in PIPELINE_MODULES:
+        assert PIPELINE not in graph[f"{PIPELINE}.{sub}"], f"{sub} imports the package (a circle through __init__)"
+    assert {f"{PIPELINE}.{m}" for m in PIPELINE_MODULES if m != "run"} >= {
+        d for d in graph[f"{PIPELINE}.run"] if d.startswith(PIPELINE)}
+
+
+def test_only_the_layout_spells_run_directory_paths() -> None:
+    """Every path under a run directory is built by osrm_lora.pipeline.layout.RunLayout: no other
+    module joins a run-directory name onto a path (``/ "results.json"``, ``/ "adapters"``) or spells
+    the stage markers' folder."""
+    files = module_files()
+    for name, path in files.items():
+        if name == LAYOUT:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant):
+                assert node.right.value not in RUN_DIR_NAMES, (
+                    f"{name}:{node.lineno} joins {node.right.value!r}: use osrm_lora.pipeline.layout.RunLayout")
+            if isinstance(node, ast.Constant) and node.value == ".stages":
+                raise AssertionError(f"{name}:{node.lineno} spells '.stages': use osrm_lora.pipeline.layout")
+
+
+def test_the_layout_rule_finds_a_planted_spelling() -> None:
+    tree = ast.parse('p = run_dir / "results.json"\nq = out / "adapter_config.json"\n')
+    joined = [n.right.value for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+              and isinstance(n.right, ast.Constant) and n.right.value in RUN_DIR_NAMES]
+    assert joined == ["results.json"]
+
+
+def test_stages_are_the_ledgers_stage_definitions() -> None:
+    from osrm_lora.pipeline import LEDGER_STAGES, STAGE_DEFS, STAGES
+
+    assert STAGES == LEDGER_STAGES == tuple(s.name for s in STAGE_DEFS)
+    assert [s.id("a", "b") for s in STAGE_DEFS][1] == "train/a/b"

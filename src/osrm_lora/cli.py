@@ -156,11 +156,12 @@ def demo(
     Example: osrm-lora demo --out runs/demo
     """
     from osrm_lora.demo import run_demo
+    from osrm_lora.pipeline.layout import RunLayout
     from osrm_lora.report import print_results
 
     results = run_demo(out, force=tuple(force or ()))
     print_results(results)
-    logger.info("results: %s/results.json, report: %s/report.html", out, out)
+    logger.info("results: %s, report: %s", RunLayout(out).results, RunLayout(out).report_html)
 
 
 @app.command()
@@ -202,10 +203,11 @@ def report(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A ru
     Example: osrm-lora report runs/demo
     """
     from osrm_lora.fsutil import read_json
+    from osrm_lora.pipeline.layout import RunLayout
     from osrm_lora.report import print_results, write_report
 
     path = write_report(run_dir)
-    print_results(read_json(run_dir / "results.json"))
+    print_results(read_json(RunLayout(run_dir).results))
     logger.info("report written: %s", path)
 
 

@@ -405,9 +405,9 @@ class MergeSettings(_Strict):
     """Merging: methods, lambda grid (chosen on validation), fixed per-method parameters."""
 
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic", "emr"])
-    """Default: Task Arithmetic, the method of the shared-model configuration chosen on validation by
-    ``bench/quality.py --preset gpu-hard`` (OSRM own with frozen A + TA, 3 seeds), and EMR as the
-    per-task reference: EMR deploys one masked, rescaled model per task, so it needs the task id at
+    """Default: Task Arithmetic (with the default inits, OSRM own + frozen A + TA is within 0.02
+    validation points of the configuration ``bench/quality.py --preset gpu-hard`` picks, own + TIES,
+    3 seeds; the top ten lie within validation noise), and EMR as the per-task reference: EMR deploys one masked, rescaled model per task, so it needs the task id at
     inference."""
     lambdas: list[float] = Field(default_factory=lambda: list(DEFAULT_LAMBDAS))
     """The lambda grid: the merge is redone at every lambda (its ``scaling``) and the lambda with the

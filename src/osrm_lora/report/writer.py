@@ -11,6 +11,7 @@ from typing import Any
 from osrm_lora.diagnose import write_interference_png
 from osrm_lora.errors import OsrmError
 from osrm_lora.fsutil import atomic_file, read_json
+from osrm_lora.pipeline.layout import RunLayout
 from osrm_lora.report.html import render_html
 from osrm_lora.report.summary import markdown_table, results_rows, table_markdown
 from osrm_lora.report.tables import (
@@ -93,7 +94,7 @@ def diagnostic_pngs(run_dir: Path, results: Mapping[str, Any]) -> dict[str, byte
     for init in init_names(results):
         if (inter.get(init) or {}).get("ratio"):
             continue
-        png = run_dir / "diagnostics" / init / "interference.png"
+        png = RunLayout(run_dir).interference_png(init)
         if png.is_file():
             out[init] = png.read_bytes()
     return out
@@ -107,11 +108,11 @@ def rescale_diagnostic_pngs(run_dir: Path, results: Mapping[str, Any]) -> list[P
     written: list[Path] = []
     if scale is None:
         return written
+    layout = RunLayout(run_dir)
     for init, diag in ratio_matrices(results):
-        out = run_dir / "diagnostics" / init
-        if not out.is_dir():
+        if not layout.diagnostics(init).is_dir():
             continue
-        written.append(write_interference_png(diag, out / "interference.png", str(diag.get("label") or init), scale))
+        written.append(write_interference_png(diag, layout.interference_png(init), str(diag.get("label") or init), scale))
     return written
 
 
@@ -120,7 +121,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise OsrmError(f"{run_dir} is not a run directory; pass the directory given to `osrm-lora run`")
-    path = run_dir / "results.json"
+    path = RunLayout(run_dir).results
     if not path.is_file():
         raise OsrmError(f"{run_dir} has no results.json; run `osrm-lora run` or `osrm-lora demo` first")
     results = read_json(path)
@@ -138,13 +139,14 @@ def write_report(run_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    cfg = run_dir / "config.yaml"
+    layout = RunLayout(run_dir)
+    cfg = layout.config
     config_text = cfg.read_text(encoding="utf-8", errors="replace") if cfg.is_file() else None
     md = markdown_report(results)
     page = render_html(results, render_figures(results), config_text=config_text,
                        diagnostic_pngs=diagnostic_pngs(run_dir, results))
-    html_path = run_dir / "report.html"
-    md_path = run_dir / "report.md"
+    html_path = layout.report_html
+    md_path = layout.report_md
     with atomic_file(md_path, "wb") as fh_md, atomic_file(html_path, "wb") as fh_html:
         for fh, text in ((fh_md, md), (fh_html, page)):
             fh.write(text.encode("utf-8"))
