@@ -61,6 +61,12 @@ INITS = [
 ]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
 HARD_LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0]
+CPU_HARD_BASE = {  # the reduced all-linear setting of cpu-hard and cpu-family
+    "model": "default",
+    "tasks": [{"name": n, "max_train": 300, "max_eval": 100} for n in ("mr", "hedge", "bbc", "spam")],
+    "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
+    "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2, "max_length": 48},
+}
 SHARED_METHODS = ["task_arithmetic", "ties", "tsv_m", "core_space", "regmean", "knots"]
 PER_TASK_METHODS = {"emr"}  # one deployed model per task: reported apart, never the recommendation
 SEARCHED_METHODS = {"rmm", "search"}  # merge searches (merge.rmm, merge.search): no lambda, a search budget
@@ -166,10 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "merge search (8 full-validation evaluations); MiniLM-L6",
         "seeds": [0],
         "config": {
-            "model": "default",
-            "tasks": [{"name": n, "max_train": 300, "max_eval": 100} for n in ("mr", "hedge", "bbc", "spam")],
-            "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
-            "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2, "max_length": 48},
+            **CPU_HARD_BASE,
             "inits": _inits("standard", "own-frozenA"),
             "diagnose": False,
             "merge": {"methods": ["task_arithmetic", "ties", "ctm", "emr"], "lambdas": [0.5, 1.0, 1.5, 2.0],
@@ -184,10 +187,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "methods TA, TIES and EMR; MiniLM-L6",
         "seeds": [0],
         "config": {
-            "model": "default",
-            "tasks": [{"name": n, "max_train": 300, "max_eval": 100} for n in ("mr", "hedge", "bbc", "spam")],
-            "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
-            "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "head_lr": 1e-2, "max_length": 48},
+            **CPU_HARD_BASE,
             "inits": _inits("standard", "standard-frozenA", "lori", "own-frozenA"),
             "diagnose": False,
             "merge": {"methods": ["task_arithmetic", "ties", "emr"], "lambdas": [0.5, 1.0, 1.5, 2.0]},
