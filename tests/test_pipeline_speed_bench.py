@@ -3,23 +3,19 @@ manifests -> table rows, the Targets status logic. No timing is asserted and not
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tinymodels import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ps() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_pipeline_speed", ROOT / "bench" / "pipeline_speed.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / "pipeline_speed.py", "bench_pipeline_speed")
 
 
 @pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu", "gpu-all-linear"])

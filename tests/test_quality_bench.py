@@ -3,23 +3,19 @@ the where-merging-hurts targets, EMR kept out of the shared-model recommendation
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tinymodels import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / "quality.py", "bench_quality")
 
 
 def _single(val: float, test: float) -> dict[str, dict[str, float]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
 import io
 import json
 import math
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from tinymodels import load_script
 
 from osrm_lora.errors import OsrmError
 from osrm_lora.report import markdown_table, plots, print_results, results_rows, write_report
@@ -114,10 +114,7 @@ def png_image(data: bytes) -> np.ndarray:
 
 # --------------------------------------------------------------------------- fixture
 def test_fixture_matches_its_generator(results: dict[str, Any]) -> None:
-    spec = importlib.util.spec_from_file_location("make_fixture", FIXTURE / "make_fixture.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(FIXTURE / "make_fixture.py", "make_fixture")
     assert json.loads(json.dumps(mod.build())) == results
     for rec in results["merged"]:  # selection really is on validation
         best = max(p["avg_validation"] for p in rec["curve"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -126,3 +128,12 @@ def trained_keyword_adapters(model: Path, root: Path, tasks: list[tuple[str, lis
     adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, loaded)]
     return {"root": root, "dirs": dirs, "evaluator": evaluator, "adapters": adapters, "model": str(model),
             "tasks": [t.name for t in loaded]}
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import a script that is not on the import path (a bench command, a fixture generator) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
