@@ -146,7 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "setting (offline6 tasks mr, movie_docs, hedge, bbc, spam, foods; LoRA r=16, alpha 32 on all "
                        "linear layers; training capped at 2000 examples per task, validation/test at 400; 128 tokens, "
                        "4 epochs, lr 1e-3 / head 1e-2; MiniLM-L6 on one GPU, bf16 autocast), inits standard and "
-                       "own-frozenA (lr 1e-3 each), methods TA, TIES, CTM and EMR with lambda on validation, plus "
+                       "own-frozenA (lr 1e-3 each), methods TA, TIES, CTM, DOGE (FusionBench's DOGE-TA defaults) "
+                       "and EMR with lambda on validation, plus "
                        "Reinforced Model Merging (candidates: each adapter, TA, TIES, DARE-TIES; 300 evaluations on "
                        "32-example validation subsets per task) and the multi-fidelity merge search (TA/TIES/"
                        "DARE-TIES/TSV-M per group of 2 layers with adapter masks, Hyperband over 1/9, 1/3 and all of "
@@ -160,7 +161,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train": HARD_TRAIN,
             "inits": _inits("standard", "own-frozenA"),
             "diagnose": False,
-            "merge": {"methods": ["task_arithmetic", "ties", "ctm", "emr"], "lambdas": HARD_LAMBDAS,
+            "merge": {"methods": ["task_arithmetic", "ties", "ctm", "doge", "emr"], "lambdas": HARD_LAMBDAS,
                       "rmm": FAMILY_RMM, "search": FAMILY_SEARCH},
         },
     },
