@@ -134,6 +134,42 @@ def test_permutation_invariance(method, params):
         close(a[k], b[k], 1e-4)
 
 
+LINEAR_IN_SCALING = sorted(i.name for i in list_methods() if i.linear_in_scaling)
+
+
+def test_every_data_free_method_with_a_scaling_is_declared_linear_or_not():
+    """A new method with a scaling must be considered for the merge-once sweep: the data-free ones
+    with a scaling are all final-factor methods today; the data-aware ones (regmean, fisher,
+    adamerging) are not declared and are merged at every lambda."""
+    with_scaling = {i.name for i in list_methods() if "scaling" in {p.name for p in i.params} and not i.needs}
+    assert set(LINEAR_IN_SCALING) == with_scaling
+    assert not {"regmean", "fisher", "adamerging"} & set(LINEAR_IN_SCALING)
+
+
+@pytest.mark.parametrize("method", LINEAR_IN_SCALING)
+@pytest.mark.parametrize("lam", [0.0, 0.35, 2.5])
+def test_linear_in_scaling_methods_scale(method, lam):
+    """merge(scaling=lam) equals merge(scaling=1).scaled(lam): what the lambda sweep relies on."""
+    ads = three()
+    direct = merge(ads, method, {"scaling": lam})
+    scaled = merge(ads, method, {"scaling": 1.0}).scaled(lam)
+    assert scaled.params["scaling"] == pytest.approx(lam) and scaled.info["scaled_from"] == 1.0
+    tasks = range(len(ads)) if direct.per_task_deltas is not None else [None]
+    assert (scaled.adapter is None) == (direct.adapter is None)
+    for t in tasks:
+        d, s = direct.deltas_for(t), scaled.deltas_for(t)
+        for k in SHAPES:
+            close(s[k], d[k], 1e-5)
+
+
+def test_scaled_leaves_the_original_unchanged():
+    base = merge(three(), "task_arithmetic", {"scaling": 1.0})
+    before = {k: m.B.clone() for k, m in base.adapter.modules.items()}
+    base.scaled(3.0)
+    assert all(torch.equal(base.adapter.modules[k].B, b) for k, b in before.items())
+    assert base.params["scaling"] == 1.0 and "scaled_from" not in base.info
+
+
 def test_core_space_and_knots_ta_equal_task_arithmetic():
     ads = three()
     ta = merge(ads, "task_arithmetic", {"scaling": 0.7}).deltas_for()

@@ -284,3 +284,39 @@ def test_merge_stage_writes_the_same_sweep_json(trained: dict[str, Any], tmp_pat
     b, f = ({k: v for k, v in r.items() if k not in timing and k != "inputs"} for r in records.values())
     assert b == f
     assert len(b["curve"]) == len(LAMBDAS)
+
+
+def test_merge_stage_merges_a_linear_method_once(trained: dict[str, Any], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method linear in its scaling (TIES) is merged once in the merge stage's sweep and scaled per
+    lambda; the sweep.json equals the one of merging at every lambda (the declaration switched off)."""
+    import dataclasses
+
+    from osrm_lora.data import load_task
+    from osrm_lora.merge.types import _REGISTRY
+    from osrm_lora.pipeline import merge_and_sweep
+
+    root = trained["root"]
+    monkeypatch.setenv("OSRM_LORA_CACHE", str(root / "cache"))
+    tasks = [load_task({"name": n, "source": "local", "path": str(root / f"{n}.jsonl")}) for n in trained["tasks"]]
+    info = _REGISTRY["ties"]
+    assert info.linear_in_scaling
+    records, calls = {}, []
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls.append(a[1]["scaling"])
+        return info.fn(*a, **k)
+
+    for mode, linear in (("once", True), ("each", False)):
+        monkeypatch.setitem(_REGISTRY, "ties", dataclasses.replace(info, fn=counted, linear_in_scaling=linear))
+        out = tmp_path / mode
+        merge_and_sweep(trained["model"], tasks, [Path(d) for d in trained["dirs"]], "ties", {"density": 0.5},
+                        LAMBDAS, out, max_length=12, batch_size=16, device="cpu", seed=0, merge_device="cpu")
+        records[mode] = json.loads((out / "sweep.json").read_text())
+        assert calls == ([1.0] if linear else LAMBDAS)
+        assert records[mode]["merged_once"] is linear
+        calls.clear()
+    drop = {"merge_seconds", "merge_peak_mb", "inputs", "merged_once"}
+    once, each = ({k: v for k, v in r.items() if k not in drop} for r in records.values())
+    assert once == each
+    assert records["once"]["merge_seconds"] > 0

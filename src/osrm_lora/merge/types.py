@@ -217,6 +217,26 @@ class MergeResult:
             return self.adapter.deltas()
         raise OsrmError(f"merge result of {self.method} is empty; rerun the merge")
 
+    def scaled(self, factor: float) -> MergeResult:
+        """The result of the same merge with ``scaling`` multiplied by ``factor``, for a method whose
+        output is linear in its scaling (``MethodInfo.linear_in_scaling``): every dense delta times
+        ``factor``, or, in factor form, every ``B`` times ``factor`` (the same delta to float rounding).
+        ``info["scaled_from"]`` records the scaling actually merged at."""
+        base = float(self.params.get("scaling", 1.0))
+        adapter = None
+        if self.adapter is not None:
+            adapter = dataclasses.replace(self.adapter, modules={
+                k: dataclasses.replace(m, B=m.B * factor) for k, m in self.adapter.modules.items()})
+        return dataclasses.replace(
+            self,
+            params={**self.params, "scaling": base * factor},
+            adapter=adapter,
+            deltas=None if self.deltas is None else {k: v * factor for k, v in self.deltas.items()},
+            per_task_deltas=None if self.per_task_deltas is None
+            else [{k: v * factor for k, v in d.items()} for d in self.per_task_deltas],
+            info={**self.info, "scaled_from": base},
+        )
+
     def to(self, device: torch.device | str) -> MergeResult:
         """A copy with every tensor (factors, deltas, the inputs' heads and biases) on ``device``."""
         return dataclasses.replace(
@@ -244,6 +264,8 @@ class MethodInfo:
     needs: frozenset[str] = frozenset()
     per_task: bool = False
     min_adapters: int = 1
+    # the output at scaling s is s times the output at scaling 1 (a lambda sweep merges once)
+    linear_in_scaling: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -261,14 +283,16 @@ _REGISTRY: dict[str, MethodInfo] = {}
 
 def register_method(name: str, *, params: Sequence[Param] = (), description: str, paper: str,
                     exact_in_factor_space: bool = False, needs: Sequence[str] = (), per_task: bool = False,
-                    min_adapters: int = 1) -> Callable[[MethodFn], MethodFn]:
-    """Decorator registering a merge method under ``name``."""
+                    min_adapters: int = 1, linear_in_scaling: bool = False) -> Callable[[MethodFn], MethodFn]:
+    """Decorator registering a merge method under ``name``. ``linear_in_scaling``: the method applies
+    its ``scaling`` parameter as a final factor (checked for every such method by the test suite), so a
+    lambda sweep can merge once and scale (:meth:`MergeResult.scaled`)."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name} registered twice")
         _REGISTRY[name] = MethodInfo(name, fn, tuple(params), description, paper, exact_in_factor_space,
-                                     frozenset(needs), per_task, min_adapters)
+                                     frozenset(needs), per_task, min_adapters, linear_in_scaling)
         return fn
 
     return deco

@@ -164,11 +164,17 @@ def merge_and_sweep(
     if lambda_source == "config":
         logger.info("%s/%s: scaling %g from merge.params, no lambda sweep", init_name, method, grid[0])
 
+    once: list[Any] = []  # a method linear in its scaling is merged once, at scaling 1, then scaled
+
     def merge_fn(lam: float) -> Any:
         p = dict(params)
-        if lambda_source is not None:
-            p["scaling"] = lam
-        return merge(adapters, method, p, context=context)
+        if lambda_source is None:
+            return merge(adapters, method, p, context=context)
+        if not (info.linear_in_scaling and len(grid) > 1):
+            return merge(adapters, method, {**p, "scaling": lam}, context=context)
+        if not once:
+            once.append(merge(adapters, method, {**p, "scaling": 1.0}, context=context))
+        return once[0] if lam == 1.0 else once[0].scaled(lam)
 
     def feasible(scores: dict[str, float]) -> bool:
         return all(v <= 0 for v in shortfalls(parsed, floors, scores))
@@ -178,6 +184,9 @@ def merge_and_sweep(
     best_result = best_result.to("cpu")
     record = _sweep_record(init_name, method, params, seed, curve, selected, grid, lambda_source,
                            {name: m["test"] for name, m in single.items()}, dirs)
+    record["merged_once"] = bool(once)  # merged at scaling 1 and scaled for every lambda
+    if once:  # what the selected merge costs on its own: that one merge (scaling it is free)
+        record["merge_seconds"] = float(once[0].info["seconds"])
     if parsed:
         record["constraints"] = _constraint_rows(parsed, floors, selected.validation, selected.test)
         record["constraints_met"] = all(r["met_on_validation"] for r in record["constraints"])

@@ -32,6 +32,7 @@ def magnitude_direction(tau: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Te
 
 @register_method(
     "do_merging",
+    linear_in_scaling=True,
     params=[SCALING, Param("base", "str", "ta", "merge rule for the directions", choices=("ta", "ties")), DENSITY,
             THRESHOLD, SIGN, WEIGHTS],
     description="merge per-row directions with a base method and magnitudes by weighted mean, recombine",
@@ -133,6 +134,7 @@ OPCM_NORMS = ("model", "module")
 
 @register_method(
     "opcm",
+    linear_in_scaling=True,
     params=[SCALING,
             Param("alpha", "float", 0.5, "energy fraction of the merged update's singular values whose block is "
                   "projected out", low=0.0, high=1.0, low_open=True, high_open=True),

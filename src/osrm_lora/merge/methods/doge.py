@@ -137,6 +137,7 @@ def _module_basis(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], subspace
 
 @register_method(
     "doge",
+    linear_in_scaling=True,
     params=[SCALING,
             Param("coef", "float", 0.07, "task-aware coefficients lambda_t = coef / ||tau_t||_F per module "
                   "(FusionBench lamda)", low=0.0, low_open=True),

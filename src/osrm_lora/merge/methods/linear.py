@@ -21,6 +21,7 @@ def concat_merge(adapters: list[LoraAdapter], coeffs: list[float], name: str) ->
 
 @register_method(
     "task_arithmetic",
+    linear_in_scaling=True,
     params=[SCALING, WEIGHTS],
     description="lambda * sum_t w_t tau_t, exact in factor space (rank = sum of ranks)",
     paper="https://arxiv.org/abs/2212.04089",

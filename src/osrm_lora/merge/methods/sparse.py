@@ -42,6 +42,7 @@ def _dense(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContex
 
 @register_method(
     "ties",
+    linear_in_scaling=True,
     params=[SCALING, DENSITY, THRESHOLD, SIGN, WEIGHTS],
     description="trim to top-density magnitudes, elect sign, disjoint mean, times lambda",
     paper="https://arxiv.org/abs/2306.01708",
@@ -58,6 +59,7 @@ def ties(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext)
 
 @register_method(
     "dare_linear",
+    linear_in_scaling=True,
     params=[SCALING, DROP_P, SEED, WEIGHTS],
     description="DARE random drop (p) with 1/(1-p) rescale, then weighted sum times lambda",
     paper="https://arxiv.org/abs/2311.03099",
@@ -70,6 +72,7 @@ def dare_linear(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeC
 
 @register_method(
     "dare_ties",
+    linear_in_scaling=True,
     params=[SCALING, DROP_P, SIGN, SEED, WEIGHTS],
     description="DARE random drop (p) with rescale, then TIES sign election and disjoint mean",
     paper="https://arxiv.org/abs/2311.03099",
@@ -81,6 +84,7 @@ def dare_ties(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCon
 
 @register_method(
     "magnitude_prune",
+    linear_in_scaling=True,
     params=[SCALING, DENSITY, THRESHOLD, WEIGHTS],
     description="keep the top-density magnitudes per task, then weighted sum times lambda",
     paper="https://arxiv.org/abs/2306.01708",
@@ -94,6 +98,7 @@ def magnitude_prune(adapters: list[LoraAdapter], params: dict[str, Any], ctx: Me
 
 @register_method(
     "emr",
+    linear_in_scaling=True,
     params=[SCALING, Param("rescale", "str", "task", "rescaler over all modules of a task (task) or per matrix",
                            choices=("task", "matrix"))],
     description="elect a unified update, deploy it per task with a binary mask and a rescaler",

@@ -58,6 +58,7 @@ def _tsv_keep(rank_fraction: float | None, m: int, n: int, T: int) -> int:
 
 @register_method(
     "tsv_m",
+    linear_in_scaling=True,
     params=[SCALING, Param("rank_fraction", "float", None, "fraction of min(m,n) singular triplets kept per task "
                            "(default 1/T)", low=0.0, high=1.0, low_open=True)],
     description="keep each task's top singular triplets, orthogonalise U and V (polar), recombine",
@@ -95,6 +96,7 @@ def _ta_factors(adapters: list[LoraAdapter], key: str) -> tuple[torch.Tensor, to
 
 @register_method(
     "iso_c",
+    linear_in_scaling=True,
     params=[SCALING],
     description="SVD of the task-arithmetic sum with all singular values replaced by their mean",
     paper="https://arxiv.org/abs/2502.04959",
@@ -118,6 +120,7 @@ def iso_c(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext
 
 @register_method(
     "iso_cts",
+    linear_in_scaling=True,
     params=[SCALING, Param("common_fraction", "float", 0.8, "fraction of the rank budget given to the common "
                            "subspace", low=0.0, high=1.0, low_open=True)],
     description="Iso-C plus task-specific directions orthogonal to the common subspace, flattened spectrum",
@@ -189,6 +192,7 @@ def knots_coordinates(U: torch.Tensor, S: torch.Tensor, blocks: list[torch.Tenso
 
 @register_method(
     "knots",
+    linear_in_scaling=True,
     params=[SCALING, Param("variant", "str", "ties", "merge rule for the per-task coordinates",
                            choices=tuple(VARIANT_SPARSE)),
             Param("s_on_v", "bool", True, "trim/merge the S-scaled coordinates S V_t^T (true: official KnOTS, "
@@ -242,6 +246,7 @@ def core_basis(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 
 @register_method(
     "core_space",
+    linear_in_scaling=True,
     params=[SCALING, Param("variant", "str", "ta", "merge rule inside the core space",
                            choices=("ta", "ties", "dare_ties", "tsv")), DENSITY, DROP_P, THRESHOLD, SIGN, SEED,
             WEIGHTS],
@@ -302,6 +307,7 @@ def shared_core_subspaces(cores: list[torch.Tensor], rank: int) -> tuple[torch.T
 
 @register_method(
     "ctm",
+    linear_in_scaling=True,
     params=[SCALING, Param("rank", "int", 0, "rank of the merged adapter (0 = the largest input rank)", low=0),
             Param("variant", "str", "ta", "merge rule inside the rank x rank coordinates",
                   choices=("ta", "ties", "dare_ties")), DENSITY, DROP_P, THRESHOLD, SIGN, SEED, WEIGHTS],
