@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,7 +78,13 @@ def main(model: str, out: Path) -> None:
     except OsrmError as exc:
         (out / f"from_rank0_rank{env.rank}.txt").write_text(str(exc))
     D.barrier()
-    D.shutdown()
+    # 4. a finished command leaves the group with every rank: rank 0 waits for the late rank 1
+    if env.rank == 1:
+        time.sleep(1.0)
+        (out / "rank1_finished.txt").write_text("1")
+    D.shutdown(synchronize=True)
+    if env.rank == 0:
+        (out / "rank0_left_after_rank1.txt").write_text(str((out / "rank1_finished.txt").exists()))
 
 
 if __name__ == "__main__":

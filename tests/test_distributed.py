@@ -137,6 +137,12 @@ def test_sharded_statistics_equal_the_single_process_store(worker_run: Path, no_
         torch.testing.assert_close(got.tensors[k], v, atol=1e-10, rtol=1e-12, msg=k)
 
 
+def test_a_finished_rank_leaves_the_group_only_with_every_rank(worker_run: Path) -> None:
+    """shutdown(synchronize=True), as the CLI calls it after a finished command: rank 0 leaves after
+    the late rank 1 finished (leaving first made gloo abort the peer at exit)."""
+    assert (worker_run / "rank0_left_after_rank1.txt").read_text() == "True"
+
+
 def test_a_failure_on_one_rank_is_raised_on_every_rank(worker_run: Path) -> None:
     assert (worker_run / "error_rank1.txt").read_text() == "job 1 broke"
     other = (worker_run / "error_rank0.txt").read_text()

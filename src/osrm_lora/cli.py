@@ -747,13 +747,17 @@ def _usage_message(exc: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors -> one line on stderr, exit status 2."""
+    finished = False
     try:
-        return _main_entry(argv)
+        rc = _main_entry(argv)
+        finished = True
+        return rc
     finally:
         if "osrm_lora.distributed" in sys.modules:  # a process group exists only if the command loaded it
             from osrm_lora.distributed import shutdown
 
-            shutdown()  # leave the process group (torchrun) whatever happened
+            # leave the process group (torchrun) whatever happened; after a finished command, with every rank
+            shutdown(synchronize=finished)
 
 
 def _main_entry(argv: list[str] | None) -> int:

@@ -100,10 +100,24 @@ def init_distributed(device: str | None = "auto", timeout_minutes: float = 60.0)
     return env
 
 
-def shutdown() -> None:
-    """Leave the process group (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(*, synchronize: bool = False, timeout_s: float = 60.0) -> None:
+    """Leave the process group (no-op in a single process).
+
+    ``synchronize`` (the command finished on this rank): wait for every rank first, so that no rank
+    closes its connections while a peer still uses them (gloo then aborts the peer at exit with
+    "terminate called without an active exception"). On gloo the wait is a monitored barrier that
+    gives up after ``timeout_s`` (a peer that died never arrives); the group is left either way."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except Exception as exc:  # a peer failed or left: nothing to wait for
+            logger.debug("no barrier before leaving the process group: %s", exc)
+    dist.destroy_process_group()
 
 
 def rank_device(device: str | None = "auto") -> torch.device:
