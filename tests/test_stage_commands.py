@@ -67,3 +67,29 @@ def test_profile_init_train_diagnose_project(tiny_bert: Path, tmp_path: Path) ->
         for key in orig.modules:
             assert torch.allclose(proj.modules[key].delta(), orig.modules[key].delta(), atol=1e-5)
         assert (tmp_path / "proj" / out.name / "head.safetensors").exists()
+
+
+def test_profile_command_equals_the_pipeline_profile_stage(tiny_bert: Path, tmp_path: Path) -> None:
+    """`osrm-lora profile` with its defaults computes the store of the pipeline's profile stage with the
+    config's defaults (same seeded sample, targets, padding rule, precision)."""
+    from safetensors.torch import load_file
+
+    from osrm_lora.config import parse_config
+    from osrm_lora.data import load_task
+    from osrm_lora.pipeline.stages import profile_stage
+
+    paths = [_jsonl(keyword_task(n, kws, n=60, seed=s), tmp_path / f"{n}.jsonl")
+             for n, kws, s in (("colours", ["red", "green"], 1), ("letters", ["alpha", "bravo"], 2))]
+    m = str(tiny_bert)
+    assert main(["-q", "profile", "--tasks", ",".join(map(str, paths)), "--out", str(tmp_path / "cli"),
+                 "--model", m, "--n-samples", "20", "--max-length", "16"]) == 0
+    cfg = parse_config({"name": "p", "model": m, "tasks": [str(p) for p in paths], "train": {"max_length": 16},
+                        "profile": {"n_samples": 20}})
+    profile_stage(cfg, [load_task(str(p)) for p in paths], m, tmp_path / "stage")
+    files = sorted(f.name for f in (tmp_path / "cli").glob("*.safetensors"))
+    assert files and files == sorted(f.name for f in (tmp_path / "stage").glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(str(tmp_path / "cli" / name)), load_file(str(tmp_path / "stage" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k

@@ -57,7 +57,7 @@ def test_hook_statistics_match_hidden_states_and_batching(setup):
                                dtype=torch.float64)
     assert s_small.tasks == ["a", "b", "c"]
     for task in s_small.tasks:
-        idx = sample_indices(len(texts[task]), 7, 42)
+        idx = sample_indices(len(texts[task]), 7, 0)  # the default seed, as the pipeline
         assert len(set(idx)) == 7
         for layer in range(2):
             group = s_small.group_of(f"bert.encoder.layer.{layer}.attention.self.query")
@@ -97,7 +97,7 @@ def test_padding_rule(setup):
     incl = collect_statistics(model, tok, texts, ["query", "value"], include_padding=True, **kw)
     g = excl.group_of("bert.encoder.layer.1.attention.self.query")
     for task in excl.tasks:
-        idx = sample_indices(len(texts[task]), 5, 42)
+        idx = sample_indices(len(texts[task]), 5, 0)
         H, mask = direct_inputs(model, tok, [texts[task][i] for i in idx], 1, max_length=16, pad_to_max=True)
         assert incl.count(task, g) == 5 * 16
         assert excl.count(task, g) == int(mask.sum())
@@ -138,7 +138,7 @@ def test_text_pairs_and_float32(setup):
     pairs = {"a": (texts["a"], texts["b"]), "c": (texts["c"], None)}
     store = collect_statistics(model, tok, pairs, ["query"], n_samples=4, batch_size=3)
     g = store.groups[0]
-    idx = sample_indices(len(texts["a"]), 4, 42)
+    idx = sample_indices(len(texts["a"]), 4, 0)
     enc = tok([texts["a"][i] for i in idx], [texts["b"][i] for i in idx], padding=True, truncation=True,
               max_length=128, return_tensors="pt")
     assert store.count("a", g) == int(enc["attention_mask"].sum())
@@ -156,7 +156,7 @@ def test_store_round_trip_and_refusals(setup, tmp_path):
     for k, v in store.tensors.items():
         torch.testing.assert_close(loaded.tensors[k], v)
     fp = model_fingerprint(model)
-    loaded.check_matches(fp, {"max_length": 24, "n_samples": 3, "seed": 42, "include_padding": False,
+    loaded.check_matches(fp, {"max_length": 24, "n_samples": 3, "seed": 0, "include_padding": False,
                               "dtype": torch.float32, "tasks": ["a", "b"]})
     # the head does not enter the fingerprint: a 3-label classifier on the same backbone matches
     other_head = make_model(seed=5, num_labels=3).double()

@@ -318,32 +318,20 @@ def profile(
 
     Example: osrm-lora profile --tasks mr,hedge,bbc,spam --out runs/stats
     """
-    import torch
-
-    from osrm_lora.backbone import (
-        default_target_modules,
-        load_classifier,
-        load_tokenizer,
-        resolve_model_path,
-        select_device,
-    )
+    from osrm_lora.backbone import resolve_model_path
     from osrm_lora.distributed import barrier, main_first
-    from osrm_lora.stats import collect_statistics
+    from osrm_lora.pipeline.stages import profile_tasks
 
     _model_arg(model)
     _device_arg(device)
+    settings = ProfileSettings(n_samples=n_samples, batch_size=batch_size, include_padding=include_padding,
+                               dtype="float64" if float64 else "float32")
     with claim_output(out, overwrite=overwrite):  # refuse a bad --out before profiling; lock it meanwhile
         main_rank = _join_group(device)  # under torchrun: the batches are split over the processes
         with main_first():
             task_objs = _load_tasks(tasks)
-        path = resolve_model_path(model)
-        tok = load_tokenizer(path)
-        m = load_classifier(path, 2, device=select_device(device), pad_token_id=tok.pad_token_id)
-        targets = _csv(target_modules) or default_target_modules(m.config.model_type)
-        texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in task_objs}
-        store = collect_statistics(m, tok, texts, targets, n_samples=n_samples, max_length=max_length,
-                                   batch_size=batch_size, include_padding=include_padding,
-                                   dtype=torch.float64 if float64 else torch.float32, seed=seed)
+        store = profile_tasks(resolve_model_path(model), task_objs, _csv(target_modules), settings,
+                              max_length=max_length, device=device, seed=seed)
         if main_rank:
             store.save(out)
             typer.echo(f"statistics for {len(task_objs)} tasks saved to {out}")

@@ -495,7 +495,7 @@ def collect_statistics(
     include_padding: bool = False,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-    seed: int = 42,
+    seed: int = 0,
     pad_to_max_length: bool = False,
 ) -> StatsStore:
     """Run the (pre-trained) model in eval mode without gradients over ``n_samples`` seeded samples

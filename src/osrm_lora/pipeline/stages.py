@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from osrm_lora.backbone import default_target_modules, load_classifier, load_tokenizer, select_device
-from osrm_lora.config import InitSettings, PipelineConfig
+from osrm_lora.config import InitSettings, PipelineConfig, ProfileSettings
 from osrm_lora.data import load_suite, load_task
 from osrm_lora.data.task import Task
 from osrm_lora.distributed import barrier, from_rank0, get_env, raise_if_any_failed, shard
@@ -23,6 +23,7 @@ from osrm_lora.pipeline.context import RunContext
 from osrm_lora.pipeline.jobs import parallel_mode, run_jobs
 from osrm_lora.pipeline.layout import ADAPTER_METRICS, INTERFERENCE, RunLayout
 from osrm_lora.pipeline.ledger import DIAGNOSE, PROFILE, TRAIN
+from osrm_lora.stats import StatsStore, collect_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -77,33 +78,24 @@ def adapter_dirs(run_dir: Path, init: str, tasks: Sequence[Task]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- profile
-def _target_modules(cfg: PipelineConfig, model_path: str) -> list[str]:
-    if cfg.lora.target_modules:
-        return list(cfg.lora.target_modules)
-    from transformers import AutoConfig
-
-    return default_target_modules(AutoConfig.from_pretrained(model_path).model_type)
+def profile_tasks(model_path: str, tasks: Sequence[Task], target_modules: Sequence[str] | None,
+                  settings: ProfileSettings, *, max_length: int, device: str | None, seed: int) -> StatsStore:
+    """Activation statistics of every task's train split under the pre-trained model (what ``osrm-lora
+    profile`` and the pipeline's profile stage compute). ``target_modules`` None or empty: the
+    architecture's defaults. Sharded over the processes when there are several; the same store on all."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_classifier(model_path, 2, device=select_device(device), pad_token_id=tokenizer.pad_token_id)
+    targets = list(target_modules or []) or default_target_modules(model.config.model_type)
+    texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in tasks}
+    return collect_statistics(model, tokenizer, texts, targets, n_samples=settings.n_samples, max_length=max_length,
+                              batch_size=settings.batch_size, include_padding=settings.include_padding,
+                              dtype=torch.float64 if settings.dtype == "float64" else torch.float32, seed=seed)
 
 
 def profile_stage(cfg: PipelineConfig, tasks: Sequence[Task], model_path: str, out: Path) -> None:
     """Collect the activation statistics of every task (train split) under the pre-trained model."""
-    from osrm_lora.stats import collect_statistics
-
-    tokenizer = load_tokenizer(model_path)
-    model = load_classifier(model_path, 2, device=select_device(cfg.device), pad_token_id=tokenizer.pad_token_id)
-    texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in tasks}
-    store = collect_statistics(  # sharded over the processes when there are several; same store on all
-        model,
-        tokenizer,
-        texts,
-        _target_modules(cfg, model_path),
-        n_samples=cfg.profile.n_samples,
-        max_length=cfg.train.max_length,
-        batch_size=cfg.profile.batch_size,
-        include_padding=cfg.profile.include_padding,
-        dtype=torch.float64 if cfg.profile.dtype == "float64" else torch.float32,
-        seed=cfg.seed,
-    )
+    store = profile_tasks(model_path, tasks, cfg.lora.target_modules, cfg.profile, max_length=cfg.train.max_length,
+                          device=cfg.device, seed=cfg.seed)
     if get_env().is_main:
         store.save(out)
 
@@ -127,8 +119,6 @@ def init_subspaces(cfg: PipelineConfig, init: InitSettings, tasks: Sequence[Task
     if init.mode == "standard":
         return {}
     from osrm_lora.osrm import compute_osrm_A
-    from osrm_lora.stats import StatsStore
-
     store = StatsStore.load(stats_dir)
     k = init.subspace_dim or cfg.lora.rank
     if k < cfg.lora.rank:
@@ -183,7 +173,6 @@ class _Training:
         grams = None
         if init.interference_penalty > 0:
             from osrm_lora.osrm import interference_grams
-            from osrm_lora.stats import StatsStore
 
             grams = interference_grams(StatsStore.load(self.stats_dir), task.name, [t.name for t in self.ctx.tasks])
         return {"init_A": init_A, "freeze_A": init.freeze_A, "freeze_B": init.freeze_B, "init_name": init.name,
