@@ -75,3 +75,21 @@ def test_unknown_task_is_clear(tmp_path: Path) -> None:
 def test_quiet_and_verbose_flags_parse() -> None:
     assert main(["-q", "tasks", "list"]) == 0
     assert main(["-v", "tasks", "list"]) == 0
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--warmup-ratio", "2"], "error: Invalid value for '--warmup-ratio': "),  # outside the option's range
+    (["--warmup-ratio", "1"], "error: warmup_ratio: Input should be less than 1 (got 1.0)"),  # the settings' strict bound
+    (["--head-lr", "0"], "error: head_lr: Input should be greater than 0 (got 0.0)"),
+    (["--max-grad-norm", "0"], "error: max_grad_norm: Input should be greater than 0 (got 0.0)"),
+    (["--eval-batch-size", "0"], "error: Invalid value for '--eval-batch-size': "),
+    (["--weight-decay", "-1"], "error: Invalid value for '--weight-decay': "),
+])
+def test_bad_train_setting_is_one_line_error(args: list[str], expected: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["train", "--task", "mr", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), err
+    assert "Traceback" not in err and not out.exists()

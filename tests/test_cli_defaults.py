@@ -9,13 +9,15 @@ the command's settings models in order (first match), unless named in ``FIELDS``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
 
-from osrm_lora.cli import app
+from osrm_lora.cli import app, main
 from osrm_lora.config import (
     InitSettings,
     LoraSettings,
@@ -158,3 +160,49 @@ def test_init_modes_spelled_once() -> None:
     assert all(m in (project_help or "") for m in OSRM_MODES) and "standard" not in (project_help or "")
     with pytest.raises(ValueError):
         InitSettings(name="x", mode="lori")  # type: ignore[arg-type]
+
+
+NOT_IN_COMMAND: dict[tuple[str, type], dict[str, str]] = {
+    # (command, settings model) -> {field: why no option of that command stands for it}
+    ("train", TrainSettings): {
+        "batched": "trains the run's adapters together in one pass; `osrm-lora train` trains one adapter",
+    },
+    ("train", LoraSettings): {},
+}
+
+
+@pytest.mark.parametrize(("path", "model"), list(NOT_IN_COMMAND), ids=[f"{p}-{m.__name__}" for p, m in NOT_IN_COMMAND])
+def test_every_setting_of_the_command_is_an_option(path: str, model: type) -> None:
+    """A user training one adapter by hand can set what the pipeline config can (--head-lr, --warmup-ratio,
+    ... were once missing from `osrm-lora train`); defaults and help are checked by the test above."""
+    excluded = NOT_IN_COMMAND[(path, model)]
+    reached = {field for p, _, m, field, _ in MAPPED if p == path and m is model}
+    missing = set(model.model_fields) - reached - set(excluded)
+    assert not missing, f"osrm-lora {path} has no option for {model.__name__}.{sorted(missing)}"
+    assert not set(excluded) & reached, "an excluded setting now has an option; drop it from NOT_IN_COMMAND"
+    assert set(excluded) <= set(model.model_fields), "NOT_IN_COMMAND names a setting that no longer exists"
+
+
+def test_train_options_reach_the_training(tiny_bert: Path, tmp_path: Path) -> None:
+    """The optimisation options of `osrm-lora train` reach the TrainSettings train_task trains with (and
+    records in metrics.json); --no-train-pooler leaves the pooler at the base model's weights."""
+    from safetensors.torch import load_file
+    from tinymodels import WORDS
+
+    data = tmp_path / "kw.jsonl"
+    data.write_text("".join(json.dumps({"text": f"alpha {'red' if i % 2 else 'golf'} {WORDS[i % 20]}", "label": i % 2}) + "\n"
+                            for i in range(40)))
+    out = tmp_path / "adapter"
+    assert main(["-q", "train", "--task", str(data), "--model", str(tiny_bert), "--out", str(out), "--epochs", "1",
+                 "--rank", "2", "--batch-size", "8", "--max-length", "8", "--lr", "0.01", "--head-lr", "0.5",
+                 "--weight-decay", "0.1", "--max-grad-norm", "0.5", "--warmup-ratio", "0.2", "--eval-batch-size", "3",
+                 "--no-train-pooler"]) == 0
+    recorded = json.loads((out / "metrics.json").read_text())["train"]
+    expected = {"lr": 0.01, "head_lr": 0.5, "weight_decay": 0.1, "max_grad_norm": 0.5, "warmup_ratio": 0.2,
+                "eval_batch_size": 3, "train_pooler": False, "max_length": 8, "batch_size": 8, "epochs": 1}
+    assert {k: recorded[k] for k in expected} == expected
+    head = load_file(str(out / "head.safetensors"))
+    base = load_file(str(tiny_bert / "model.safetensors"))
+    pooler = [k for k in head if ".pooler." in k]
+    assert pooler and all(k in base for k in pooler), sorted(head)
+    assert all(head[k].equal(base[k]) for k in pooler), "the pooler was trained despite --no-train-pooler"

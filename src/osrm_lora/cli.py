@@ -260,7 +260,13 @@ def train(
     epochs: Annotated[int, typer.Option(min=1, help=_help(TrainSettings, "epochs"))] = _default(TrainSettings, "epochs"),
     batch_size: Annotated[int, typer.Option(min=1, help=_help(TrainSettings, "batch_size"))] = _default(TrainSettings, "batch_size"),
     lr: Annotated[float, typer.Option(min=0.0, help=_help(TrainSettings, "lr"))] = _default(TrainSettings, "lr"),
+    head_lr: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help=_help(TrainSettings, "head_lr"))] = _default(TrainSettings, "head_lr"),
+    warmup_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help=_help(TrainSettings, "warmup_ratio"))] = _default(TrainSettings, "warmup_ratio"),
+    weight_decay: Annotated[float, typer.Option(min=0.0, help=_help(TrainSettings, "weight_decay"))] = _default(TrainSettings, "weight_decay"),
+    max_grad_norm: Annotated[float, typer.Option(min=0.0, help=_help(TrainSettings, "max_grad_norm"))] = _default(TrainSettings, "max_grad_norm"),
     max_length: Annotated[int, typer.Option(min=2, help=_help(TrainSettings, "max_length"))] = _default(TrainSettings, "max_length"),
+    eval_batch_size: Annotated[int, typer.Option(min=1, help=_help(TrainSettings, "eval_batch_size"))] = _default(TrainSettings, "eval_batch_size"),
+    train_pooler: Annotated[bool, typer.Option("--train-pooler/--no-train-pooler", help=_help(TrainSettings, "train_pooler"))] = _default(TrainSettings, "train_pooler"),
     freeze_a: Annotated[bool, typer.Option("--freeze-a", help=_help(InitSettings, "freeze_A"))] = _default(InitSettings, "freeze_A"),
     freeze_b: Annotated[bool, typer.Option("--freeze-b", help=_help(InitSettings, "freeze_B"))] = _default(InitSettings, "freeze_B"),
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
@@ -286,7 +292,9 @@ def train(
     _device_arg(device)
     if strategy not in ("ddp", "fsdp"):
         raise OsrmError(f"unknown --strategy {strategy!r}; use ddp or fsdp")
-    tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length, strategy=strategy)
+    tcfg = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup_ratio=warmup_ratio,
+                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
+                         eval_batch_size=eval_batch_size, train_pooler=train_pooler, strategy=strategy)
     with claim_output(out, overwrite=overwrite, inputs=[init] if init else []):  # refuse a bad --out first
         main_rank = _join_group(device)  # under torchrun: data parallel, --batch-size is the global batch
         A = load_init_A(init) if init else None

@@ -323,13 +323,16 @@ class TrainSettings(_Strict):
     epochs: int = Field(3, gt=0, le=1000, description="Training epochs (the best on validation is kept).")
     batch_size: int = Field(32, gt=0, description="Training batch (the global batch with several processes).")
     lr: float = Field(5e-4, gt=0, lt=1, description="Learning rate (AdamW).")
-    head_lr: float | None = Field(None, gt=0, lt=1)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    eval_batch_size: int = Field(128, gt=0)
+    head_lr: float | None = Field(None, gt=0, lt=1, description=(
+        "Learning rate of the head (classifier and pooler); default: the same as lr."))
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description=(
+        "Share of the training steps over which the learning rate warms up linearly."))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping: largest norm of the gradients of all trained parameters.")
+    eval_batch_size: int = Field(128, gt=0, description="Batch size of evaluation (validation, test, merged models).")
     max_length: int = Field(128, gt=1, le=65536, description="Token limit (longer inputs are truncated).")
-    train_pooler: bool = True
+    train_pooler: bool = Field(True, description=(
+        "Train the pooler with the classifier, where the architecture has one (off: the classifier only)."))
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
         "Under torchrun: ddp (a model copy per process) or fsdp (sharded)."))
     """With several processes training one adapter: ``ddp`` keeps a full model copy per process;
