@@ -320,3 +320,34 @@ def test_merge_stage_merges_a_linear_method_once(trained: dict[str, Any], tmp_pa
     once, each = ({k: v for k, v in r.items() if k not in drop} for r in records.values())
     assert once == each
     assert records["once"]["merge_seconds"] > 0
+
+
+def test_use_heads_equals_a_fresh_evaluator(trained: dict[str, Any], tmp_path: Path) -> None:
+    """The pipeline's one evaluator per run: switched to another set of heads (another init's adapters
+    of the same tasks) it scores exactly as an evaluator built for those heads."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ev: MergedEvaluator = trained["evaluator"]
+    tasks = [s.task for s in ev.slots]
+    other = []
+    for d in trained["dirs"]:  # the same adapters with every head weight negated: other predictions
+        copy = tmp_path / Path(d).name
+        shutil.copytree(d, copy)
+        head = load_file(str(copy / "head.safetensors"))
+        save_file({k: -v if v.ndim == 2 else v for k, v in head.items()}, str(copy / "head.safetensors"))
+        other.append(copy)
+    merged = merge(trained["adapters"], "task_arithmetic", {"scaling": 0.7})
+    before = ev.evaluate(merged.deltas_for, "validation")
+    fresh = MergedEvaluator(trained["model"], tasks, other, max_length=12, splits=("validation", "test"))
+    try:
+        ev.use_heads(other)
+        for split in ("validation", "test"):
+            assert ev.evaluate(None, split) == fresh.evaluate(None, split)
+            assert ev.evaluate(merged.deltas_for, split) == fresh.evaluate(merged.deltas_for, split)
+            assert ev.evaluate_many([merged], split) == fresh.evaluate_many([merged], split)
+        assert ev.evaluate(merged.deltas_for, "validation") != before
+    finally:
+        ev.use_heads(trained["dirs"])
+    assert ev.evaluate(merged.deltas_for, "validation") == before

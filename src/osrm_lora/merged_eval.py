@@ -120,6 +120,16 @@ class TaskSlot:
     encoded: dict[str, Encoded] = field(default_factory=dict)
 
 
+def _task_head(task: Task, head_dir: str | Path) -> tuple[dict[str, torch.Tensor], HeadInfo]:
+    """The head saved beside an adapter, checked to belong to ``task``."""
+    state, info = load_head(head_dir)
+    if info.task != task.name:
+        raise OsrmError(f"head in {head_dir} belongs to task {info.task!r}, not {task.name!r}; pass the matching adapter")
+    if info.num_labels != task.num_labels:
+        raise OsrmError(f"head of {task.name} has {info.num_labels} outputs but the task has {task.num_labels} labels")
+    return state, info
+
+
 class MergedEvaluator:
     """One base model in memory; evaluates any set of per-task dense updates on any split
     (:meth:`evaluate`), or many low-rank candidates together (:meth:`evaluate_many`).
@@ -149,14 +159,7 @@ class MergedEvaluator:
         )
         self.model.eval()
         self.batch_size = batch_size
-        self.slots: list[TaskSlot] = []
-        for task, hdir in zip(tasks, head_dirs):
-            state, info = load_head(hdir)
-            if info.task != task.name:
-                raise OsrmError(f"head in {hdir} belongs to task {info.task!r}, not {task.name!r}; pass the matching adapter")
-            if info.num_labels != task.num_labels:
-                raise OsrmError(f"head of {task.name} has {info.num_labels} outputs but the task has {task.num_labels} labels")
-            self.slots.append(TaskSlot(task, state, info))
+        self.slots: list[TaskSlot] = [TaskSlot(task, *_task_head(task, hdir)) for task, hdir in zip(tasks, head_dirs)]
         self.max_length = max_length
         for split in splits:
             self.add_split(split)
@@ -165,6 +168,18 @@ class MergedEvaluator:
             raise OsrmError(f"batched_rows must be >= 1, got {batched_rows}")
         self.batched_rows = batched_rows
         self._module_index: tuple[set[str], str, dict[str, int], tuple[str, ...]] | None = None
+
+    def use_heads(self, head_dirs: Sequence[str | Path]) -> None:
+        """Evaluate with the heads of ``head_dirs`` (one per task, in the evaluator's task order, e.g.
+        another init's adapters of the same tasks) from now on; the base model, the tokenizer and the
+        encoded splits are kept, so one evaluator serves every merge of a run."""
+        if len(head_dirs) != len(self.slots):
+            raise OsrmError(f"need one head directory per task ({len(self.slots)}), got {len(head_dirs)}")
+        self.restore()
+        heads = [_task_head(slot.task, hdir) for slot, hdir in zip(self.slots, head_dirs)]
+        for slot, (state, info) in zip(self.slots, heads):
+            slot.head, slot.info = state, info
+        self._module_index = None  # it records the heads' module names
 
     def add_split(self, split: str) -> None:
         """Encode ``split`` of every task, e.g. ``test`` after a search that was given validation only."""

@@ -82,7 +82,8 @@ def merge_init(ctx: RunContext, init: InitSettings, method: str, stats_dir: Path
                                            max_length=cfg.train.max_length, batch_size=cfg.train.eval_batch_size,
                                            device=cfg.device, seed=cfg.seed, init_name=init.name,
                                            stats_dir=stats_dir if stats_dir.exists() else None,
-                                           merge_device=cfg.merge.device, constraints=cfg.merge.constraints))
+                                           merge_device=cfg.merge.device, constraints=cfg.merge.constraints,
+                                           evaluator=ctx.merged_evaluator(dirs)))
 
 
 def search_init(ctx: RunContext, init: InitSettings, kind: str) -> None:
@@ -133,20 +134,24 @@ def merge_and_sweep(
     stats_dir: Path | None = None,
     merge_device: str = "auto",
     constraints: Sequence[str] = (),
+    evaluator: MergedEvaluator | None = None,
 ) -> dict[str, Any]:
     """Merge ``dirs`` with ``method`` at every lambda, select on validation, save the selected merge.
 
     ``merge_device="auto"`` merges on the evaluator's device (the GPU when there is one), ``"cpu"``
     on the CPU. ``constraints`` (``TASK>=FLOOR`` / ``TASK>=single-TOL``, see
     :class:`osrm_lora.constraints.Constraint`): the lambda is chosen among those meeting them on
-    validation."""
+    validation. ``evaluator``: one already holding the base model and the tasks' encoded validation
+    and test splits, with the heads of ``dirs`` (:meth:`RunContext.merged_evaluator`); default: a new one."""
     from osrm_lora.merge import get_method, merge, save_merge_result
     from osrm_lora.merge_inputs import build_merge_context
     from osrm_lora.merged_eval import sweep
 
     info = get_method(method)
     adapters = [load_adapter(d, name=t.name) for d, t in zip(dirs, tasks)]
-    evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size, device=device)
+    if evaluator is None:
+        evaluator = MergedEvaluator(model_path, tasks, dirs, max_length=max_length, batch_size=batch_size,
+                                    device=device)
     parsed = [Constraint.parse(c) for c in constraints]
     names = [t.name for t in tasks]
     check_constraint_tasks(parsed, names)
