@@ -223,3 +223,23 @@ def test_infeasible_constraints_stop_the_run_naming_the_config_keys(family: dict
     assert "raise merge.rmm.budget or merge.rmm.episodes, or loosen merge.constraints" in msg and "\n" not in msg
     assert not (run / "merges" / "standard" / "rmm" / "sweep.json").exists()  # not recorded as finished
     assert not any((run / "adapters").rglob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("kind,message,expected", [
+    ("rmm", "no episode built a complete architecture in 3 episodes; raise --episodes",
+     "no episode built a complete architecture in 3 episodes; raise merge.rmm.episodes"),
+    ("rmm", "raise --subset-size or --budget", "raise merge.rmm.subset_size or merge.rmm.budget"),
+    ("search", "the number of fidelities (--rungs) must be >= 1; raise --budget, --seconds or --trials",
+     "the number of fidelities (merge.search.rungs) must be >= 1; raise merge.search.budget.evaluations, "
+     "merge.search.budget.seconds or merge.search.budget.trials"),
+    # the command's own ways out are no settings of the pipeline: said in the pipeline's words
+    ("search", "out/ holds a search with other settings (eta differ); rerun with the same settings to resume it, "
+     "pass --overwrite to start anew, or choose another --out",
+     "out/ holds a search with other settings (eta differ); rerun with the same settings to resume it, "
+     "run with --force merge to start anew"),
+    ("rmm", "see --model and --force", "see --model and --force"),  # not settings of merge.rmm: unchanged
+])
+def test_search_errors_name_the_config_keys(kind: str, message: str, expected: str) -> None:
+    from osrm_lora.pipeline.merging import _config_hint
+
+    assert _config_hint(message, kind) == expected

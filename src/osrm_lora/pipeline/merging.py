@@ -238,17 +238,24 @@ def _sweep_record(init_name: str, method: str, params: dict[str, Any], seed: int
 
 # --------------------------------------------------------------------------- merge searches
 _CLI_OPTION = re.compile(r"--([a-z][a-z-]*)")
+# the command's ways out that are no settings of the pipeline, in the pipeline's words
+_COMMAND_ONLY = {"pass --overwrite to start anew, or choose another --out": "run with --force merge to start anew"}
 _SEARCH_BUDGET_KEYS = {"budget": "budget.evaluations", "seconds": "budget.seconds", "trials": "budget.trials"}
 
 
 def _config_hint(message: str, kind: str) -> str:
     """A search's error message with its command-line options named as the config keys
-    (``--budget`` -> ``merge.rmm.budget``, ``merge.search.budget.evaluations``)."""
-    def key(m: re.Match[str]) -> str:
-        name = m.group(1)
-        name = _SEARCH_BUDGET_KEYS.get(name, name) if kind == "search" else name
-        return f"merge.{kind}.{name.replace('-', '_')}"
+    (``--budget`` -> ``merge.rmm.budget``, ``merge.search.budget.evaluations``); an option that is no
+    setting of ``merge.<kind>`` is left as it is, and the command's own ways out are rephrased."""
+    fields = set((RMMSettings if kind == "rmm" else SearchSettings).model_fields)
 
+    def key(m: re.Match[str]) -> str:
+        name = m.group(1).replace("-", "_")
+        name = _SEARCH_BUDGET_KEYS.get(name, name) if kind == "search" else name
+        return f"merge.{kind}.{name}" if name.split(".")[0] in fields else m.group(0)
+
+    for command, pipeline in _COMMAND_ONLY.items():
+        message = message.replace(command, pipeline)
     text = _CLI_OPTION.sub(key, message).replace("loosen the constraints", "loosen merge.constraints")
     return text.replace("raise the budget", f"raise merge.{kind}.budget")
 
