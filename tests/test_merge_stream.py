@@ -168,9 +168,12 @@ def test_task_thresholds_are_exact(tmp_path: Path, adapter_dirs: list[str]) -> N
 def test_coupled_method_without_pre_pass_raises(tmp_path: Path, adapter_dirs: list[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A task-wide statistic is never computed over one step's subset of the modules."""
-    from osrm_lora.merge import stream
+    import dataclasses
 
-    monkeypatch.setattr(stream, "_MAGNITUDE_TRIM", {})
+    from osrm_lora.merge.types import _REGISTRY
+
+    # a method that does not declare its task-wide trim (task_wide) is refused, not merged per step
+    monkeypatch.setitem(_REGISTRY, "ties", dataclasses.replace(_REGISTRY["ties"], task_wide=lambda _p: frozenset()))
     with pytest.raises(OsrmError, match="task-wide magnitude threshold is needed"):
         stream_merge(adapter_dirs, "ties", {}, tmp_path / "o")
     nothing_left(tmp_path / "o")

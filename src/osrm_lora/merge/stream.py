@@ -97,6 +97,7 @@ from osrm_lora.merge import io, ops
 from osrm_lora.merge import registry as R
 from osrm_lora.merge.io import BaseCheckpoint, resolve_base_model
 from osrm_lora.merge.methods._common import merged_config
+from osrm_lora.merge.methods.sparse import emr_rescalers
 from osrm_lora.model.keys import check_weight_shape, fold_delta
 
 logger = logging.getLogger(__name__)
@@ -108,32 +109,12 @@ INDEX_NAME = io.INDEX_NAME
 SINGLE_NAME = io.SINGLE_NAME
 _PARTS = ".stream-parts"
 
-# methods whose magnitude trim (threshold="task", density < 1) needs task-wide thresholds
-_MAGNITUDE_TRIM: dict[str, Callable[[Mapping[str, Any]], bool]] = {
-    "ties": lambda p: True,
-    "magnitude_prune": lambda p: True,
-    "do_merging": lambda p: p.get("base") == "ties",
-    "knots": lambda p: p.get("variant") == "ties",
-    "core_space": lambda p: p.get("variant") == "ties",
-    "ctm": lambda p: p.get("variant") == "ties",
-    "doge": lambda p: True,
-}
-_DARE = {"dare_linear", "dare_ties"}
-
-
 def stream_requirements(method: str, params: Mapping[str, Any]) -> frozenset[str]:
-    """What a streamed merge of ``method`` with resolved ``params`` needs besides per-module work:
+    """What a streamed merge of ``method`` with resolved ``params`` needs besides per-module work, as
+    the method declares it in the registry (:attr:`~osrm_lora.merge.types.MethodInfo.task_wide`):
     ``"task_thresholds"`` (task-wide magnitude trim), ``"task_rescalers"`` (emr rescale=task) and
     ``"per_module_seed"`` (DARE masks)."""
-    needs = set()
-    if (method in _MAGNITUDE_TRIM and _MAGNITUDE_TRIM[method](params) and params.get("threshold") == "task"
-            and float(params.get("density", 1.0)) < 1):
-        needs.add("task_thresholds")
-    if method == "emr" and params.get("rescale") == "task":
-        needs.add("task_rescalers")
-    if method in _DARE or params.get("variant") == "dare_ties":
-        needs.add("per_module_seed")
-    return frozenset(needs)
+    return frozenset(R.get_method(method).task_wide(params))
 
 
 def check_streamable(method: str, context: R.MergeContext | None = None) -> R.MethodInfo:
@@ -345,8 +326,8 @@ def _rescaler_sums(info: Mapping[str, Any], n_tasks: int) -> tuple[torch.Tensor,
 
 
 def _rescalers(num: torch.Tensor, den: torch.Tensor) -> list[float]:
-    """EMR's task-wide rescalers from the summed numerators/denominators (as the method computes them)."""
-    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).tolist()
+    """EMR's task-wide rescalers from the numerators/denominators summed over every module."""
+    return emr_rescalers(num, den).tolist()
 
 
 def _task_rescalers(plan: _Plan, steps: list[list[str]], device: torch.device, ctx: R.MergeContext) -> list[float]:

@@ -266,6 +266,10 @@ class MethodInfo:
     min_adapters: int = 1
     # the output at scaling s is s times the output at scaling 1 (a lambda sweep merges once)
     linear_in_scaling: bool = False
+    # what couples the modules of a merge with these (resolved) parameters, beyond per-module work:
+    # "task_thresholds" (a task-wide magnitude trim), "task_rescalers" (task-wide rescalers),
+    # "per_module_seed" (random masks, drawn per module when streamed)
+    task_wide: Callable[[Mapping[str, Any]], frozenset[str]] = field(default=lambda _params: frozenset())
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -283,16 +287,21 @@ _REGISTRY: dict[str, MethodInfo] = {}
 
 def register_method(name: str, *, params: Sequence[Param] = (), description: str, paper: str,
                     exact_in_factor_space: bool = False, needs: Sequence[str] = (), per_task: bool = False,
-                    min_adapters: int = 1, linear_in_scaling: bool = False) -> Callable[[MethodFn], MethodFn]:
+                    min_adapters: int = 1, linear_in_scaling: bool = False,
+                    task_wide: Callable[[Mapping[str, Any]], frozenset[str]] | None = None,
+                    ) -> Callable[[MethodFn], MethodFn]:
     """Decorator registering a merge method under ``name``. ``linear_in_scaling``: the method applies
     its ``scaling`` parameter as a final factor (checked for every such method by the test suite), so a
-    lambda sweep can merge once and scale (:meth:`MergeResult.scaled`)."""
+    lambda sweep can merge once and scale (:meth:`MergeResult.scaled`). ``task_wide(params)``: the
+    statistics over all modules a merge with ``params`` needs (see :attr:`MethodInfo.task_wide`); the
+    streamed merge computes them in a pre-pass."""
 
     def deco(fn: MethodFn) -> MethodFn:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name} registered twice")
         _REGISTRY[name] = MethodInfo(name, fn, tuple(params), description, paper, exact_in_factor_space,
-                                     frozenset(needs), per_task, min_adapters, linear_in_scaling)
+                                     frozenset(needs), per_task, min_adapters, linear_in_scaling,
+                                     *([task_wide] if task_wide is not None else []))
         return fn
 
     return deco

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,22 @@ SIGN = Param("sign_method", "str", "total", "sign election: sum of values (total
 SEED = Param("seed", "int", None, "random seed (default: MergeContext.seed)", low=0)
 
 TensorGetter = Callable[[int, str], torch.Tensor]
+
+
+def task_trim(params: Mapping[str, Any]) -> frozenset[str]:
+    """``task_wide`` of a magnitude trim: a task-wide threshold when ``threshold="task"`` keeps less than all."""
+    return frozenset({"task_thresholds"}) if (params.get("threshold") == "task"
+                                              and float(params.get("density", 1.0)) < 1) else frozenset()
+
+
+def random_drop(params: Mapping[str, Any]) -> frozenset[str]:
+    """``task_wide`` of a DARE drop: random masks, one seed per module when streamed."""
+    return frozenset({"per_module_seed"})
+
+
+def by_variant(params: Mapping[str, Any], key: str = "variant") -> frozenset[str]:
+    """``task_wide`` of a method whose ``variant`` (or ``key``) picks TA, TIES or DARE-TIES inside it."""
+    return {"ties": task_trim, "dare_ties": random_drop}.get(params.get(key), lambda _p: frozenset())(params)
 
 
 def task_weights(params: dict[str, Any], n: int, device: torch.device | None = None) -> torch.Tensor:

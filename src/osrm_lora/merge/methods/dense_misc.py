@@ -19,6 +19,7 @@ from osrm_lora.merge.methods._common import (
     device_of,
     module_keys,
     sparse_combine,
+    task_trim,
     task_weights,
 )
 from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
@@ -33,6 +34,7 @@ def magnitude_direction(tau: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Te
 @register_method(
     "do_merging",
     linear_in_scaling=True,
+    task_wide=lambda p: task_trim(p) if p.get("base") == "ties" else frozenset(),
     params=[SCALING, Param("base", "str", "ta", "merge rule for the directions", choices=("ta", "ties")), DENSITY,
             THRESHOLD, SIGN, WEIGHTS],
     description="merge per-row directions with a base method and magnitudes by weighted mean, recombine",

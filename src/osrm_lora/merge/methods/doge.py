@@ -22,7 +22,14 @@ import torch
 from osrm_lora.adapters import LoraAdapter
 from osrm_lora.errors import OsrmError
 from osrm_lora.merge import ops
-from osrm_lora.merge.methods._common import SCALING, THRESHOLD, _task_thresholds, dense_getter, module_keys
+from osrm_lora.merge.methods._common import (
+    SCALING,
+    THRESHOLD,
+    _task_thresholds,
+    dense_getter,
+    module_keys,
+    task_trim,
+)
 from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam defaults, as FusionBench uses them
@@ -138,6 +145,7 @@ def _module_basis(factors: Sequence[tuple[torch.Tensor, torch.Tensor]], subspace
 @register_method(
     "doge",
     linear_in_scaling=True,
+    task_wide=task_trim,
     params=[SCALING,
             Param("coef", "float", 0.07, "task-aware coefficients lambda_t = coef / ||tau_t||_F per module "
                   "(FusionBench lamda)", low=0.0, low_open=True),

@@ -20,8 +20,10 @@ from osrm_lora.merge.methods._common import (
     dense_getter,
     device_of,
     module_keys,
+    random_drop,
     seed_of,
     sparse_combine,
+    task_trim,
     task_weights,
 )
 from osrm_lora.merge.types import MergeContext, MergeResult, Param, register_method
@@ -43,6 +45,7 @@ def _dense(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContex
 @register_method(
     "ties",
     linear_in_scaling=True,
+    task_wide=task_trim,
     params=[SCALING, DENSITY, THRESHOLD, SIGN, WEIGHTS],
     description="trim to top-density magnitudes, elect sign, disjoint mean, times lambda",
     paper="https://arxiv.org/abs/2306.01708",
@@ -60,6 +63,7 @@ def ties(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext)
 @register_method(
     "dare_linear",
     linear_in_scaling=True,
+    task_wide=random_drop,
     params=[SCALING, DROP_P, SEED, WEIGHTS],
     description="DARE random drop (p) with 1/(1-p) rescale, then weighted sum times lambda",
     paper="https://arxiv.org/abs/2311.03099",
@@ -73,6 +77,7 @@ def dare_linear(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeC
 @register_method(
     "dare_ties",
     linear_in_scaling=True,
+    task_wide=random_drop,
     params=[SCALING, DROP_P, SIGN, SEED, WEIGHTS],
     description="DARE random drop (p) with rescale, then TIES sign election and disjoint mean",
     paper="https://arxiv.org/abs/2311.03099",
@@ -85,6 +90,7 @@ def dare_ties(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCon
 @register_method(
     "magnitude_prune",
     linear_in_scaling=True,
+    task_wide=task_trim,
     params=[SCALING, DENSITY, THRESHOLD, WEIGHTS],
     description="keep the top-density magnitudes per task, then weighted sum times lambda",
     paper="https://arxiv.org/abs/2306.01708",
@@ -96,9 +102,16 @@ def magnitude_prune(adapters: list[LoraAdapter], params: dict[str, Any], ctx: Me
                        deltas=_dense(adapters, params, ctx, sparsify="magnitude", consensus="sum"))
 
 
+def emr_rescalers(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """EMR's rescalers ``sum |tau_t| / sum |M_t * u|`` from those sums (per matrix, or summed over all
+    of a task's modules: task-wide); 0 where the masked unified update is empty."""
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+
+
 @register_method(
     "emr",
     linear_in_scaling=True,
+    task_wide=lambda p: frozenset({"task_rescalers"}) if p.get("rescale") == "task" else frozenset(),
     params=[SCALING, Param("rescale", "str", "task", "rescaler over all modules of a task (task) or per matrix",
                            choices=("task", "matrix"))],
     description="elect a unified update, deploy it per task with a binary mask and a rescaler",
@@ -132,8 +145,8 @@ def emr(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext) 
         unified[key], masks[key] = u, agree
         num += n_t
         den += d_t
-        per_matrix[key] = torch.where(d_t > 0, n_t / d_t.clamp(min=1e-30), torch.zeros_like(n_t))
-    glob = torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num))
+        per_matrix[key] = emr_rescalers(n_t, d_t)
+    glob = emr_rescalers(num, den)
     if params["rescale"] == "task" and ctx.task_rescalers is not None:
         if len(ctx.task_rescalers) != T:
             raise OsrmError(f"context.task_rescalers has {len(ctx.task_rescalers)} values for {T} adapters; "

@@ -21,6 +21,7 @@ from osrm_lora.merge.methods._common import (
     SIGN,
     THRESHOLD,
     WEIGHTS,
+    by_variant,
     device_of,
     factor_adapter,
     module_keys,
@@ -193,6 +194,7 @@ def knots_coordinates(U: torch.Tensor, S: torch.Tensor, blocks: list[torch.Tenso
 @register_method(
     "knots",
     linear_in_scaling=True,
+    task_wide=by_variant,
     params=[SCALING, Param("variant", "str", "ties", "merge rule for the per-task coordinates",
                            choices=tuple(VARIANT_SPARSE)),
             Param("s_on_v", "bool", True, "trim/merge the S-scaled coordinates S V_t^T (true: official KnOTS, "
@@ -247,6 +249,7 @@ def core_basis(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
 @register_method(
     "core_space",
     linear_in_scaling=True,
+    task_wide=by_variant,
     params=[SCALING, Param("variant", "str", "ta", "merge rule inside the core space",
                            choices=("ta", "ties", "dare_ties", "tsv")), DENSITY, DROP_P, THRESHOLD, SIGN, SEED,
             WEIGHTS],
@@ -308,6 +311,7 @@ def shared_core_subspaces(cores: list[torch.Tensor], rank: int) -> tuple[torch.T
 @register_method(
     "ctm",
     linear_in_scaling=True,
+    task_wide=by_variant,
     params=[SCALING, Param("rank", "int", 0, "rank of the merged adapter (0 = the largest input rank)", low=0),
             Param("variant", "str", "ta", "merge rule inside the rank x rank coordinates",
                   choices=("ta", "ties", "dare_ties")), DENSITY, DROP_P, THRESHOLD, SIGN, SEED, WEIGHTS],
