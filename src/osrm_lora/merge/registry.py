@@ -59,7 +59,9 @@ def resolve_params(info: MethodInfo, params: Mapping[str, Any] | None, n_adapter
     return out
 
 
-def _check_extras(adapters: Sequence[LoraAdapter | AdapterReader], method: str, ignore_extra: bool) -> None:
+def check_extras(adapters: Sequence[LoraAdapter | AdapterReader], method: str, ignore_extra: bool) -> None:
+    """AdapterError for inputs ``method`` cannot honour: DoRA, lora_bias, and non-LoRA tensors
+    (modules_to_save) unless ``ignore_extra`` (then they are dropped)."""
     for i, ad in enumerate(adapters):
         nm = ad.name or f"adapter {i}"
         if ad.uses_dora:
@@ -74,29 +76,42 @@ def _check_extras(adapters: Sequence[LoraAdapter | AdapterReader], method: str, 
                                f"{method} cannot merge; pass ignore_extra=True to drop them (heads stay per task)")
 
 
+_CONTEXT_INPUT = {"grams": "grams", "fisher": "fisher", "adamerging_eval": "entropy_fn"}
+
+
+def check_inputs(adapters: Sequence[LoraAdapter | AdapterReader], info: MethodInfo, params: Mapping[str, Any] | None,
+                 context: MergeContext | None, *, ignore_extra: bool = False) -> dict[str, Any]:
+    """Everything both merge engines check before merging (compatible adapters, enough of them,
+    inputs the method can honour, the context inputs it needs, one per adapter); returns the
+    parameters resolved against the method's schema."""
+    check_compatible(adapters)
+    if len(adapters) < info.min_adapters:
+        raise OsrmError(f"method {info.name} needs at least {info.min_adapters} adapters, got {len(adapters)}")
+    check_extras(adapters, info.name, ignore_extra)
+    resolved = resolve_params(info, params, len(adapters))
+    for need in sorted(info.needs):
+        attr = _CONTEXT_INPUT[need]
+        val = getattr(context, attr, None)
+        if val is None:
+            raise OsrmError(f"method {info.name} needs {attr} in the MergeContext; compute them first (see docs)")
+        if attr in ("grams", "fisher") and len(val) != len(adapters):
+            raise OsrmError(f"method {info.name}: context.{attr} has {len(val)} entries for {len(adapters)} "
+                            "adapters; give one per adapter in the same order")
+    return resolved
+
+
 def merge(adapters: list[LoraAdapter], method: str, params: dict[str, Any] | None = None, *,
           context: MergeContext | None = None, ignore_extra: bool = False) -> MergeResult:
     """Merge ``adapters`` with the registered ``method`` and ``params``.
 
     Validates compatibility (:func:`~osrm_lora.adapters.check_compatible`), the parameters against
-    the method schema, and the context inputs the method needs. DoRA and lora_bias adapters are
-    refused; non-LoRA tensors (modules_to_save) are refused unless ``ignore_extra`` (then dropped).
+    the method schema, and the context inputs the method needs (:func:`check_inputs`). DoRA and
+    lora_bias adapters are refused; non-LoRA tensors (modules_to_save) are refused unless
+    ``ignore_extra`` (then dropped).
     """
     info = get_method(method)
-    check_compatible(adapters)
-    if len(adapters) < info.min_adapters:
-        raise OsrmError(f"method {method} needs at least {info.min_adapters} adapters, got {len(adapters)}")
-    _check_extras(adapters, method, ignore_extra)
-    resolved = resolve_params(info, params, len(adapters))
+    resolved = check_inputs(adapters, info, params, context, ignore_extra=ignore_extra)
     ctx = context or MergeContext()
-    for need in sorted(info.needs):
-        attr = {"grams": "grams", "fisher": "fisher", "adamerging_eval": "entropy_fn"}[need]
-        val = getattr(ctx, attr)
-        if val is None:
-            raise OsrmError(f"method {method} needs {attr} in the MergeContext; compute them first (see docs)")
-        if attr in ("grams", "fisher") and len(val) != len(adapters):
-            raise OsrmError(f"method {method}: context.{attr} has {len(val)} entries for {len(adapters)} adapters; "
-                            "give one per adapter in the same order")
     t0 = time.perf_counter()
     result = info.fn(adapters, resolved, ctx)
     result.method = method
@@ -116,5 +131,5 @@ def merge(adapters: list[LoraAdapter], method: str, params: dict[str, Any] | Non
     return result
 
 
-__all__ = ["PARAM_TYPES", "MergeContext", "MergeResult", "MethodFn", "MethodInfo", "Param", "get_method",
-           "list_methods", "merge", "register_method", "resolve_params"]
+__all__ = ["PARAM_TYPES", "MergeContext", "MergeResult", "MethodFn", "MethodInfo", "Param", "check_extras",
+           "check_inputs", "get_method", "list_methods", "merge", "register_method", "resolve_params"]

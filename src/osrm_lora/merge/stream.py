@@ -88,7 +88,6 @@ from osrm_lora.adapters import (
     LoraModule,
     ModuleShape,
     bias_module,
-    check_compatible,
     write_adapter_files,
 )
 from osrm_lora.errors import OsrmError
@@ -172,16 +171,7 @@ def _make_plan(adapter_dirs: Sequence[str | Path], method: str, params: Mapping[
     if not adapter_dirs:
         raise OsrmError("no adapter directories given; pass at least one PEFT adapter directory")
     readers = [AdapterReader(d) for d in adapter_dirs]
-    check_compatible(readers)
-    if len(readers) < info.min_adapters:
-        raise OsrmError(f"method {method} needs at least {info.min_adapters} adapters, got {len(readers)}")
-    R._check_extras(readers, method, ignore_extra)
-    resolved = R.resolve_params(info, given, len(readers))
-    for need in ("grams", "fisher"):
-        val = getattr(context, need, None)
-        if need in info.needs and val is not None and len(val) != len(readers):
-            raise OsrmError(f"method {method}: context.{need} has {len(val)} entries for {len(readers)} adapters; "
-                            "give one per adapter in the same order")
+    resolved = R.check_inputs(readers, info, given, context, ignore_extra=ignore_extra)
     config = merged_config([LoraAdapter({}, readers[0].config)])
     base_model_path = io.check_output_options(format, svd_rank, base_model_path, config, max_error)
     io.check_bias_merge(readers, method, resolved)
