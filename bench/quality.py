@@ -58,6 +58,8 @@ INITS = [
     {"name": "own-pen1", "mode": "own", "interference_penalty": 1.0},
     {"name": "own-pen3", "mode": "own", "interference_penalty": 3.0},
     {"name": "standard-pen1", "mode": "standard", "interference_penalty": 1.0},
+    # a rank split: the best 8 of 16 OSRM directions held in A, the other 8 rows free (issue: where merging hurts)
+    {"name": "own-split8", "mode": "own", "frozen_rank": 8},
 ]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
 HARD_LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0]
@@ -136,7 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
             "train": HARD_TRAIN,
             "inits": _inits("standard", "own-frozenA", "lori", "standard-frozenA", "own-pen1", "own", "own-pen0.1",
-                            "own-pen3", "standard-pen1", "code", "paper-frozenA", "own-k32"),
+                            "own-pen3", "standard-pen1", "code", "paper-frozenA", "own-k32", "own-split8"),
             "diagnose": False,
             "merge": {"methods": [*SHARED_METHODS, "emr"], "lambdas": HARD_LAMBDAS},
         },

@@ -376,6 +376,11 @@ class InitSettings(_Strict):
     ``sum_m tr(B A S_others A^T B^T) / sum_m tr(B A S_own A^T B^T)`` over the LoRA modules m, with the
     second moments S from the run's activation statistics (S_others: mean over the other tasks).
     0 trains without it."""
+    frozen_rank: int | None = Field(None, gt=0)
+    """A rank split between a frozen OSRM part and a free part: the first ``frozen_rank`` rows of A
+    are the mode's best OSRM directions and stay fixed; the other ``rank - frozen_rank`` rows start
+    as standard LoRA's random A and train (with B). Needs an OSRM mode and 0 < frozen_rank < rank;
+    not with freeze_A or subspace_dim. Trained one adapter at a time (``train.batched`` falls back)."""
 
     @field_validator("name")
     @classmethod
@@ -392,6 +397,12 @@ class InitSettings(_Strict):
             raise ValueError(f"subspace_dim needs an OSRM mode ({', '.join(OSRM_MODES[:-1])} or {OSRM_MODES[-1]}), not standard")
         if self.b_sparsity is not None and self.freeze_B:
             raise ValueError("b_sparsity masks B, so B must be trainable; drop freeze_B")
+        if self.frozen_rank is not None:
+            if self.mode == "standard":
+                raise ValueError(f"frozen_rank needs an OSRM mode ({', '.join(OSRM_MODES[:-1])} or "
+                                 f"{OSRM_MODES[-1]}), not standard")
+            if self.freeze_A or self.subspace_dim is not None:
+                raise ValueError("frozen_rank freezes part of A: drop freeze_A (all of A frozen) or subspace_dim")
         return self
 
 
@@ -517,6 +528,10 @@ class PipelineConfig(_Strict):
             raise ValueError(f"duplicate init names {names}")
         if not self.inits:
             raise ValueError("list at least one init")
+        for init in self.inits:
+            if init.frozen_rank is not None and init.frozen_rank >= self.lora.rank:
+                raise ValueError(f"init {init.name}: frozen_rank {init.frozen_rank} leaves no free rows of the LoRA "
+                                 f"rank {self.lora.rank}; use 0 < frozen_rank < rank")
         check_merge_settings(self.merge, _task_count(self))
         return self
 

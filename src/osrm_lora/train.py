@@ -305,6 +305,43 @@ class _Loop:
     masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
     penalty: Callable[[], torch.Tensor] | None = None
     penalty_weight: float = 0.0
+    held_rows: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+
+
+def freeze_rows(peft_model: nn.Module, rows: Mapping[str, torch.Tensor]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """A rank split: install ``rows`` (module key -> k x n, k < r) as the first k rows of each
+    module's A, to be held fixed (:func:`_zero_row_grads`, :func:`_hold_rows`); the other r - k rows
+    keep their initialisation and train. Returns (A parameter, the held rows)."""
+    params = {lora_module_key(n): p for n, p in lora_parameters(peft_model, "lora_A").items()}
+    missing = sorted(set(rows) - set(params))
+    if missing:
+        raise OsrmError(f"A_frozen_rows names modules the adapter does not have (e.g. {missing[0]}); "
+                        "compute them for the same target_modules")
+    held = []
+    with torch.no_grad():
+        for key, R in rows.items():
+            p = params[key]
+            k = int(R.shape[0])
+            if not 0 < k < p.shape[0] or R.shape[1] != p.shape[1]:
+                raise OsrmError(f"A_frozen_rows of {key} is {tuple(R.shape)} for an A of {tuple(p.shape)}; give "
+                                f"k x {p.shape[1]} with 0 < k < rank")
+            p[:k].copy_(R.to(p))
+            held.append((p, p[:k].detach().clone()))
+    return held
+
+
+def _zero_row_grads(held: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """The held rows get no gradient (so neither gradient clipping nor the optimiser's moments see one)."""
+    for param, rows in held:
+        if param.grad is not None:
+            param.grad[: rows.shape[0]] = 0
+
+
+def _hold_rows(held: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Put the held rows back after a step (AdamW's decoupled weight decay moves them otherwise)."""
+    with torch.no_grad():
+        for param, rows in held:
+            param[: rows.shape[0]].copy_(rows)
 
 
 def _apply_masks(masks: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
@@ -333,11 +370,13 @@ def _train_epoch(loop: _Loop, optimizer: torch.optim.Optimizer, scheduler: Any, 
         if loop.penalty is not None and loop.penalty_weight > 0:
             total = total + loop.penalty_weight * loop.penalty()
         total.backward()
+        _zero_row_grads(loop.held_rows)
         torch.nn.utils.clip_grad_norm_(loop.trainable, loop.max_grad_norm)
         optimizer.step()
         scheduler.step()
         _project_A(loop.projectors)
         _apply_masks(loop.masks)
+        _hold_rows(loop.held_rows)
         running += batch_loss * len(idx)
         seen += len(idx)
         progress.advance(loss=batch_loss, rate=seen / max(time.perf_counter() - t0, 1e-9))
@@ -382,10 +421,17 @@ def check_train_options(
     b_sparsity: float | None,
     interference_grams: GramLookup | None,
     interference_penalty: float,
+    A_frozen_rows: Mapping[str, torch.Tensor] | None = None,
+    A_subspace: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """The option combinations :func:`train_task` refuses (OsrmError with a one-line message)."""
     if freeze_A and freeze_B:
         raise OsrmError("freeze_A and freeze_B together leave nothing to train; unfreeze one")
+    if A_frozen_rows and (freeze_A or A_subspace):
+        raise OsrmError("A_frozen_rows (a rank split) freezes part of A: it cannot be combined with freeze_A "
+                        "(all of A frozen) or A_subspace (all of A projected); drop one")
+    if A_frozen_rows and train.strategy == "fsdp":
+        raise OsrmError("A_frozen_rows (a rank split) is not supported with strategy: fsdp; use ddp")
     if (b_sparsity or interference_penalty) and train.strategy == "fsdp":
         raise OsrmError("b_sparsity and interference_penalty are not supported with strategy: fsdp; use ddp")
     if interference_penalty > 0 and interference_grams is None:
@@ -447,6 +493,7 @@ def train_task(
     calibration_epochs: int = 1,
     interference_grams: GramLookup | None = None,
     interference_penalty: float = 0.0,
+    A_frozen_rows: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Fine-tune one LoRA adapter + head on ``task``; keep the best epoch by validation score.
 
@@ -465,10 +512,13 @@ def train_task(
     ``b_sparsity`` trains B under LoRI's sparse mask (see :func:`sparsity_masks`), found by
     ``calibration_epochs`` of dense training from the same start. ``interference_grams`` (module key
     -> own and other tasks' input second moments) adds ``interference_penalty`` x
-    :func:`interference_ratio` to the loss and records the ratio per epoch.
+    :func:`interference_ratio` to the loss and records the ratio per epoch. ``A_frozen_rows`` (module
+    key -> k x n, 0 < k < r): a rank split, the first k rows of A set to these (e.g. the best OSRM
+    directions) and held fixed, the other r - k rows trained from PEFT's initialisation.
     """
     check_train_options(train, freeze_A=freeze_A, freeze_B=freeze_B, b_sparsity=b_sparsity,
-                        interference_grams=interference_grams, interference_penalty=interference_penalty)
+                        interference_grams=interference_grams, interference_penalty=interference_penalty,
+                        A_frozen_rows=A_frozen_rows, A_subspace=A_subspace)
     start = time.perf_counter()
     env = get_env()
     ddp = env.active if data_parallel is None else (data_parallel and env.active)
@@ -481,6 +531,9 @@ def train_task(
     peft_model = initial_peft_model(model_path, task.num_labels, task.problem_type, lora, train, seed, dev,
                                     tokenizer.pad_token_id)
     A0 = set_factors(peft_model, init_A, freeze_A=freeze_A, freeze_B=freeze_B)
+    held = freeze_rows(peft_model, A_frozen_rows) if A_frozen_rows else []
+    if held:
+        A0 = current_A(peft_model)
 
     regression = task.problem_type == "regression"
     enc_train, enc_val = encode_train_validation(tokenizer, task, train)
@@ -510,6 +563,7 @@ def train_task(
 
     loop = _Loop(forward, tokenizer, enc_train, task, dev, env, loss_fn, train.batch_size, train.max_grad_norm,
                  trainable, projectors)
+    loop.held_rows = held
     if interference_grams is not None:
         loop.penalty = _penalty_fn(peft_model, interference_grams, dev)
         loop.penalty_weight = interference_penalty
@@ -551,7 +605,8 @@ def train_task(
     tensors = adapter_tensors(peft_model)  # collective under FSDP
     if env.is_main:
         extra = {"b_sparsity": b_sparsity, "calibration_epochs": calibration_epochs if b_sparsity else None,
-                 "interference_penalty": interference_penalty}
+                 "interference_penalty": interference_penalty,
+                 "frozen_rows": max((int(r.shape[0]) for _, r in held), default=0)}
         _save(peft_model, tensors, task, model_path, result, init_name, lora, train, seed, freeze_A, freeze_B,
               world_size=env.world_size, extra=extra)
     barrier_if(env)

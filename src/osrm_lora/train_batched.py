@@ -111,6 +111,7 @@ class AdapterJob:
     calibration_epochs: int = 1
     interference_grams: GramLookup | None = None
     interference_penalty: float = 0.0
+    A_frozen_rows: Mapping[str, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- routing
@@ -348,7 +349,11 @@ class MultiAdapterModel:
         for job, tr in zip(jobs, trains):
             check_train_options(tr, freeze_A=job.freeze_A, freeze_B=job.freeze_B, b_sparsity=job.b_sparsity,
                                 interference_grams=job.interference_grams,
-                                interference_penalty=job.interference_penalty)
+                                interference_penalty=job.interference_penalty, A_frozen_rows=job.A_frozen_rows,
+                                A_subspace=job.A_subspace)
+            if job.A_frozen_rows:
+                raise BatchingUnsupported(f"batched training does not hold part of A fixed (the rank split of "
+                                          f"{job.init_name}); train those adapters one at a time")
         model_path = resolve_model_path(model)
         dev = rank_device(device)
         set_seed(jobs[0].seed)
@@ -627,7 +632,7 @@ def _end_epoch(model: MultiAdapterModel, run: _Run, on_result: Callable[[int, Tr
         result = TrainResult(slot.task.name, Path(job.out_dir), run.best[1], run.best[0], test_score, run.history,
                              drift, run.seconds, run.train_seconds)
         extra = {"b_sparsity": job.b_sparsity, "calibration_epochs": job.calibration_epochs if job.b_sparsity else None,
-                 "interference_penalty": job.interference_penalty}
+                 "interference_penalty": job.interference_penalty, "frozen_rows": 0}  # a rank split is refused
         _save(model.skeleton, slot.tensors(), slot.task, model.model_path, result, job.init_name, model.lora, slot.train,
               job.seed, job.freeze_A, job.freeze_B, world_size=1, extra=extra)
         run.result, run.best = result, None

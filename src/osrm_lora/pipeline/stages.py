@@ -73,6 +73,13 @@ def dir_hash(path: Path) -> str | None:
     return sha256_json({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
 
 
+def init_payload(init: InitSettings) -> dict[str, Any]:
+    """An init's settings as the train stage's inputs: settings added later enter only when set away
+    from their default, so runs made before they existed stay finished."""
+    later = {"solver": "eigh", "frozen_rank": None}
+    return init.model_dump(mode="json", exclude={k for k, v in later.items() if getattr(init, k) == v})
+
+
 def adapter_dirs(run_dir: Path, init: str, tasks: Sequence[Task]) -> list[Path]:
     return RunLayout(run_dir).adapters(init, [t.name for t in tasks])
 
@@ -150,7 +157,7 @@ class _Training:
         ctx, cfg = self.ctx, self.ctx.cfg
         adir = ctx.layout.adapter(init.name, task.name)
         payload = {**self.base_payload, "task": ctx.fingerprints[task.name],
-                   "init": init.model_dump(mode="json", exclude={"solver"} if init.solver == "eigh" else None),
+                   "init": init_payload(init),
                    "lora": cfg.lora.model_dump(mode="json"), "train": self.train_payload,
                    "stats": ctx.stats_hash if init.mode != "standard" or init.interference_penalty > 0 else None}
         return TRAIN.id(init.name, task.name), adir, payload
@@ -169,7 +176,9 @@ class _Training:
     def options(self, init: InitSettings, task: Task) -> dict[str, Any]:
         """The per-adapter arguments of train_task (and of a batched AdapterJob)."""
         basis = self._subspaces(init).get(task.name)
-        init_A = {k: U[: self.ctx.cfg.lora.rank].contiguous() for k, U in basis.items()} if basis else None
+        rank, split = self.ctx.cfg.lora.rank, init.frozen_rank
+        init_A = {k: U[:rank].contiguous() for k, U in basis.items()} if basis and not split else None
+        frozen_rows = {k: U[:split].contiguous() for k, U in basis.items()} if basis and split else None
         grams = None
         if init.interference_penalty > 0:
             from osrm_lora.osrm import interference_grams
@@ -178,7 +187,7 @@ class _Training:
         return {"init_A": init_A, "freeze_A": init.freeze_A, "freeze_B": init.freeze_B, "init_name": init.name,
                 "A_subspace": basis if init.subspace_dim else None, "b_sparsity": init.b_sparsity,
                 "calibration_epochs": init.calibration_epochs, "interference_grams": grams,
-                "interference_penalty": init.interference_penalty}
+                "interference_penalty": init.interference_penalty, "A_frozen_rows": frozen_rows}
 
     def job(self, item: tuple[InitSettings, Task]) -> None:
         """Train one adapter unless it is finished (with every process under ``parallel: data``)."""
