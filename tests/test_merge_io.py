@@ -133,3 +133,13 @@ def test_run_merge_cli(tmp_path, adapter_dirs):
     table = format_method_list()
     for m in list_methods():
         assert m.name in table and m.paper in table
+    # the merge searches follow, with their papers, commands and default settings
+    import osrm_lora.rmm as rmm_lib
+    import osrm_lora.search as search_lib
+    from osrm_lora.merge.cli import _search_rows
+
+    searches = table.split("merge searches")[1]
+    for (name, _params, description, paper), lib in zip(_search_rows(), (rmm_lib, search_lib)):
+        assert f"\n{name} " in searches and lib.PAPER == paper and paper in searches
+        assert f"command: osrm-lora {name}; in a run: merge.{name}" in description
+    assert "episodes=300" in _search_rows()[0][1] and "pruner=hyperband" in _search_rows()[1][1]

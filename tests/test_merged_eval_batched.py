@@ -286,10 +286,12 @@ def test_merge_stage_writes_the_same_sweep_json(trained: dict[str, Any], tmp_pat
     assert len(b["curve"]) == len(LAMBDAS)
 
 
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.5}), ("doge", {"steps": 5})])
 def test_merge_stage_merges_a_linear_method_once(trained: dict[str, Any], tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A method linear in its scaling (TIES) is merged once in the merge stage's sweep and scaled per
-    lambda; the sweep.json equals the one of merging at every lambda (the declaration switched off)."""
+                                                 monkeypatch: pytest.MonkeyPatch, method: str,
+                                                 params: dict[str, Any]) -> None:
+    """A method linear in its scaling (TIES, DOGE) is merged once in the merge stage's sweep and scaled
+    per lambda; the sweep.json equals the one of merging at every lambda (the declaration switched off)."""
     import dataclasses
 
     from osrm_lora.data import load_task
@@ -299,7 +301,7 @@ def test_merge_stage_merges_a_linear_method_once(trained: dict[str, Any], tmp_pa
     root = trained["root"]
     monkeypatch.setenv("OSRM_LORA_CACHE", str(root / "cache"))
     tasks = [load_task({"name": n, "source": "local", "path": str(root / f"{n}.jsonl")}) for n in trained["tasks"]]
-    info = _REGISTRY["ties"]
+    info = _REGISTRY[method]
     assert info.linear_in_scaling
     records, calls = {}, []
 
@@ -308,9 +310,9 @@ def test_merge_stage_merges_a_linear_method_once(trained: dict[str, Any], tmp_pa
         return info.fn(*a, **k)
 
     for mode, linear in (("once", True), ("each", False)):
-        monkeypatch.setitem(_REGISTRY, "ties", dataclasses.replace(info, fn=counted, linear_in_scaling=linear))
+        monkeypatch.setitem(_REGISTRY, method, dataclasses.replace(info, fn=counted, linear_in_scaling=linear))
         out = tmp_path / mode
-        merge_and_sweep(trained["model"], tasks, [Path(d) for d in trained["dirs"]], "ties", {"density": 0.5},
+        merge_and_sweep(trained["model"], tasks, [Path(d) for d in trained["dirs"]], method, params,
                         LAMBDAS, out, max_length=12, batch_size=16, device="cpu", seed=0, merge_device="cpu")
         records[mode] = json.loads((out / "sweep.json").read_text())
         assert calls == ([1.0] if linear else LAMBDAS)

@@ -125,7 +125,7 @@ def test_gpu_family_preset_is_gpu_hard_with_two_inits_and_the_merge_searches(qua
         (s, 1e-3, [i]) for i in ("standard", "own-frozenA") for s in (0, 1, 2)]
     cfg = quality._config("gpu-family", 1, ["own-frozenA"], 1e-3)
     assert [i.name for i in cfg.inits] == ["own-frozenA"] and cfg.inits[0].freeze_A and cfg.train.lr == 1e-3
-    assert cfg.merge.methods == ["task_arithmetic", "ties", "ctm", "emr"]
+    assert cfg.merge.methods == ["task_arithmetic", "ties", "ctm", "doge", "emr"]
     assert cfg.merge.rmm is not None and cfg.merge.search is not None
     assert cfg.merge.rmm.seed is None and cfg.merge.search.seed is None  # each part searches with its run's seed
     assert cfg.merge.search.rungs >= 2  # low fidelities on validation subsets

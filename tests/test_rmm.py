@@ -217,12 +217,14 @@ def test_rmm_end_to_end_cli_writes_a_loadable_merge(trained: dict[str, Any], tmp
     dirs = list(map(str, trained["dirs"]))
     rc = main(["-q", "rmm", *dirs, "--out", str(out), "--methods", "task_arithmetic,ties", "-p", "ties.density=0.5",
                "--episodes", "16", "--budget", "12", "--subset-size", "8", "--rescore", "2",
-               "--constraint", "polar>=single-100"])
+               "--constraint", "polar>=single-100", "--ppo", "epochs=3", "--ppo", "hidden=16"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out.startswith("chosen architecture") and "written to" in captured.out
     record = json.loads((out / "rmm.json").read_text())
     assert record["paper"].endswith("2503.21272") and record["tasks"] == trained["tasks"]
+    ppo = record["settings"]["ppo"]
+    assert ppo["epochs"] == 3 and ppo["hidden"] == 16 and ppo["clip"] == 0.2  # --ppo, the rest the paper's
     assert len(record["reward_curve"]) == record["budget"]["episodes"] == len(record["episodes"]) <= 16
     assert record["budget"]["used"] <= 12
     assert [c["label"] for c in record["candidates"]][-2:] == ["merge:task_arithmetic", "merge:ties"]
@@ -294,6 +296,10 @@ def _error_line(err: str) -> str:
     (["-p", "tsv_m.rank_fraction=0.5"], "not a candidate method"),
     (["-p", "ties.density=7"], "out of range"),
     (["--constraint", "nothere>=3"], "constraint task 'nothere' is not one of"),
+    (["--ppo", "epochs=0"], "PPO setting epochs must be an integer >= 1"),
+    (["--ppo", "nope=1"], "unknown PPO setting 'nope'; valid settings: epochs, clip"),
+    (["--ppo", "epochs=x"], "PPO setting epochs needs an integer, got 'x'"),
+    (["--ppo", "clip"], "is not KEY=VALUE"),
 ])
 def test_cli_rmm_bad_input_is_one_line(trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        args: list[str], message: str) -> None:

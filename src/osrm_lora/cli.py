@@ -602,6 +602,7 @@ def rmm(
     rescore: Annotated[int, typer.Option(help=_help(RMMSettings, "rescore"))] = _default(RMMSettings, "rescore"),
     constraint: Annotated[Optional[list[str]], typer.Option(help=_help(MergeSettings, "constraints") + " Repeatable.")] = None,
     penalty: Annotated[float, typer.Option(help=_help(RMMSettings, "penalty"))] = _default(RMMSettings, "penalty"),
+    ppo: Annotated[Optional[list[str]], typer.Option("--ppo", help="A PPO setting of the agent as KEY=VALUE (epochs, clip, gamma, lr_actor, lr_critic, update_every, hidden, value_coef, entropy_coef; defaults: the paper's). Repeatable.")] = None,
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
     model: str = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapters were trained with).")] = None,
@@ -616,16 +617,17 @@ def rmm(
 
     Example: osrm-lora rmm a/ b/ c/ --out r/ --methods ties -p ties.density=0.3 --constraint mr>=single-2
     """
-    from osrm_lora.rmm import parse_candidate_params, rmm_search, summary_lines
+    from osrm_lora.rmm import parse_candidate_params, parse_ppo, rmm_search, summary_lines
 
     names = _csv(methods) or []
     params = parse_candidate_params(list(param or []), names)
+    ppo_settings = parse_ppo(list(ppo or []))
     _model_arg(model)
     _device_arg(device)
     result = rmm_search([str(a) for a in adapters], out, methods=names, params=params, episodes=episodes,
                         budget=budget, subset_size=subset_size, rescore=rescore, constraints=list(constraint or []),
-                        penalty=penalty, seed=seed, model=model, max_length=max_length, device=device,
-                        overwrite=overwrite)
+                        penalty=penalty, ppo=ppo_settings, seed=seed, model=model, max_length=max_length,
+                        device=device, overwrite=overwrite)
     for line in summary_lines(result.record):
         typer.echo(line)
     typer.echo(f"written to {out}/merged and {out}/rmm.json")

@@ -32,6 +32,7 @@ validation split; the test split is scored once, for it. See docs/SEARCH.md.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import shutil
@@ -59,6 +60,8 @@ from osrm_lora.search import LayerGroup, layer_groups, save_found_merge, search_
 logger = logging.getLogger(__name__)
 
 PAPER = "https://arxiv.org/abs/2503.21272"
+SUMMARY = ("Reinforced Model Merging: a PPO agent builds the merge layer by layer from each adapter, merged "
+           "candidates, skips and steps back; rewards from small validation subsets")
 CODE = "https://github.com/WuDiHJQ/Reinforced-Model-Merging"
 RECORD = "rmm.json"
 MERGED = "merged"
@@ -86,6 +89,26 @@ def parse_candidate_params(texts: Sequence[str], methods: Sequence[str]) -> dict
         param = get_method(method).param(key.strip())
         out.setdefault(method, {})[param.name] = param.parse(value)
     return out
+
+
+def parse_ppo(texts: Sequence[str]) -> PPOSettings:
+    """``KEY=VALUE`` strings (``epochs=10``, ``lr_actor=1e-4``) -> :class:`PPOSettings`, the others at
+    their defaults (the paper's); OsrmError naming the key or the value at fault."""
+    kinds = {f.name: type(getattr(PPOSettings(), f.name)) for f in dataclasses.fields(PPOSettings)}
+    given: dict[str, Any] = {}
+    for text in texts:
+        key, eq, value = (x.strip() for x in text.partition("="))
+        if not eq or not key:
+            raise OsrmError(f"PPO setting {text!r} is not KEY=VALUE; pass e.g. --ppo epochs=10")
+        if key.replace("-", "_") not in kinds:
+            raise OsrmError(f"unknown PPO setting {key!r}; valid settings: {', '.join(kinds)}")
+        key = key.replace("-", "_")
+        try:
+            given[key] = kinds[key](value)
+        except ValueError:
+            raise OsrmError(f"PPO setting {key} needs {'an integer' if kinds[key] is int else 'a number'}, "
+                            f"got {value!r}") from None
+    return PPOSettings(**given)
 
 
 def _positive_int(name: str, value: Any, hint: str) -> int:

@@ -94,6 +94,8 @@ RECORD = "search.json"
 MERGED = "merged"
 STUDY = "osrm-lora-search"
 PAPER = "https://arxiv.org/abs/2502.04030"
+SUMMARY = ("multi-fidelity merge search (Optuna TPE / NSGA-II, Hyperband): per layer group a method, its "
+           "coefficients and which adapters take part, screened on validation subsets; single- or multi-objective")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

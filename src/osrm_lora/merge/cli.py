@@ -123,8 +123,24 @@ def result_line(out: str | Path, n_adapters: int, method: str) -> str:
     return f"{head}: PEFT adapter{per_task}, exact (LoRA factors)"
 
 
+def _search_rows() -> list[tuple[str, str, str, str]]:
+    """The merge searches (their own commands, ``merge.rmm`` / ``merge.search`` in a run) as rows of
+    the method table: their settings with defaults, what they do, the paper."""
+    import osrm_lora.rmm as rmm_lib
+    import osrm_lora.search as search_lib
+    from osrm_lora.config import RMMSettings, SearchSettings
+
+    rows = []
+    for name, settings, lib in (("rmm", RMMSettings, rmm_lib), ("search", SearchSettings, search_lib)):
+        defaults = settings().model_dump(mode="json")
+        ps = ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in ("params",))
+        rows.append((name, ps, f"{lib.SUMMARY} [command: osrm-lora {name}; in a run: merge.{name}]", lib.PAPER))
+    return rows
+
+
 def format_method_list(width: int = 120) -> str:
-    """Plain-text table of the merge methods: name, parameters with defaults, description, paper."""
+    """Plain-text table of the merge methods (name, parameters with defaults, description, paper),
+    then the merge searches, which have their own commands."""
     rows = []
     for m in list_methods():
         ps = ", ".join(f"{p.name}={p.default}" + (p.range_text() and f" {p.range_text()}") for p in m.params) or "-"
@@ -136,12 +152,17 @@ def format_method_list(width: int = 120) -> str:
         if m.needs:
             flags.append("needs:" + "+".join(sorted(m.needs)))
         rows.append((m.name, ps, m.description + (f" [{', '.join(flags)}]" if flags else ""), m.paper))
-    name_w = max(len("method"), *(len(r[0]) for r in rows))
+    searches = _search_rows()
+    name_w = max(len("method"), *(len(r[0]) for r in rows + searches))
     par_w = 44
     desc_w = max(30, width - name_w - par_w - 6)
     lines = [f"{'method':<{name_w}}  {'parameters (default [range])':<{par_w}}  description / paper"]
-    lines.append("-" * min(width, name_w + par_w + desc_w + 4))
-    for name, ps, desc, paper in rows:
+    rule = "-" * min(width, name_w + par_w + desc_w + 4)
+    lines.append(rule)
+    for name, ps, desc, paper in rows + [("", "", "", "")] + searches:
+        if not name:
+            lines += ["", "merge searches (validation splits only; their own commands)", rule]
+            continue
         pl = textwrap.wrap(ps, par_w) or [""]
         dl = textwrap.wrap(desc, desc_w) + [paper]
         for i in range(max(len(pl), len(dl))):
