@@ -62,6 +62,8 @@ DIFFERENT_DEFAULT: dict[tuple[str, str], tuple[type, str, Any, str]] = {
                        "an init entry defaults to the standard baseline; the init command writes OSRM subspaces"),
     ("search", "budget"): (SearchBudget, "evaluations", None,
                            "None = the settings' 20 evaluations unless --seconds or --trials is given (as merge.search)"),
+    ("rmm", "ppo"): (RMMSettings, "ppo", None,
+                     "KEY=VALUE overrides of the nested PPO settings; none given = the settings' (the paper's) defaults"),
 }
 
 NOT_SETTINGS: set[tuple[str, str]] = {

@@ -602,7 +602,7 @@ def rmm(
     rescore: Annotated[int, typer.Option(help=_help(RMMSettings, "rescore"))] = _default(RMMSettings, "rescore"),
     constraint: Annotated[Optional[list[str]], typer.Option(help=_help(MergeSettings, "constraints") + " Repeatable.")] = None,
     penalty: Annotated[float, typer.Option(help=_help(RMMSettings, "penalty"))] = _default(RMMSettings, "penalty"),
-    ppo: Annotated[Optional[list[str]], typer.Option("--ppo", help="A PPO setting of the agent as KEY=VALUE (epochs, clip, gamma, lr_actor, lr_critic, update_every, hidden, value_coef, entropy_coef; defaults: the paper's). Repeatable.")] = None,
+    ppo: Annotated[Optional[list[str]], typer.Option("--ppo", help=_help(RMMSettings, "ppo") + " One as KEY=VALUE; repeatable.")] = None,
     seed: Annotated[int, typer.Option(help=SEED_HELP)] = _default(PipelineConfig, "seed"),
     model: str = "default",
     max_length: Annotated[Optional[int], typer.Option(min=2, help="Token limit (default: the one the adapters were trained with).")] = None,

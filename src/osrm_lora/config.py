@@ -201,7 +201,9 @@ class RMMSettings(_Strict):
     """Most steps per episode (None: 4 x the number of layers)."""
     seed: int | None = None
     """None: the run's seed."""
-    ppo: PPOSettings = PPOSettings()
+    ppo: PPOSettings = Field(default_factory=PPOSettings, description=(
+        "The agent's PPO settings (epochs, clip, gamma, lr_actor, lr_critic, update_every, hidden, value_coef, "
+        "entropy_coef); defaults: the paper's."))
 
     @field_validator("methods")
     @classmethod
