@@ -73,6 +73,7 @@ SHARED_METHODS = ["task_arithmetic", "ties", "tsv_m", "core_space", "regmean", "
 PER_TASK_METHODS = {"emr"}  # one deployed model per task: reported apart, never the recommendation
 SEARCHED_METHODS = {"rmm", "search"}  # merge searches (merge.rmm, merge.search): no lambda, a search budget
 GPU_TASKS = ("mr", "movie_docs", "hedge", "bbc", "spam", "foods")
+MPNET_ALL_LINEAR = ["q", "k", "v", "o", "intermediate.dense", "output.dense"]  # MPNet names its attention q/k/v/o
 HARD_TRAIN = {"epochs": 4, "batch_size": 32, "lr": 1e-3, "head_lr": 1e-2, "max_length": 128, "eval_batch_size": 256}
 FAMILY_RMM = {"methods": ["task_arithmetic", "ties", "dare_ties"], "episodes": 500, "budget": 300, "subset_size": 32,
               "rescore": 3}
@@ -194,6 +195,25 @@ PRESETS: dict[str, dict[str, Any]] = {
             "inits": _inits("standard", "standard-frozenA", "lori", "own-frozenA"),
             "diagnose": False,
             "merge": {"methods": ["task_arithmetic", "ties", "emr"], "lambdas": [0.5, 1.0, 1.5, 2.0]},
+        },
+    },
+    "gpu-mpnet-hard": {
+        "description": "WHERE MERGING HURTS, BIGGER MODEL: gpu-hard's setting (offline6 tasks mr, movie_docs, hedge, "
+                       "bbc, spam, foods; training capped at 2000 examples per task, validation/test at 400; 128 "
+                       "tokens, 4 epochs, head lr 1e-2; LoRA r=16, alpha 32 on every linear layer of the block: "
+                       "attention q, k, v, o, intermediate.dense, output.dense) on all-mpnet-base-v2 (110M, 12 "
+                       "layers, hidden 768), LoRA lr 1e-3 for both inits (gpu-hard's validation choice for them on "
+                       "MiniLM, NOT tuned for this model), inits standard and own-frozenA, TA/TIES/TSV-M and EMR, one "
+                       "GPU (bf16 autocast); model path from $OSRM_QUALITY_MODEL",
+        "seeds": [0, 1, 2],
+        "config": {
+            "model": os.environ.get("OSRM_QUALITY_MODEL", "sentence-transformers/all-mpnet-base-v2"),
+            "tasks": [{"name": n, "max_train": 2000, "max_eval": 400} for n in GPU_TASKS],
+            "lora": {"rank": 16, "alpha": 32, "target_modules": MPNET_ALL_LINEAR},
+            "train": HARD_TRAIN,
+            "inits": _inits("standard", "own-frozenA"),
+            "diagnose": False,
+            "merge": {"methods": ["task_arithmetic", "ties", "tsv_m", "emr"], "lambdas": HARD_LAMBDAS},
         },
     },
     "gpu-mpnet": {
