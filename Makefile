@@ -22,6 +22,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not integration" -q
 
 test-integration: setup

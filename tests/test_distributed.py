@@ -7,6 +7,7 @@ profiling, failure propagation) and ``python -m osrm_lora run`` (the whole pipel
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,12 @@ def no_dropout_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="module")
 def worker_run(no_dropout_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    proc = torchrun([str(HERE / "dist_worker.py"), str(no_dropout_bert), str(out)], nproc=2)
+
+    def reset() -> None:
+        shutil.rmtree(out)
+        out.mkdir()
+
+    proc = torchrun([str(HERE / "dist_worker.py"), str(no_dropout_bert), str(out)], nproc=2, reset=reset)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return out
 
@@ -161,7 +167,7 @@ def _one_and_two_processes(raw: dict, tmp_path: Path) -> tuple[dict, dict]:
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     proc = torchrun(["osrm_lora", "-q", "run", str(cfg_path), "--out", str(tmp_path / "run2")], nproc=2,
-                    module=True)
+                    module=True, reset=lambda: shutil.rmtree(tmp_path / "run2", ignore_errors=True))
     assert proc.returncode == 0, proc.stdout[-4000:]
     two = read_json(tmp_path / "run2" / "results.json")
     one = run_pipeline(parse_config(raw), tmp_path / "run1")

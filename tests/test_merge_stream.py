@@ -4,6 +4,7 @@ bounded memory, lazy reads, two processes (one torchrun launch), errors that lea
 from __future__ import annotations
 
 import json
+import shutil
 import weakref
 from pathlib import Path
 
@@ -309,8 +310,7 @@ try:  # only rank 0 opens the output directory: the others must hear of its fail
 except OsrmError as exc:
     errors.append(str(exc))
 (out / f"errors-{env.rank}.json").write_text(json.dumps(errors))
-D.barrier()
-D.shutdown()
+D.shutdown(synchronize=True)
 '''
 
 DIST_CASES = [
@@ -328,7 +328,12 @@ def test_two_processes_equal_one(tmp_path: Path, adapter_dirs: list[str]) -> Non
     spec.write_text(json.dumps({"out": str(out2), "dirs": adapter_dirs, "cases": DIST_CASES}))
     script = tmp_path / "stream_worker.py"
     script.write_text(SCRIPT)
-    proc = torchrun([str(script), str(spec)], nproc=2)
+
+    def reset() -> None:
+        shutil.rmtree(out2)
+        out2.mkdir()
+
+    proc = torchrun([str(script), str(spec)], nproc=2, reset=reset)
     assert proc.returncode == 0, proc.stdout[-4000:]
 
     out1 = tmp_path / "w1"

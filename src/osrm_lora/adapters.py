@@ -28,6 +28,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -348,7 +349,7 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
+def load_adapter(path: str | os.PathLike[str], name: str | None = None) -> LoraAdapter:
     """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     ``adapter_model.bin`` is accepted only if ``torch.load(weights_only=True)`` can read it. To read
@@ -600,12 +601,12 @@ def check_compatible(adapters: Sequence[LoraAdapter | AdapterReader]) -> None:
                 f"{nm} and {ref_name} adapt different modules (e.g. {diff[0]}, {len(diff)} differ); "
                 "train all adapters with the same target_modules"
             )
-        for key, mod in shapes.items():
+        for key, shape in shapes.items():
             r = ref_shapes[key]
-            if (mod.out_features, mod.in_features) != (r.out_features, r.in_features):
+            if (shape.out_features, shape.in_features) != (r.out_features, r.in_features):
                 raise AdapterError(
-                    f"{nm}: module {key} has shape {(mod.out_features, mod.in_features)} but {ref_name} has "
+                    f"{nm}: module {key} has shape {(shape.out_features, shape.in_features)} but {ref_name} has "
                     f"{(r.out_features, r.in_features)}; merge only adapters of the same base model"
                 )
-            if mod.fan_in_fan_out != r.fan_in_fan_out:
+            if shape.fan_in_fan_out != r.fan_in_fan_out:
                 raise AdapterError(f"{nm}: module {key} differs in fan_in_fan_out from {ref_name}; re-export one of them")

@@ -112,8 +112,9 @@ def _quiet_transformers() -> None:
     try:
         import transformers
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        # transformers leaves these helpers unannotated
+        transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     except Exception:  # pragma: no cover
         pass
 
@@ -174,7 +175,8 @@ def load_classifier(
         raise OsrmError(f"cannot load model {model_path}: {first}; check the model path or id") from exc
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
-    return model.to(select_device(device) if not isinstance(device, torch.device) else device)
+    placed: nn.Module = model.to(select_device(device) if not isinstance(device, torch.device) else device)
+    return placed
 
 
 def head_module_name(model: nn.Module) -> str:
@@ -265,9 +267,10 @@ def set_head(model: nn.Module, state: Mapping[str, torch.Tensor], num_labels: in
                                 "it was trained on another base model")
             param.copy_(value.to(param.device, param.dtype))
     setattr(model, name, head)
-    model.num_labels = num_labels
-    model.config.num_labels = num_labels
-    model.config.problem_type = "regression" if problem_type == "regression" else "single_label_classification"
+    hf_model: Any = model  # a transformers model: num_labels and config are plain attributes, not submodules
+    hf_model.num_labels = num_labels
+    hf_model.config.num_labels = num_labels
+    hf_model.config.problem_type = "regression" if problem_type == "regression" else "single_label_classification"
 
 
 @dataclass(frozen=True)

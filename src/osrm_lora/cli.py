@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -34,6 +34,9 @@ from osrm_lora.fsutil import claim_output
 from osrm_lora.logutil import setup_logging
 from osrm_lora.model.keys import matches_target, select_targets
 from osrm_lora.osrm import DEFAULT_OSRM_MODE, OSRM_MODES
+
+if TYPE_CHECKING:
+    from osrm_lora.data.task import Task
 
 logger = logging.getLogger("osrm_lora.cli")
 
@@ -346,7 +349,7 @@ def profile(
     barrier()
 
 
-def _load_tasks(spec: str) -> list:
+def _load_tasks(spec: str) -> list[Task]:
     from osrm_lora.data import SUITES, load_suite, load_task
 
     if spec in SUITES:
@@ -424,7 +427,7 @@ LOW_ENERGY_KEPT = 0.25
 """A projection that keeps less of an adapter's update energy than this is warned about."""
 
 
-def _print_projection(rep: dict) -> None:
+def _print_projection(rep: dict[str, Any]) -> None:
     """Per task: the share of the update energy (||dW||_F^2) the projection kept, its weakest module and
     the output directory; a warning on stderr for a projection that keeps little."""
     typer.echo(f"projected onto the rank-{rep.get('rank')} OSRM subspace ({rep.get('mode')} mode):")
@@ -569,7 +572,7 @@ def search(
 
     Example: osrm-lora search a/ b/ c/ --out s/ --objective pareto --constraint mr>=single-2
     """
-    from osrm_lora.search import SearchBudget, search_merge, summary_lines
+    from osrm_lora.search import search_merge, summary_lines
 
     _model_arg(model)
     _device_arg(device)

@@ -232,7 +232,11 @@ def leave_one_out(evaluator: MergedEvaluator, adapters: Sequence[LoraAdapter], s
     drag: list[list[float | None]] = []
     for i in range(len(tasks)):
         rest = task_arithmetic_deltas([a for k, a in enumerate(adapters) if k != i], scaling)
-        scores = evaluator.evaluate(lambda _, rest=rest: rest, split)
+
+        def deltas_without(_: int, rest: dict[str, torch.Tensor] = rest) -> dict[str, torch.Tensor]:
+            return rest
+
+        scores = evaluator.evaluate(deltas_without, split)
         without.append({t: (None if j == i else scores[t]) for j, t in enumerate(tasks)})
         drag.append([None if j == i else scores[t] - full[t] for j, t in enumerate(tasks)])
     mean_drag = {tasks[i]: mean(v for v in row if v is not None) for i, row in enumerate(drag)}

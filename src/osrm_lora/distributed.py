@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -229,12 +229,13 @@ def from_rank0(fn: Callable[[], T]) -> T:
             outcome = (True, fn())
         except Exception as exc:
             error, outcome = exc, (False, f"{type(exc).__name__}: {exc}")
-    ok, value = broadcast_object(outcome)
+    # rank 0 always sets ``outcome`` before the broadcast, so every rank receives a tuple
+    ok, value = cast("tuple[bool, Any]", broadcast_object(outcome))
     if error is not None:
         raise error
     if not ok:
         raise OsrmError(f"rank 0 failed ({value}); see its log")
-    return value
+    return cast("T", value)
 
 
 def raise_if_any_failed(error: BaseException | None) -> None:

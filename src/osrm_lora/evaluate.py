@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -107,6 +107,6 @@ def normalised(merged: Mapping[str, float], single: Mapping[str, float]) -> dict
     return out
 
 
-def mean(values: Sequence[float] | Iterator[float]) -> float:
+def mean(values: Iterable[float]) -> float:
     vals = [float(v) for v in values]
     return sum(vals) / len(vals) if vals else float("nan")

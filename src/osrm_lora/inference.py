@@ -45,7 +45,8 @@ def _looks_like_path(text: str) -> bool:
     if "/" in text and Path(text.split("/", 1)[0]).is_dir():
         return True
     try:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # re-exported lazily, invisible to mypy
 
         validate_repo_id(text)
     except HFValidationError:
@@ -124,7 +125,7 @@ def hub_has_model(repo_id: str) -> bool:
     any other outcome (network trouble is left to the loader)."""
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.utils import RepositoryNotFoundError
+        from huggingface_hub.errors import RepositoryNotFoundError
     except ImportError:  # pragma: no cover
         return True
     try:
@@ -159,7 +160,7 @@ def check_causal_lm(path: str) -> None:
                         "randomly initialised and the loss meaningless; pass --model a causal LM checkpoint")
 
 
-def check_adapter_dir(path: str | Path, what: str = "adapter directory") -> Path:
+def check_adapter_dir(path: str | os.PathLike[str], what: str = "adapter directory") -> Path:
     """An existing directory, else a one-line error saying that it does not exist."""
     p = Path(path)
     if not p.exists():
@@ -435,12 +436,13 @@ def export_models(
     paths: list[Path] = []
     for adir in adapter_dirs:
         net, tok, info = load_task_model(adir, merged=merged, model=model, device="cpu")
+        hf_net: Any = net  # a transformers model: config and save_pretrained are not nn.Module members
         names = info.label_names or tuple(str(i) for i in range(info.num_labels))
-        net.config.id2label = {i: n for i, n in enumerate(names)} if info.problem_type != "regression" else {0: "score"}
-        net.config.label2id = {n: i for i, n in net.config.id2label.items()}
+        hf_net.config.id2label = {i: n for i, n in enumerate(names)} if info.problem_type != "regression" else {0: "score"}
+        hf_net.config.label2id = {n: i for i, n in hf_net.config.id2label.items()}
         target = Path(out_dir) / info.task
         with atomic_dir(target) as tmp:
-            net.save_pretrained(str(tmp), safe_serialization=True)
+            hf_net.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
         logger.info("exported %s to %s", info.task, target)
         paths.append(target)
@@ -505,7 +507,7 @@ def evaluate_causal_lm(
         check_merged_dir(adapter, "adapter", "--adapter")
     tok = load_tokenizer(path)
     try:
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+        net: nn.Module = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                    use_safetensors=True if Path(path).exists() else None)
     except (OSError, ValueError, RuntimeError) as exc:
         raise OsrmError(f"cannot load causal LM {path}: {str(exc).splitlines()[0]}; check the model path or id") from exc

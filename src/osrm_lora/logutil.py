@@ -50,8 +50,9 @@ def setup_logging(verbosity: int = 0) -> None:
     try:
         import transformers
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        # transformers leaves these helpers unannotated
+        transformers.utils.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     except Exception:  # pragma: no cover
         pass
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from torch.func import functional_call
 
 from osrm_lora.backbone import set_head
@@ -52,7 +51,7 @@ def grams_from_store(stats_dir: Path, adapters: Sequence[Any], tasks: Sequence[T
     return out
 
 
-def _peft_on(evaluator: Any, adapter_dir: Path, slot: Any) -> nn.Module:
+def _peft_on(evaluator: Any, adapter_dir: Path, slot: Any) -> Any:  # a peft.PeftModel (peft is untyped)
     from peft import PeftModel
 
     evaluator.restore()
@@ -141,7 +140,8 @@ def _merged_logits(evaluator: Any) -> Callable[[dict[str, torch.Tensor], _Batch]
             name, fan_in_fan_out = weight_of(key)
             weights[name] = base[name] + oriented(delta, fan_in_fan_out).to(dev)
         batch, head = item[0], item[1]
-        return functional_call(model, {**base, **weights, **head}, args=(), kwargs=batch).logits.float()
+        out: torch.Tensor = functional_call(model, {**base, **weights, **head}, args=(), kwargs=batch).logits.float()
+        return out
 
     return logits
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -102,7 +102,8 @@ class _LowRankLinear(nn.Module):
 
         result = self.base_layer(x, *args, **kwargs)
         delta = grouped_lora_delta(x.to(self.A.dtype), self.A, self.B, self._router)
-        return (result + delta).to(result.dtype)
+        out: torch.Tensor = (result + delta).to(result.dtype)
+        return out
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -199,7 +200,7 @@ class MergedEvaluator:
         """Put back the base weights that the last evaluation changed (a no-op when none is folded in)."""
         with torch.no_grad():
             for path, original in self._originals.items():
-                self.model.get_submodule(path).weight.copy_(original)
+                cast(torch.Tensor, self.model.get_submodule(path).weight).copy_(original)
         self._originals = {}
 
     def evaluate(self, deltas_for: DeltasFn | None, split: str, per_task: bool = False) -> dict[str, float]:
@@ -297,7 +298,7 @@ class MergedEvaluator:
                                                            for h in heads):
                 return None
             try:
-                check_weight_shape(key, tuple(module.weight.shape), (mod.out_features, mod.in_features), transposed)
+                check_weight_shape(key, tuple(cast(torch.Tensor, module.weight).shape), (mod.out_features, mod.in_features), transposed)
             except OsrmError:
                 return None
             A = mod.A.to(self.device, torch.float32)

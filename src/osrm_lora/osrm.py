@@ -32,7 +32,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 from torch import nn
@@ -153,7 +153,8 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     Qa = torch.linalg.qr(A.detach().double().mT)[0]
     Qb = torch.linalg.qr(B.detach().double().mT)[0]
     resid = Qb - Qa @ (Qa.mT @ Qb)
-    return torch.linalg.svdvals(resid).clamp(max=1.0).asin()
+    angles: torch.Tensor = torch.linalg.svdvals(resid).clamp(max=1.0).asin()
+    return angles
 
 
 # ---- batched eigensolvers on (B, n, n) float64 stacks -----------------------------------------------
@@ -345,8 +346,9 @@ def _paper_batch(S: torch.Tensor, r: int, solver: str, X0: torch.Tensor, tol: fl
         del K
         for j, k in enumerate(good.tolist()):
             info["bound"][k], info["rounds"][k] = float(bnd[j]), int(rounds[j])
-            if res[j] is not None:
-                A[k] = res[j]
+            res_j = res[j]
+            if res_j is not None:
+                A[k] = res_j
                 accepted[k] = True
     rest = torch.nonzero(~accepted).flatten()
     if rest.numel():
@@ -383,8 +385,9 @@ def _own_batch(Si: torch.Tensor, So: torch.Tensor, r: int, ridge: float, solver:
     accepted = torch.zeros(B, dtype=torch.bool)
     for k in range(B):
         info["bound"][k], info["rounds"][k] = float(bnd[k]), int(rounds[k])
-        if res[k] is not None:
-            A[k] = res[k]
+        res_k = res[k]
+        if res_k is not None:
+            A[k] = res_k
             accepted[k] = True
     rest = torch.nonzero(~accepted).flatten()
     if rest.numel():
@@ -710,8 +713,9 @@ def apply_A_to_peft(
     with torch.no_grad():
         for key, A in matched.items():
             layer = lora_layers[key]
-            wA = layer.lora_A[adapter_name].weight
-            wB = layer.lora_B[adapter_name].weight
+            # PEFT LoRA layers: lora_A / lora_B are ModuleDicts of Linear modules (checked for lora_A above)
+            wA = cast(torch.Tensor, cast(nn.ModuleDict, layer.lora_A)[adapter_name].weight)
+            wB = cast(torch.Tensor, cast(nn.ModuleDict, layer.lora_B)[adapter_name].weight)
             if tuple(wA.shape) != tuple(A.shape):
                 raise AdapterError(f"A for {key} has shape {tuple(A.shape)} but lora_A is {tuple(wA.shape)}; use the same rank")
             if bool(wB.detach().abs().sum() != 0):

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ from osrm_lora.errors import OsrmError
 from osrm_lora.evaluate import mean
 from osrm_lora.fsutil import claim_output, write_json
 from osrm_lora.merge.registry import MergeContext, get_method, merge, resolve_params
-from osrm_lora.merged_eval import MergedEvaluator
+from osrm_lora.merged_eval import DeltasFn, MergedEvaluator
 from osrm_lora.search import LayerGroup, layer_groups, save_found_merge, search_evaluator
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,8 @@ class ActorCritic(nn.Module):
         return torch.log_softmax(self.actor(states), dim=-1)
 
     def value(self, states: torch.Tensor) -> torch.Tensor:
-        return self.critic(states).squeeze(-1)
+        values: torch.Tensor = self.critic(states).squeeze(-1)
+        return values
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -357,7 +358,7 @@ class PPOAgent:
             value_loss = torch.mean((values - returns) ** 2)
             loss = surrogate + s.value_coef * value_loss - s.entropy_coef * entropy
             self.optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             self.optimizer.step()
             last = {"loss": float(loss.item()), "surrogate": float(surrogate.item()),
                     "value_loss": float(value_loss.item()), "entropy": float(entropy.item())}
@@ -406,7 +407,8 @@ def greedy_architecture(agent: PPOAgent, n_layers: int, n_candidates: int,
     while True:
         state, _, done, info = env.step(agent.act(state, greedy=True))
         if done:
-            return info["architecture"]
+            arch: tuple[int, ...] | None = info["architecture"]
+            return arch
 
 
 # ---------------------------------------------------------------------------------------------- subsets
@@ -480,8 +482,8 @@ def rmm_search(
     ``model_path`` names its base model) replaces loading the runs' tasks.
     """
     methods = check_methods(methods) if methods else []
-    params = {m: dict(p) for m, p in (params or {}).items()}
-    for m, p in params.items():
+    method_params = {m: dict(p) for m, p in (params or {}).items()}
+    for m, p in method_params.items():
         if m not in methods:
             raise OsrmError(f"parameters given for {m}, which is not a candidate method ({', '.join(methods) or 'none'})")
         resolve_params(get_method(m), p, len(adapter_dirs))  # names and ranges, before any work
@@ -509,7 +511,7 @@ def rmm_search(
             evaluator, model_path = search_evaluator(dirs, parsed, model=model, max_length=max_length,
                                                      batch_size=batch_size, device=device)
         try:
-            return _search(evaluator, dirs, out, methods=methods, params=params, episodes=episodes, budget=budget,
+            return _search(evaluator, dirs, out, methods=methods, params=method_params, episodes=episodes, budget=budget,
                            subset_size=subset_size, rescore=rescore, constraints=parsed, penalty=float(penalty),
                            seed=int(seed), ppo=ppo, max_steps=max_steps, model_path=model_path)
         finally:
@@ -611,7 +613,7 @@ def _search(evaluator: MergedEvaluator, dirs: Sequence[Path], out: Path, *, meth
     rescored: list[dict[str, Any]] = []
     for arch, why in picks:
         deltas = compose_deltas(candidates, groups, arch)
-        scores = evaluator.evaluate(lambda i, deltas=deltas: deltas, "validation")
+        scores = evaluator.evaluate(cast(DeltasFn, lambda i, deltas=deltas: deltas), "validation")
         viol = violations(scores)
         rescored.append({
             "architecture": describe(arch), "indices": list(arch), "picked_by": why,
@@ -665,16 +667,16 @@ def _search(evaluator: MergedEvaluator, dirs: Sequence[Path], out: Path, *, meth
             "test": test, "avg_test": None if test is None else mean(test.values()),
             "selected_on": "validation (whole split, mean over tasks, among the feasible re-scored architectures)"}
     record["best"] = best
-    scores: dict[str, Any] = {"split": "validation", "scores": best["validation"]}
+    merge_scores: dict[str, Any] = {"split": "validation", "scores": best["validation"]}
     if test is not None:
-        scores["test"] = test
+        merge_scores["test"] = test
     used = {c for c in arch if c != SKIP}
     carrier = next((candidates[c].method for c in sorted(used) if candidates[c].method), None) or "task_arithmetic"
     save_found_merge(out / MERGED, adapters, dirs, carrier=str(carrier), label="rmm",
                      params={"architecture": best["layers"], "candidates": record["candidates"], "seed": seed},
                      info={"search": f"../{RECORD}", "paper": PAPER, "code": CODE,
                            "layers": {g.name: list(g.modules) for g in groups}},
-                     deltas=deltas, model_path=model_path, scores=scores, paper=PAPER,
+                     deltas=deltas, model_path=model_path, scores=merge_scores, paper=PAPER,
                      reproduce=("Found by `osrm-lora rmm` (Reinforced Model Merging: per layer, one candidate's update "
                                 f"or none); `{RECORD}` beside this directory records the candidates, the reward curve "
                                 "and the chosen architecture. Rerun the same command with the same `--seed` (on "

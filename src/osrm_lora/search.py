@@ -53,7 +53,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import optuna
 import torch
@@ -320,7 +320,7 @@ def _fail_interrupted(study: optuna.Study) -> None:
         logger.info("trial %d of the earlier run was interrupted; counted as failed", t.number)
 
 
-def _open_study(out: Path, settings: dict[str, Any], *, directions: list[str],
+def _open_study(out: Path, settings: dict[str, Any], *, directions: list[Literal["minimize", "maximize"]],
                 sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner,
                 restart: bool = False) -> optuna.Study:
     storage = optuna.storages.RDBStorage(f"sqlite:///{(out / STORAGE).resolve()}")
@@ -626,6 +626,7 @@ def save_found_merge(target: Path, adapters: Sequence[LoraAdapter], dirs: Sequen
     meta = read_json(target / MERGE_INFO)
     meta.update({"method": label, "params": params})
     write_json(target / MERGE_INFO, meta)
+    assert result.config is not None  # set above from merged_config(); save_merge_result keeps it
     card = merge_card(method=label, params=params, base_model=model_path or result.config.get("base_model_name_or_path"),
                       inputs=[str(d) for d in dirs], task_names=result.task_names, paper=paper, scores=scores,
                       info=result.info, needs=(label,))

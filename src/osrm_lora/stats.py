@@ -514,7 +514,7 @@ def collect_statistics(
         raise ConfigError("n_samples, batch_size and max_length must be positive; fix the statistics settings")
     data = _normalise_texts(texts_by_task)
     modules = linear_targets(model, target_modules)
-    module_names = {mod: name for name, mod in modules.items()}
+    module_names: dict[nn.Module, str] = {mod: name for name, mod in modules.items()}
     parents = {name: name.rsplit(".", 1)[0] if "." in name else "" for name in modules}
     model_dev = _model_device(model)
     acc_dev = torch.device(device) if device is not None else model_dev

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -44,6 +44,10 @@ from osrm_lora.fsutil import atomic_dir, write_json
 from osrm_lora.logutil import Progress
 from osrm_lora.model.keys import is_lora_tensor, lora_factor, lora_module_key, lora_pairs, peft_name, strip_peft_prefix
 from osrm_lora.osrm import DEFAULT_OSRM_MODE, INIT_MODES, A_drift, apply_A_to_peft
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str, trai
     targets = lora.target_modules or default_target_modules(model_type)
     cfg = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (scaling = alpha / r)
         lora_dropout=lora.dropout,
         target_modules=targets,
         bias="none",
@@ -87,11 +91,16 @@ def build_peft_model(model: nn.Module, lora: LoraSettings, model_type: str, trai
         peft_model = get_peft_model(model, cfg)
     except ValueError as exc:
         raise OsrmError(f"cannot add LoRA to this model: {str(exc).splitlines()[0]}; check target_modules") from exc
-    inner = peft_model.base_model.model
+    inner = _inner_model(peft_model)
     for name in head_module_names(inner) if train_pooler else [head_module_name(inner)]:
         for p in inner.get_submodule(name).parameters():
             p.requires_grad_(True)
     return peft_model
+
+
+def _inner_model(peft_model: nn.Module) -> nn.Module:
+    """The wrapped transformers model of a PEFT model (``peft_model.base_model.model``)."""
+    return cast(nn.Module, cast(nn.Module, peft_model.base_model).model)
 
 
 def lora_parameters(peft_model: nn.Module, which: str) -> dict[str, nn.Parameter]:
@@ -121,7 +130,7 @@ def shard_model(peft_model: nn.Module) -> None:
     then the rest. Parameters become DTensors sharded over the process group."""
     from torch.distributed.fsdp import fully_shard
 
-    inner = peft_model.base_model.model
+    inner = _inner_model(peft_model)
     block_types = set(getattr(inner, "_no_split_modules", None) or [])
     blocks = [m for m in inner.modules() if type(m).__name__ in block_types and "Embedding" not in type(m).__name__]
     if not blocks:
@@ -133,7 +142,7 @@ def shard_model(peft_model: nn.Module) -> None:
 
 def _head_prefixes(peft_model: nn.Module) -> tuple[str, ...]:
     """Parameter-name prefixes of the task head (classifier, pooler) inside the PEFT model."""
-    return tuple(peft_name(f"{h}.") for h in head_module_names(peft_model.base_model.model))
+    return tuple(peft_name(f"{h}.") for h in head_module_names(_inner_model(peft_model)))
 
 
 def adapter_tensors(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -208,7 +217,8 @@ def _optimizer(peft_model: nn.Module, cfg: TrainSettings) -> torch.optim.Optimiz
 def optimizer_for(named: Iterable[tuple[str, nn.Parameter]], cfg: TrainSettings) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of ``named``: LoRA factors (names with ``.lora_``) at
     ``cfg.lr``, the head at ``cfg.head_lr`` (default ``cfg.lr``)."""
-    lora, head = [], []
+    lora: list[nn.Parameter] = []
+    head: list[nn.Parameter] = []
     for n, p in named:
         if not p.requires_grad:
             continue
@@ -444,7 +454,7 @@ def initial_peft_model(model_path: str, num_labels: int, problem_type: str, lora
     from. Call it right after ``set_seed(seed)``: the load sees that random state, the adapter is then
     initialised from ``seed`` again (identically whatever loading consumed)."""
     base = load_classifier(model_path, num_labels, problem_type, device=dev, pad_token_id=pad_token_id)
-    model_type = base.config.model_type
+    model_type = cast("PretrainedConfig", base.config).model_type
     set_seed(seed)  # head init is seeded identically whatever loading consumed
     return build_peft_model(base, lora, model_type, train_pooler=train.train_pooler)
 
@@ -658,7 +668,7 @@ def _save(
     world_size: int = 1,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    inner = peft_model.base_model.model
+    inner = _inner_model(peft_model)
     info = HeadInfo(
         task=task.name,
         problem_type=task.problem_type,
@@ -708,7 +718,8 @@ def write_peft_adapter(peft_model: nn.Module, tensors: Mapping[str, torch.Tensor
     state = get_peft_model_state_dict(peft_model, state_dict=dict(tensors))
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    config = copy.deepcopy(peft_model.peft_config["default"])
+    peft_config = cast("dict[str, LoraConfig]", peft_model.peft_config)
+    config = copy.deepcopy(peft_config["default"])
     config.inference_mode = True
     if isinstance(config.target_modules, (set, frozenset)):  # PEFT keeps a set: write a stable, sorted list
         config.target_modules = sorted(config.target_modules)
@@ -719,7 +730,7 @@ def load_init_A(init_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The A matrices of an initial adapter written by :func:`write_initial_adapters` (module key -> r x n)."""
     from osrm_lora.adapters import load_adapter
 
-    adapter = load_adapter(init_dir)
+    adapter = load_adapter(Path(init_dir))
     return {key: m.A.clone() for key, m in adapter.modules.items()}
 
 
@@ -750,14 +761,15 @@ def write_initial_adapters(
     for name in tasks:
         set_seed(seed)
         base = load_classifier(model_path, 2, device="cpu")
-        peft_model = build_peft_model(base, lora, base.config.model_type)
+        peft_model = build_peft_model(base, lora, cast("PretrainedConfig", base.config).model_type)
         if subspaces:
             apply_A_to_peft(peft_model, subspaces[name])
         target = Path(out_dir) / name
         with atomic_dir(target) as tmp:
-            if isinstance(peft_model.peft_config["default"].target_modules, (set, frozenset)):  # stable file
-                peft_model.peft_config["default"].target_modules = sorted(peft_model.peft_config["default"].target_modules)
-            peft_model.save_pretrained(str(tmp))
+            peft_config = cast("dict[str, LoraConfig]", peft_model.peft_config)
+            if isinstance(peft_config["default"].target_modules, (set, frozenset)):  # stable file
+                peft_config["default"].target_modules = sorted(peft_config["default"].target_modules)
+            cast("PeftModel", peft_model).save_pretrained(str(tmp))
             write_json(tmp / "init.json", {"task": name, "mode": mode, "rank": lora.rank, "ridge": ridge, "seed": seed,
                                            "stats": str(stats_dir)})
         paths.append(target)

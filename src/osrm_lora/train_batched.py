@@ -59,6 +59,7 @@ from osrm_lora.train import (
     GramLookup,
     TrainResult,
     _apply_masks,
+    _inner_model,
     _linear_schedule,
     _project_A,
     _save,
@@ -183,7 +184,7 @@ class MultiLoraLinear(nn.Module):
         self._router = router
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         router = self._router
         if router.sizes is None:  # one adapter for every row: exactly PEFT's LoRA forward
@@ -229,7 +230,8 @@ class RoutedHead(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         spans = self._router.spans(x.shape[0])
         if len(spans) == 1:
-            return self.heads[spans[0][0]](x, *args, **kwargs)
+            out: torch.Tensor = self.heads[spans[0][0]](x, *args, **kwargs)
+            return out
         n = x.shape[0]
         outs = [self.heads[k](x[s:e], *(_rows(a, s, e, n) for a in args),
                               **{key: _rows(v, s, e, n) for key, v in kwargs.items()}) for k, s, e in spans]
@@ -281,13 +283,13 @@ class AdapterSlot:
         return {n: p.detach().cpu().clone() for n, p in self.params.items()}
 
 
-def _is_lora_linear(module: nn.Module) -> bool:
+def _is_lora_linear(module: object) -> bool:
     return type(module) is LoraLinear
 
 
 def _base_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer outside the LoRA factors and the head."""
-    heads = tuple(peft_name(f"{h}.") for h in head_module_names(peft_model.base_model.model))
+    heads = tuple(peft_name(f"{h}.") for h in head_module_names(_inner_model(peft_model)))
     named = list(peft_model.named_parameters()) + list(peft_model.named_buffers())
     return {n: t for n, t in named if not is_lora_tensor(n) and not n.startswith(heads)}
 
@@ -315,7 +317,7 @@ class MultiAdapterModel:
                  tokenizer: Any, model_path: str, lora: LoraSettings, device: torch.device) -> None:
         self.peft_model = peft_model
         self.skeleton = skeleton
-        self.inner: nn.Module = peft_model.base_model.model
+        self.inner = _inner_model(peft_model)
         self.router = router
         self.slots = slots
         self.tokenizer = tokenizer
@@ -382,7 +384,7 @@ class MultiAdapterModel:
                     raise BatchingUnsupported(
                         "the base weights differ between adapters with other seeds or label counts (the checkpoint "
                         "lacks weights that are initialised at random); train them one at a time")
-            inner = peft_model.base_model.model
+            inner = _inner_model(peft_model)
             heads = head_module_names(inner)
             prefixes = tuple(peft_name(f"{h}.") for h in heads)
             A_names = [n for n, _ in peft_model.named_parameters() if lora_factor(n) == "lora_A"]
@@ -401,7 +403,7 @@ class MultiAdapterModel:
         assert shell is not None
         skeleton = _skeleton(shell)
         router = _Router()
-        inner = shell.base_model.model
+        inner = _inner_model(shell)
         heads = head_module_names(inner)
 
         # per slot: its LoRA parameters (by PEFT name) and its head modules
@@ -441,7 +443,8 @@ class MultiAdapterModel:
         """One forward over the concatenated training examples ``batches`` (``(slot, example
         indices)`` pairs, one per slot): each slot's mean loss on its examples, as the solo loop
         computes it (no penalty)."""
-        feats, labels = [], []
+        feats: list[dict[str, list[int]]] = []
+        labels: list[torch.Tensor] = []
         for k, idx in batches:
             enc = self.slots[k].enc_train
             feats.extend(enc.features[i] for i in idx)
@@ -471,7 +474,7 @@ class MultiAdapterModel:
 
 def _check_batchable(peft_model: nn.Module) -> None:
     """BatchingUnsupported for LoRA layers the batched forward does not handle."""
-    inner_heads = tuple(peft_name(f"{h}.") for h in head_module_names(peft_model.base_model.model))
+    inner_heads = tuple(peft_name(f"{h}.") for h in head_module_names(_inner_model(peft_model)))
     for name, mod in peft_model.named_modules():
         if not isinstance(mod, LoraLayer):
             continue
@@ -545,7 +548,7 @@ def _step(model: MultiAdapterModel, work: list[tuple[_Run, list[int]]]) -> list[
             term = term + slot.job.interference_penalty * slot.penalty()
         total = term if total is None else total + term
     assert total is not None
-    total.backward()
+    total.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
     for run, _ in work:
         slot = run.slot
         torch.nn.utils.clip_grad_norm_(slot.trainable, slot.train.max_grad_norm)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from osrm_lora.errors import DataError
 
@@ -89,7 +89,7 @@ def build_label_mapping(
                 raise DataError(f"{where} has label {key!r}, which is not in label_names {list(names)}; add it or fix the data")
         return mapping, names
     if all(isinstance(k, int) for k in distinct):
-        ints = sorted(distinct)  # type: ignore[type-var]
+        ints = sorted(cast("set[int]", distinct))
         if ints == list(range(len(ints))):
             return {k: k for k in ints}, tuple(str(k) for k in ints)
         return {k: i for i, k in enumerate(ints)}, tuple(str(k) for k in ints)

@@ -29,7 +29,7 @@ class Split:
     def subset(self, indices: list[int] | tuple[int, ...]) -> Split:
         return Split(
             texts=tuple(self.texts[i] for i in indices),
-            labels=tuple(self.labels[i] for i in indices),  # type: ignore[arg-type]
+            labels=tuple(self.labels[i] for i in indices),
             text_pairs=None if self.text_pairs is None else tuple(self.text_pairs[i] for i in indices),
         )
 
@@ -63,4 +63,5 @@ class Task:
     def split(self, name: str) -> Split:
         if name not in SPLITS:
             raise KeyError(f"unknown split {name!r}; expected one of {SPLITS}")
-        return getattr(self, name)
+        split: Split = getattr(self, name)
+        return split

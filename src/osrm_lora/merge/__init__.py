@@ -1,5 +1,7 @@
 """Merge engine: a registry of LoRA merge methods, their shared building blocks, output and CLI glue."""
 
+from typing import Any
+
 from osrm_lora.merge.registry import (
     MergeContext,
     MergeResult,
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: io/cli import transformers only when used
+def __getattr__(name: str) -> Any:  # lazy: io/cli import transformers only when used
     if name == "save_merge_result":
         from osrm_lora.merge.io import save_merge_result
 

@@ -275,7 +275,8 @@ class BaseCheckpoint:
         from safetensors import safe_open
 
         with safe_open(str(self.files[name]), framework="pt") as fh:
-            return fh.get_tensor(name)
+            tensor: torch.Tensor = fh.get_tensor(name)
+            return tensor
 
     def aux_files(self, skip: Sequence[str] = ()) -> list[Path]:
         """Top-level files other than weights (config, generation config, tokenizer, ...)."""

@@ -65,7 +65,8 @@ def truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tupl
 def polar(X: torch.Tensor) -> torch.Tensor:
     """Orthogonal polar factor ``P Q^T`` of ``X = P diag(s) Q^T``: the nearest matrix with orthonormal columns."""
     P, _, Qh = torch.linalg.svd(X.float(), full_matrices=False)
-    return P @ Qh
+    out: torch.Tensor = P @ Qh
+    return out
 
 
 def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:

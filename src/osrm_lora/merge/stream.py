@@ -77,7 +77,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -264,7 +264,7 @@ def _collectively(fn: Callable[[], T]) -> T:
     except Exception as exc:
         err = exc
     D.raise_if_any_failed(err)
-    return out
+    return cast("T", out)  # set: had fn() failed, raise_if_any_failed raised
 
 
 # ------------------------------------------------------------------------------------------------ pre-passes
@@ -547,7 +547,8 @@ def _combine(plan: _Plan, tmp: Path, parts: list[dict[str, Any]], stream_info: d
     meta["stream"] = stream_info
     io.write_merge_metadata(tmp, plan.stub, meta, base_model_path=plan.base_model_path, inputs=plan.inputs,
                             scores=None, format=plan.format, svd_rank=plan.svd_rank, max_error=plan.max_error)
-    return to_jsonable(meta, strict=False)
+    jsonable: dict[str, Any] = to_jsonable(meta, strict=False)
+    return jsonable
 
 
 def _trains_biases(adapter_dirs: Sequence[str | Path]) -> bool:
@@ -616,7 +617,7 @@ def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mappin
     try:
         with stack:
             tmp_name = _collectively(lambda: str(stack.enter_context(atomic_dir(out))) if env.is_main else None)
-            tmp = Path(D.broadcast_object(tmp_name))
+            tmp = Path(cast(str, D.broadcast_object(tmp_name)))  # rank 0's name: never None
             if "task_thresholds" in plan.needs:
                 ctx.task_thresholds = _task_thresholds(plan, steps, device_t, ctx)
                 stream_info["task_thresholds"] = ctx.task_thresholds
@@ -636,4 +637,4 @@ def stream_merge(adapter_dirs: Sequence[str | Path], method: str, params: Mappin
     D.raise_if_any_failed(rename_error)
     logger.info("streamed %s merge of %d modules on %d process(es) into %s", method, len(plan.keys),
                 env.world_size, out)
-    return meta
+    return cast("dict[str, Any]", meta)  # rank 0's metadata, broadcast to every rank: never None

@@ -93,7 +93,8 @@ class StageLedger:
         if not marker.exists() or not all(p.exists() for p in outputs):
             return False
         try:
-            return read_json(marker).get("inputs") == sha256_json(payload)
+            matches: bool = read_json(marker).get("inputs") == sha256_json(payload)
+            return matches
         except OsrmError:
             return False
 

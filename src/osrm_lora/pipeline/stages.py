@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -24,6 +24,9 @@ from osrm_lora.pipeline.jobs import parallel_mode, run_jobs
 from osrm_lora.pipeline.layout import ADAPTER_METRICS, INTERFERENCE, RunLayout
 from osrm_lora.pipeline.ledger import DIAGNOSE, PROFILE, TRAIN
 from osrm_lora.stats import StatsStore, collect_statistics
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ def profile_tasks(model_path: str, tasks: Sequence[Task], target_modules: Sequen
     architecture's defaults. Sharded over the processes when there are several; the same store on all."""
     tokenizer = load_tokenizer(model_path)
     model = load_classifier(model_path, 2, device=select_device(device), pad_token_id=tokenizer.pad_token_id)
-    targets = list(target_modules or []) or default_target_modules(model.config.model_type)
+    targets = list(target_modules or []) or default_target_modules(cast("PreTrainedConfig", model.config).model_type)
     texts = {t.name: (list(t.train.texts), None if t.train.text_pairs is None else list(t.train.text_pairs)) for t in tasks}
     return collect_statistics(model, tokenizer, texts, targets, n_samples=settings.n_samples, max_length=max_length,
                               batch_size=settings.batch_size, include_padding=settings.include_padding,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
@@ -102,7 +102,8 @@ def _place_value_labels(fig: Figure, ax: Any, points: Sequence[tuple[float, floa
     """Label each bar (x, bar top, single-task average) with its value, just above the bar; where that
     label would touch the single-task marker, above the marker instead. A label wider than its bar is
     turned upright. Positions are measured with the renderer, after the layout is fixed."""
-    renderer = fig.canvas.get_renderer()
+    # _new_figure attaches an Agg canvas; matplotlib's backend_agg module carries no annotations
+    renderer = cast(FigureCanvasAgg, fig.canvas).get_renderer()  # type: ignore[no-untyped-call]
     px_per_pt = fig.dpi / 72
     half_marker = (MARKER_LW / 2 + 1.0) * px_per_pt  # the marker's half thickness, plus a pixel of air
     for x, v, ref in points:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from osrm_lora.errors import OsrmError
 
@@ -47,7 +47,7 @@ class Table:
 
 
 # --------------------------------------------------------------------------- small helpers
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     """True for a finite int/float (not bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -80,7 +80,8 @@ def lambda_edge(rec: Mapping[str, Any]) -> str | None:
     """Whether a merged record's lambda, chosen on validation, sits at an edge of its grid (the stored
     ``lambda_at_edge``; for results written before it, computed from the lambda curve)."""
     if "lambda_at_edge" in rec:
-        return rec["lambda_at_edge"]
+        edge: str | None = rec["lambda_at_edge"]
+        return edge
     if rec.get("lambda_source", "validation") != "validation":
         return None
     return grid_edge([p.get("lambda") for p in rec.get("curve", [])], rec.get("lambda"))
@@ -145,8 +146,8 @@ def mark_best(rows: list[list[Cell]], columns: Sequence[int], *, lower_is_better
               eligible: Callable[[int], bool] = lambda _i: True) -> None:
     """Mark, per column, the cell(s) with the best value among the eligible rows (ties all marked)."""
     for c in columns:
-        vals = [(i, rows[i][c].value) for i in range(len(rows)) if eligible(i) and c < len(rows[i])]
-        vals = [(i, v) for i, v in vals if v is not None]
+        cand = [(i, rows[i][c].value) for i in range(len(rows)) if eligible(i) and c < len(rows[i])]
+        vals = [(i, v) for i, v in cand if v is not None]
         if len(vals) < 2:
             continue
         pick = min if c in lower_is_better else max
@@ -197,7 +198,8 @@ def init_label(results: Mapping[str, Any], init: str) -> str:
 
 
 def is_osrm(results: Mapping[str, Any], init: str) -> bool:
-    return init_info(results, init).get("mode", "standard") != "standard"
+    mode: str = init_info(results, init).get("mode", "standard")
+    return mode != "standard"
 
 
 def methods(results: Mapping[str, Any]) -> list[str]:
@@ -322,8 +324,8 @@ def train_time_problems(results: Mapping[str, Any]) -> list[str]:
     man = results.get("manifest") or {}
     records = [v for per in results["single_task"].values() for v in per.values() if isinstance(v, Mapping)]
     problems: list[str] = []
-    procs = [man.get("processes"), man.get("world_size")] + [v.get("world_size") for v in records]
-    procs = [int(p) for p in procs if is_number(p)]
+    raw_procs = [man.get("processes"), man.get("world_size")] + [v.get("world_size") for v in records]
+    procs = [int(p) for p in raw_procs if is_number(p)]
     if procs and max(procs) > 1:
         problems.append(f"training ran in {max(procs)} processes at once (parallel), so adapter times overlap and "
                         "share the hardware")

@@ -124,7 +124,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     path = RunLayout(run_dir).results
     if not path.is_file():
         raise OsrmError(f"{run_dir} has no results.json; run `osrm-lora run` or `osrm-lora demo` first")
-    results = read_json(path)
+    results: dict[str, Any] = read_json(path)
     validate_results(results, str(path))
     return results
 

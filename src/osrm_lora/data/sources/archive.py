@@ -81,7 +81,7 @@ def extract_tar(archive: str | Path | bytes, dest: str | Path, select: Selector)
     """Extract the selected regular-file members of a (possibly compressed) tar into ``dest``."""
     dest = Path(dest)
     fileobj = io.BytesIO(archive) if isinstance(archive, bytes) else None
-    label = "<tar bytes>" if fileobj is not None else archive
+    label: str | Path = "<tar bytes>" if isinstance(archive, bytes) else archive
     try:
         tf = tarfile.open(name=None if fileobj else str(archive), fileobj=fileobj, mode="r:*")
     except (tarfile.TarError, OSError) as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from osrm_lora.data.canonical import Examples, SourceData, hash_records
 from osrm_lora.data.labels import build_label_mapping, label_key, regression_value
@@ -65,7 +65,7 @@ def default_loader(dataset: str, config: str | None) -> Mapping[str, Any]:
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise SourceUnavailableError(f"Hugging Face dataset {dataset} needs the 'datasets' package; pip install datasets") from None
     try:
-        return datasets.load_dataset(dataset, config)
+        return cast("Mapping[str, Any]", datasets.load_dataset(dataset, config))
     except (ConnectionError, OSError) as exc:
         raise SourceUnavailableError(
             f"cannot load Hugging Face dataset {dataset}{'/' + config if config else ''} ({type(exc).__name__}: "
@@ -108,6 +108,7 @@ def resolve_hf_splits(available: list[str], requested: Mapping[str, str] | None,
 def load_hf_source(spec: TaskSpec, loader: HFLoader | None = None) -> SourceData:
     """Load a ``source: hf`` or ``source: glue`` task into :class:`SourceData`."""
     loader = loader or default_loader
+    config: str | None
     if spec.source == "glue":
         task = spec.dataset or spec.name.removeprefix("glue/")
         preset = glue_preset(task)

@@ -21,7 +21,7 @@ import lzma
 import re
 import warnings
 import zlib
-from typing import Any
+from typing import Any, cast
 
 from osrm_lora.errors import DataError
 
@@ -110,7 +110,7 @@ def _decode_header(value: str | None) -> str:
 
 
 def _part_text(part: email.message.Message) -> str:
-    payload = part.get_payload(decode=True)
+    payload = cast("bytes | None", part.get_payload(decode=True))  # decode=True yields bytes, or None for multipart
     if payload is None:
         raw = part.get_payload()
         return raw if isinstance(raw, str) else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,12 @@ def random_drop(params: Mapping[str, Any]) -> frozenset[str]:
 
 def by_variant(params: Mapping[str, Any], key: str = "variant") -> frozenset[str]:
     """``task_wide`` of a method whose ``variant`` (or ``key``) picks TA, TIES or DARE-TIES inside it."""
-    return {"ties": task_trim, "dare_ties": random_drop}.get(params.get(key), lambda _p: frozenset())(params)
+    variants: dict[object, Callable[[Mapping[str, Any]], frozenset[str]]] = {"ties": task_trim, "dare_ties": random_drop}
+    return variants.get(params.get(key), _no_task_wide)(params)
+
+
+def _no_task_wide(_p: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset()
 
 
 def task_weights(params: dict[str, Any], n: int, device: torch.device | None = None) -> torch.Tensor:
@@ -101,7 +106,11 @@ def _task_thresholds(keys: Sequence[str], get: TensorGetter, n_tasks: int, densi
     out = []
     for t in range(n_tasks):
         total = sum(get(t, k).numel() for k in keys)
-        out.append(ops.kth_largest_abs(lambda t=t: (get(t, k) for k in keys), int(density * total)))
+
+        def tensors(t: int = t) -> Iterator[torch.Tensor]:
+            return (get(t, k) for k in keys)
+
+        out.append(ops.kth_largest_abs(tensors, int(density * total)))
     return out
 
 

@@ -88,7 +88,8 @@ def regmean_delta(taus: list[torch.Tensor], grams: list[torch.Tensor], alpha: fl
         num += tau.double() @ g
     eye = torch.eye(n, dtype=torch.float64, device=gsum.device)
     gsum = gsum + ridge * torch.diagonal(gsum).mean().clamp(min=1e-30) * eye
-    return torch.linalg.solve(gsum, num.T).T.to(torch.float32)
+    solved: torch.Tensor = torch.linalg.solve(gsum, num.T).T.to(torch.float32)
+    return solved
 
 
 @register_method(
@@ -173,7 +174,7 @@ def adamerging(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
             penalty = ctx.constraint_fn(deltas)
             penalties.append(float(penalty.detach()))
             loss = loss + weight * penalty
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         opt.step()
         with torch.no_grad():
             coeff.clamp_(0.0, 1.0)

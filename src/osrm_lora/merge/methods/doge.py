@@ -15,7 +15,7 @@ subspace of the tasks' left singular vectors. The merged update is
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -67,7 +67,8 @@ def shared_basis(us: Sequence[torch.Tensor], keep: int, size: int) -> torch.Tens
         return stack[:, :size]
     U, S, _ = torch.linalg.svd(stack, full_matrices=False)
     rank = int((S > S[0] * max(stack.shape) * torch.finfo(stack.dtype).eps).sum())
-    return U[:, :min(size, rank)]
+    kept: torch.Tensor = U[:, :min(size, rank)]
+    return kept
 
 
 def row_products(B: torch.Tensor, A: torch.Tensor, task_of: torch.Tensor, n_tasks: int,
@@ -209,6 +210,6 @@ def doge(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext)
         basis = _module_basis(factors, float(params["subspace"]))
         delta, losses[key] = optimise_delta(factors, taus, lams, basis, steps, lr)
         masks = task_masks(taus, density, thresholds)
-        deltas[key] = lam_scale * sum(float(lams[t]) * ((taus[t] + delta) * masks[t]) for t in range(T))
+        deltas[key] = cast(torch.Tensor, lam_scale * sum(float(lams[t]) * ((taus[t] + delta) * masks[t]) for t in range(T)))
         dims[key] = int(basis.shape[1])
     return MergeResult("doge", params, deltas=deltas, info={"doge_loss": losses, "doge_subspace": dims})

@@ -81,7 +81,9 @@ def tsv_m(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeContext
             mod = ad.modules[key]
             U, S, Vh = ops.truncate(*ops.factor_svd(*ops.scaled_factors(ad, key)),
                                     _tsv_keep(params["rank_fraction"], mod.out_features, mod.in_features, T))
-            us.append(U), ss.append(S), vhs.append(Vh)
+            us.append(U)
+            ss.append(S)
+            vhs.append(Vh)
         B, A = tsv_factors(us, ss, vhs)
         factors[key] = (lam * B, A)
     ad = factor_adapter(adapters, factors, "tsv_m")
@@ -151,7 +153,9 @@ def iso_cts(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeConte
                 B, A = ops.scaled_factors(ad, key)
                 Bp = B - Uc @ (Uc.T @ B)
                 Ut, St, Vht = ops.truncate(*ops.factor_svd(Bp, A), s)
-                us.append(Ut), ss.append(St), vhs.append(Vht)
+                us.append(Ut)
+                ss.append(St)
+                vhs.append(Vht)
         Sall = torch.cat(ss)
         sbar = Sall.mean() if Sall.numel() else torch.tensor(0.0)
         Bm, Am = tsv_factors(us, [torch.ones_like(x) for x in ss], vhs)
@@ -170,7 +174,7 @@ def knots_decompose(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
     """
     Qb, Rb = torch.linalg.qr(torch.cat([b for b, _ in factors], dim=1))
     qs, rs = zip(*[torch.linalg.qr(a.T) for _, a in factors])
-    core = Rb @ torch.block_diag(*[r.T for r in rs])
+    core = Rb @ torch.block_diag(*[r.T for r in rs])  # type: ignore[no-untyped-call]  # torch leaves block_diag unannotated
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     keep = int((s > 1e-6 * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     u, s, vh = u[:, :keep], s[:keep], vh[:keep]
@@ -281,7 +285,9 @@ def core_space(adapters: list[LoraAdapter], params: dict[str, Any], ctx: MergeCo
             us, ss, vhs = [], [], []
             for t, M in enumerate(cores[key]):
                 U, S, Vh = ops.truncate(*ops.dense_svd(w[t] * M), _tsv_keep(None, M.shape[0], M.shape[1], T))
-                us.append(U), ss.append(S), vhs.append(Vh)
+                us.append(U)
+                ss.append(S)
+                vhs.append(Vh)
             B, A = tsv_factors(us, ss, vhs)
             merged[key] = B @ A
     else:
