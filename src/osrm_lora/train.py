@@ -730,7 +730,7 @@ def load_init_A(init_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The A matrices of an initial adapter written by :func:`write_initial_adapters` (module key -> r x n)."""
     from osrm_lora.adapters import load_adapter
 
-    adapter = load_adapter(Path(init_dir))
+    adapter = load_adapter(init_dir)
     return {key: m.A.clone() for key, m in adapter.modules.items()}
 
 
