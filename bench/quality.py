@@ -60,6 +60,10 @@ INITS = [
     {"name": "standard-pen1", "mode": "standard", "interference_penalty": 1.0},
     # a rank split: the best 8 of 16 OSRM directions held in A, the other 8 rows free (issue: where merging hurts)
     {"name": "own-split8", "mode": "own", "frozen_rank": 8},
+    # the penalty weight around gpu-hard's validation winner (0.1), and the rank split with it
+    {"name": "own-pen0.03", "mode": "own", "interference_penalty": 0.03},
+    {"name": "own-pen0.3", "mode": "own", "interference_penalty": 0.3},
+    {"name": "own-split8-pen0.1", "mode": "own", "frozen_rank": 8, "interference_penalty": 0.1},
 ]
 LAMBDAS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.3, 1.5]
 HARD_LAMBDAS = [0.1, 0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0]
@@ -139,7 +143,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "lora": {"rank": 16, "alpha": 32, "target_modules": ALL_LINEAR},
             "train": HARD_TRAIN,
             "inits": _inits("standard", "own-frozenA", "lori", "standard-frozenA", "own-pen1", "own", "own-pen0.1",
-                            "own-pen3", "standard-pen1", "code", "paper-frozenA", "own-k32", "own-split8"),
+                            "own-pen3", "standard-pen1", "code", "paper-frozenA", "own-k32", "own-split8",
+                            "own-pen0.03", "own-pen0.3", "own-split8-pen0.1"),
             "diagnose": False,
             "merge": {"methods": [*SHARED_METHODS, "emr"], "lambdas": HARD_LAMBDAS},
         },
@@ -291,6 +296,29 @@ def select_lr(parts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
         if keep:
             runs.append(merge_parts(keep))
     return runs, chosen
+
+
+def recorded_runs(record: dict[str, Any], skip: set[str]) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The per-seed results and learning-rate choices a written record (bench/results/quality_<preset>.json)
+    holds for every init NOT in ``skip``: so that new inits join a study whose other parts' runs are no
+    longer on disk. The record keeps only each init's chosen rate, so its lr choice is taken as recorded."""
+    keep = set(record["results"]["aggregate"]["single"]) - skip
+    runs = []
+    for r in record["results"]["per_seed"]:
+        single = {i: v for i, v in r["single_task"].items() if i in keep}
+        if single:
+            runs.append({"seed": int(r["seed"]), "single_task": single,
+                         "merged": [m for m in r["merged"] if m["init"] in keep]})
+    lrs = {i: v for i, v in record["results"]["aggregate"]["lr_selection"].items() if i in keep}
+    return runs, lrs
+
+
+def combine_runs(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per seed, the new runs' results joined with the recorded ones (disjoint inits; the new run's
+    manifest kept)."""
+    seeds = sorted({int(r["seed"]) for r in new} | {int(r["seed"]) for r in old})
+    return [merge_parts([r for r in new if int(r["seed"]) == s] + [r for r in old if int(r["seed"]) == s])
+            for s in seeds]
 
 
 def _sd(values: list[float]) -> float:
@@ -560,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="one learning rate of the preset's grid (a part)")
     ap.add_argument("--plan", action="store_true", help="print one line 'seed lr inits' per planned run and exit")
     ap.add_argument("--note", action="append", default=[], help="a note to record with the results (repeatable)")
+    ap.add_argument("--with-record", action="store_true",
+                    help="also aggregate the results the preset's written record (bench/results/quality_PRESET.json) "
+                         "holds for inits that have no finished run under --runs (runs made on another machine)")
     ap.add_argument("--plan-jobs", action="store_true",
                     help="print one line 'seed lr init' per single-init run, in priority order, and exit")
     args = ap.parse_args(argv)
@@ -587,6 +618,18 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("no finished runs to aggregate under %s", base)
         return 1
     runs, lrs = select_lr(parts)
+    from_record: list[str] = []
+    if args.with_record:
+        record_path = Path(args.out) / f"quality_{args.preset}.json"
+        if not record_path.exists():
+            logger.error("--with-record: no record at %s; run without --with-record", record_path)
+            return 1
+        record = read_json(record_path)
+        old, old_lrs = recorded_runs(record, set(lrs))
+        from_record = sorted(old_lrs)
+        runs, lrs = combine_runs(runs, old), {**old_lrs, **lrs}
+        args.note.append(f"inits {', '.join(from_record)} are the per-seed results of the record of {record['date']} "
+                         f"(its command: `{record['command']}`); the other inits are runs under {base}")
     done_seeds = [r["seed"] for r in runs]
     agg = aggregate(runs, lrs)
     targets = check_targets(agg)

@@ -3,6 +3,7 @@ the where-merging-hurts targets, EMR kept out of the shared-model recommendation
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,58 @@ def test_aggregation_includes_the_merge_searches(quality: Any) -> None:
     md = quality.summary(agg, targets, "test setting", [0, 1, 2])
     assert "| standard | rmm (merge search) | 3 |" in md
     assert "| standard | search | 3 | 24.1 ± 0.1 | 60.0 ± 0.0 | 81.0 ± 0.0 | 80.5 ± 0.0 | 95.8 ± 0.0 |" in md
+
+
+def _record(quality: Any, runs: list[dict[str, Any]], lrs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What main() writes into bench/results/quality_<preset>.json, for the fields --with-record reads."""
+    return {"date": "2026-12-03 15:23 UTC", "command": "python bench/quality.py --preset cpu --aggregate-only",
+            "results": {"aggregate": quality.aggregate(runs, lrs), "per_seed": runs}}
+
+
+def test_a_written_record_joins_new_inits_without_its_runs(quality: Any) -> None:
+    lr = {"lr": 1e-3, "validation_by_lr": {"0.001": 84.0}, "seeds_by_lr": {"0.001": 2}}
+    old_runs = [_results(s, {"standard": (84.0, 84.0), "own": (80.0, 80.0)}, [
+        _merged("standard", "task_arithmetic", 79, 80, 95, [(1.0, 92)]),
+        _merged("own", "task_arithmetic", 70, 70, 90, [(1.0, 90)])]) for s in (0, 1)]
+    record = _record(quality, old_runs, {"standard": lr, "own": lr})
+    new_runs = [{**_results(s, {"own": (83.0, 83.8)}, [_merged("own", "task_arithmetic", 83, 83, 99, [(1.0, 96)])]),
+                 "manifest": {"device": "cuda"}} for s in (0, 1)]
+    old, old_lrs = quality.recorded_runs(record, {"own"})
+    assert sorted(old_lrs) == ["standard"], "an init with new runs is never taken from the record"
+    assert all(set(r["single_task"]) == {"standard"} for r in old)
+    assert all(m["init"] == "standard" for r in old for m in r["merged"])
+    runs = quality.combine_runs(new_runs, old)
+    assert [r["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        assert set(r["single_task"]) == {"standard", "own"}
+        assert r["single_task"]["own"]["a"]["test"] == 83.8, "the new run replaces the recorded one"
+        assert sorted(m["init"] for m in r["merged"]) == ["own", "standard"]
+        assert r["manifest"] == {"device": "cuda"}
+    agg = quality.aggregate(runs, {**old_lrs, "own": lr})
+    assert agg["configs"]["standard|task_arithmetic"]["merged_test"]["mean"] == 80
+    assert agg["configs"]["own|task_arithmetic"]["merged_test"]["mean"] == 83
+    assert quality.check_targets(agg)["per_config"]["own|task_arithmetic"]["standard_loses"] == pytest.approx(4.0)
+
+
+def test_with_record_from_the_command_line(quality: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lr = {"lr": 2e-3, "validation_by_lr": {"0.002": 84.0}, "seeds_by_lr": {"0.002": 1}}
+    old_runs = [_results(0, {"standard": (84.0, 84.0)}, [_merged("standard", "task_arithmetic", 79, 80, 95,
+                                                                  [(1.0, 92)])])]
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "quality_cpu.json").write_text(json.dumps(_record(quality, old_runs, {"standard": lr})))
+    run = tmp_path / "runs" / "quality-cpu" / "seed0-lr0.002-own"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  lr: 0.002\n")
+    (run / "results.json").write_text(json.dumps(_results(0, {"own": (83.0, 83.8)}, [
+        _merged("own", "task_arithmetic", 83, 83, 99, [(1.0, 96)])])))
+    argv = ["--preset", "cpu", "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(out), "--aggregate-only",
+            "--no-write"]
+    assert quality.main(argv + ["--with-record"]) == 0
+    md = capsys.readouterr().out
+    assert "| own | task_arithmetic |" in md and "| standard | task_arithmetic |" in md
+    assert "Standard LoRA + Task Arithmetic loses 4.0 points" in md
+    assert quality.main(argv) == 0
+    assert "| standard | task_arithmetic |" not in capsys.readouterr().out, "without the flag only runs on disk count"
+    (out / "quality_cpu.json").unlink()
+    assert quality.main(argv + ["--with-record"]) == 1
