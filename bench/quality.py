@@ -618,7 +618,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("no finished runs to aggregate under %s", base)
         return 1
     runs, lrs = select_lr(parts)
-    from_record: list[str] = []
     if args.with_record:
         record_path = Path(args.out) / f"quality_{args.preset}.json"
         if not record_path.exists():
@@ -626,10 +625,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         record = read_json(record_path)
         old, old_lrs = recorded_runs(record, set(lrs))
-        from_record = sorted(old_lrs)
-        runs, lrs = combine_runs(runs, old), {**old_lrs, **lrs}
-        args.note.append(f"inits {', '.join(from_record)} are the per-seed results of the record of {record['date']} "
+        args.note.append(f"inits {', '.join(sorted(old_lrs))} are the per-seed results of the record of {record['date']} "
                          f"(its command: `{record['command']}`); the other inits are runs under {base}")
+        runs, lrs = combine_runs(runs, old), {**old_lrs, **lrs}
     done_seeds = [r["seed"] for r in runs]
     agg = aggregate(runs, lrs)
     targets = check_targets(agg)
