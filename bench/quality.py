@@ -302,14 +302,13 @@ def recorded_runs(record: dict[str, Any], skip: set[str]) -> tuple[list[dict[str
     """The per-seed results and learning-rate choices a written record (bench/results/quality_<preset>.json)
     holds for every init NOT in ``skip``: so that new inits join a study whose other parts' runs are no
     longer on disk. The record keeps only each init's chosen rate, so its lr choice is taken as recorded."""
-    keep = set(record["results"]["aggregate"]["single"]) - skip
     runs = []
     for r in record["results"]["per_seed"]:
-        single = {i: v for i, v in r["single_task"].items() if i in keep}
+        single = {i: v for i, v in r["single_task"].items() if i not in skip}
         if single:
             runs.append({"seed": int(r["seed"]), "single_task": single,
-                         "merged": [m for m in r["merged"] if m["init"] in keep]})
-    lrs = {i: v for i, v in record["results"]["aggregate"]["lr_selection"].items() if i in keep}
+                         "merged": [m for m in r["merged"] if m["init"] not in skip]})
+    lrs = {i: v for i, v in record["results"]["aggregate"]["lr_selection"].items() if i not in skip}
     return runs, lrs
 
 
