@@ -454,6 +454,76 @@ def test_radix_selection_equals_sorting(seed, k, with_ties):
     assert ops.kth_largest_abs(lambda: iter(tensors), 2 * k, reduce=lambda h: 2 * h) == want2
 
 
+@pytest.mark.parametrize("case", ["normal", "heavy_tail", "mostly_zero", "ties"])
+@pytest.mark.parametrize("k_frac", [1e-6, 0.2, 0.5, 0.97, 1.0])
+def test_kth_largest_equals_sorting_on_the_sampled_path(case, k_frac):
+    """kth_largest is exact on inputs large enough for its sampled bracket, including inputs whose
+    sample misrepresents them (mostly zeros: the bracket misses and it falls back) and ties."""
+    from osrm_lora.merge import ops
+
+    g = torch.Generator().manual_seed(3)
+    n = 4 * ops.SAMPLE + 12_345
+    a = {"normal": torch.randn(n, generator=g),
+         "heavy_tail": torch.randn(n, generator=g) ** 5,
+         "mostly_zero": torch.where(torch.rand(n, generator=g) < 0.999, 0.0, torch.randn(n, generator=g)),
+         "ties": torch.randint(-3, 4, (n,), generator=g).float()}[case].abs()
+    k = max(1, int(k_frac * n))
+    want = torch.sort(a, descending=True).values[k - 1]
+    assert ops.kth_largest(a, k) == want
+    with pytest.raises(ValueError, match="out of range"):
+        ops.kth_largest(a, n + 1)
+
+
+def test_topk_mask_is_topks_set_and_keeps_k_under_ties():
+    from osrm_lora.merge import ops
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(700, 500, generator=g)  # above 4 * SAMPLE entries: the sampled selection
+    for density in (0.01, 0.2, 0.9):
+        k = int(density * t.numel())
+        want = torch.zeros(t.numel(), dtype=torch.bool)
+        want[torch.topk(t.abs().reshape(-1), k).indices] = True
+        assert torch.equal(ops.topk_mask(t, density), want.reshape(t.shape))
+    tied = torch.ones(10, 10)  # every entry ties: no threshold keeps exactly k, topk chooses
+    assert ops.matrix_threshold(tied, 0.3) is None
+    assert int(ops.topk_mask(tied, 0.3).sum()) == 30
+
+
+@pytest.mark.parametrize("consensus", ["sum", "ties"])
+@pytest.mark.parametrize("sign_method", ["total", "frequency"])
+def test_chunked_combine_equals_whole_stack_bitwise(consensus, sign_method):
+    """ops.combine works through the entries in chunks; its values equal trimming and stacking
+    the whole tensors (the unchunked formulas), bit for bit."""
+    from osrm_lora.merge import ops
+
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(37, 29, generator=g) for _ in range(4)]
+    w = torch.tensor([1.0, 0.5, 2.0, 0.3])
+    thr = [0.5, None, 1.2, float("inf")]
+    trimmed = torch.stack([x if v is None else x * (x.abs() >= v) for x, v in zip(xs, thr)])
+    want = ops.weighted_sum(trimmed, w) if consensus == "sum" else ops.ties_consensus(trimmed, w, sign_method)
+    for chunk in (1, 7, 100, 10_000):
+        got = ops.combine(xs, w, consensus, thresholds=thr, sign_method=sign_method, chunk=chunk)
+        assert got.shape == xs[0].shape
+        assert torch.equal(got, want)
+
+
+def test_ties_matches_peft_bitwise_on_large_matrices():
+    """At shapes where the sampled threshold selection and several chunks are used, ties and
+    magnitude_prune with threshold=matrix still equal PEFT's merge_utils exactly."""
+    from peft.utils import merge_utils as mu
+
+    shapes = {"big": (600, 480)}
+    ads = [make_adapter(30 + i, 4, 1.0, shapes=shapes) for i in range(3)]
+    w = [1.0, 0.5, 2.0]
+    taus = [ad.modules["big"].delta() for ad in ads]
+    for density in (0.05, 0.5):
+        ties = merge(ads, "ties", {"density": density, "threshold": "matrix", "weights": w}).deltas["big"]
+        mp = merge(ads, "magnitude_prune", {"density": density, "threshold": "matrix", "weights": w}).deltas["big"]
+        assert torch.equal(ties, mu.ties(taus, torch.tensor(w), density))
+        assert torch.equal(mp, mu.magnitude_prune(taus, torch.tensor(w), density))
+
+
 # ------------------------------------------------------------------------------------ Compress-then-Merge
 
 

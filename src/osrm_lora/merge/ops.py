@@ -82,18 +82,69 @@ def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of the ``int(density * numel)`` largest-magnitude entries (PEFT's per-matrix rule).
 
-    ``torch.topk`` on purpose: the radix selection below was measured slower per matrix on an H100
-    (dense TIES 8.8 s vs 5.6 s at Llama-3-8B shapes); it pays off for task-wide thresholds, where it
-    replaces 31 counting passes over all modules by 2.
+    The same set as ``torch.topk`` (PEFT's ``magnitude_based_pruning``), found faster: ``|x| >=``
+    :func:`matrix_threshold`; where entries tie at the threshold, ``torch.topk`` picks the k.
     """
     if density >= 1:
         return torch.ones_like(t, dtype=torch.bool)
+    thr = matrix_threshold(t, density)
+    if thr is not None:
+        return t.abs() >= thr
     k = int(density * t.numel())
     mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
     if k > 0:
-        idx = torch.topk(t.abs().reshape(-1), k=k, largest=True).indices
-        mask[idx] = True
+        mask[torch.topk(t.detach().abs().reshape(-1), k=k, largest=True).indices] = True
     return mask.reshape(t.shape)
+
+
+def matrix_threshold(t: torch.Tensor, density: float) -> float | None:
+    """The value ``v`` for which ``|t| >= v`` keeps exactly the ``k = int(density * numel)`` largest
+    magnitudes (the exact k-th largest, :func:`kth_largest`), or ``None`` when no value does:
+    ``k = 0``, or entries tying at the k-th value (or NaN) would let more than ``k`` pass (then only
+    ``torch.topk`` says which k are kept)."""
+    k = int(density * t.numel())
+    if k <= 0 or k > t.numel():
+        return None
+    a = t.detach().abs().reshape(-1)
+    v = kth_largest(a, k)
+    return float(v) if int(torch.count_nonzero(a >= v)) == k else None
+
+
+SAMPLE = 1 << 16  # entries sampled by kth_largest to bracket the k-th value
+_SAMPLE_SEED = 20250601
+
+
+def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry (``1 <= k <= a.numel()``) of the flat tensor ``a``, exactly, as a
+    0-dim tensor on ``a``'s device.
+
+    Floyd-Rivest style selection: take a fixed-seed random sample of :data:`SAMPLE` entries, its
+    values around quantile ``1 - k/n`` with a margin of about 8 standard errors as a bracket
+    ``[lo, hi]``, count the entries above ``hi`` and select the rank that is left among the entries
+    inside the bracket (about 3% of them). Two comparison passes and one small ``kthvalue`` instead
+    of a top-k of ``k`` entries (6x faster than ``torch.topk`` on CPU at 16 M entries). If the
+    bracket misses the k-th value (a sample that badly misrepresents ``a``; the result stays
+    exact) it falls back to ``torch.kthvalue`` over everything.
+    """
+    n = a.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} out of range for {n} entries")
+    if n <= 4 * SAMPLE:
+        return torch.kthvalue(a, n - k + 1).values
+    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
+    idx = torch.randint(0, n, (SAMPLE,), generator=gen).to(a.device)
+    sample = a[idx]
+    q = 1.0 - k / n
+    margin = 4.0 / SAMPLE ** 0.5 + 1.0 / SAMPLE  # >= 8 standard errors of a sample quantile
+    lo = torch.kthvalue(sample, max(1, int((q - margin) * SAMPLE))).values
+    hi = torch.kthvalue(sample, min(SAMPLE, int((q + margin) * SAMPLE) + 1)).values
+    above = int(torch.count_nonzero(a > hi))
+    if above < k:
+        inside = a[(a >= lo) & (a <= hi)]
+        rank = k - above  # the k-th largest of a is the rank-th largest inside the bracket
+        if rank <= inside.numel():
+            return torch.kthvalue(inside, inside.numel() - rank + 1).values
+    return torch.kthvalue(a, n - k + 1).values
 
 
 # Radix selection on float32 bit patterns: |x| >= 0, and non-negative floats order like their int32
@@ -137,7 +188,7 @@ def kth_largest_abs(provider: Callable[[], Iterable[torch.Tensor]], k: int,
                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """The ``k``-th largest ``|x|`` over all tensors yielded by ``provider()`` (called more than once).
 
-    Small inputs are concatenated (one top-k); large ones use the exact two-pass radix selection
+    Small inputs are concatenated (one :func:`kth_largest`); large ones use the exact two-pass radix selection
     above (memory of one tensor and two histograms at a time). ``reduce`` sums the histograms over
     processes (then ``k`` counts over all processes' tensors and every process gets the same
     value). Returns +inf for ``k <= 0``.
@@ -147,8 +198,8 @@ def kth_largest_abs(provider: Callable[[], Iterable[torch.Tensor]], k: int,
     if reduce is None:
         total = sum(t.numel() for t in provider())
         if total <= _EXACT_CONCAT_LIMIT:
-            flat = torch.cat([t.detach().abs().float().reshape(-1).cpu() for t in provider()])
-            return float(torch.topk(flat, min(k, total), largest=True).values[-1])
+            flat = torch.cat([t.detach().abs().float().reshape(-1) for t in provider()])
+            return float(kth_largest(flat, min(k, total)))
     reduce = reduce or (lambda h: h)
     hist: torch.Tensor | None = None
     for t in provider():
@@ -227,7 +278,7 @@ def agree_mask(stack: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 def disjoint_mean(stack: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over tasks of the entries selected by ``mask`` (0 where none is selected)."""
-    return (stack * mask).sum(0) / mask.sum(0).clamp(min=1)
+    return (stack * mask).sum(0) / mask.sum(0, dtype=stack.dtype).clamp(min=1)
 
 
 def ties_consensus(stack: torch.Tensor, weights: torch.Tensor, sign_method: str = "total") -> torch.Tensor:
@@ -236,3 +287,41 @@ def ties_consensus(stack: torch.Tensor, weights: torch.Tensor, sign_method: str 
     mask = agree_mask(stack, elect_sign(stack, sign_method))
     w = weights.to(stack).reshape((-1,) + (1,) * (stack.dim() - 1))
     return disjoint_mean(stack * w, mask)
+
+
+CONSENSUS = ("sum", "ties")
+
+
+def chunk_entries(device: torch.device) -> int:
+    """Entries per chunk of :func:`combine`: a stack of a few tasks' chunks fits a CPU core's cache;
+    on a GPU, chunks large enough to keep it busy."""
+    return 1 << 16 if device.type == "cpu" else 1 << 24
+
+
+def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, consensus: str, *,
+            thresholds: Sequence[float | None] | None = None, sign_method: str = "total",
+            chunk: int | None = None) -> torch.Tensor:
+    """Trim task ``t``'s tensor to ``|x| >= thresholds[t]`` (``None``: kept as given), then combine the
+    tasks by ``consensus``: ``"sum"`` (:func:`weighted_sum`) or ``"ties"`` (:func:`ties_consensus`).
+
+    Works through the entries ``chunk`` at a time (default :func:`chunk_entries`), so the stacked
+    and trimmed temporaries stay small and in cache instead of ``len(tensors)`` full copies. Every
+    operation is elementwise or a sum over tasks in task order, so the values equal those of
+    stacking and trimming the whole tensors (tested bitwise on CPU).
+    """
+    if consensus not in CONSENSUS:
+        raise ValueError(f"unknown consensus {consensus}")
+    flats = [x.reshape(-1) for x in tensors]
+    n = flats[0].numel()
+    step = chunk or chunk_entries(flats[0].device)
+    out = torch.empty(n, dtype=flats[0].dtype, device=flats[0].device)
+    thr = None
+    if thresholds is not None and any(v is not None for v in thresholds):
+        thr = torch.tensor([-1.0 if v is None else float(v) for v in thresholds], device=out.device).unsqueeze(1)
+    for start in range(0, n, step):
+        stack = torch.stack([f[start:start + step] for f in flats])
+        if thr is not None:
+            stack = stack * (stack.abs() >= thr.to(stack.dtype))
+        out[start:start + step] = (weighted_sum(stack, weights) if consensus == "sum"
+                                   else ties_consensus(stack, weights, sign_method))
+    return out.reshape(tensors[0].shape)

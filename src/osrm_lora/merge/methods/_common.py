@@ -145,25 +145,24 @@ def sparse_combine(keys: Sequence[str], get: TensorGetter, n_tasks: int, *, spar
     if sparsify == "dare" and ctx.streaming and not reseed:
         raise OsrmError("DARE over a subset of the modules needs per-module seeding; set context.per_module_seed")
     base_seed = generator.initial_seed() if reseed and generator is not None else 0
+    if consensus not in ops.CONSENSUS:
+        raise ValueError(consensus)
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         if reseed and generator is not None:
             generator.manual_seed(module_seed(base_seed, key))
-        tensors = []
+        tensors, trim = [], list(thresholds)
         for t in range(n_tasks):
             x = get(t, key)
-            if sparsify == "magnitude":
-                x = ops.magnitude_keep(x, density, thresholds[t])
+            if sparsify == "magnitude" and threshold != "task" and density < 1:
+                trim[t] = ops.matrix_threshold(x, density)
+                if trim[t] is None:  # ties at the per-matrix threshold: topk picks the entries
+                    x = ops.magnitude_keep(x, density, None)
             elif sparsify == "dare":
                 x = ops.dare_drop(x, p, generator)
-            elif sparsify is not None:
+            elif sparsify not in (None, "magnitude"):
                 raise ValueError(sparsify)
             tensors.append(x)
-        stack = torch.stack(tensors)
-        if consensus == "sum":
-            out[key] = ops.weighted_sum(stack, weights)
-        elif consensus == "ties":
-            out[key] = ops.ties_consensus(stack, weights, sign_method)
-        else:
-            raise ValueError(consensus)
+        out[key] = ops.combine(tensors, weights, consensus, thresholds=trim if sparsify == "magnitude" else None,
+                               sign_method=sign_method)
     return out
